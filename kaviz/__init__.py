@@ -1,0 +1,45 @@
+"""kaviz — see what a student learned from its teachers.
+
+Importing kaviz is cheap: torch is imported, but scikit-learn, umap, openTSNE and plotly are only
+imported by the modules that need them, when they need them.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+__version__ = "0.1.0"
+__all__ = ["seed_everything", "default_device", "__version__"]
+
+
+def seed_everything(seed: int, threads: int | None = None):
+    """Seed Python, NumPy and torch (and fix torch's thread count if ``threads`` is given).
+
+    Returns a ``torch.Generator`` seeded with ``seed``, for DataLoader shuffling. With the same seed
+    and thread count, kaviz's training and extraction are bit-identical from run to run.
+    """
+    import numpy as np
+    import torch
+
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(int(threads))
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def default_device(device: str | None = None):
+    """``"auto"``/None picks CUDA when available, else CPU; anything else is passed to torch.device."""
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
