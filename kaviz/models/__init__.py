@@ -1,0 +1,226 @@
+"""A registry of architectures: small CPU families, torchvision classifiers by name, your own.
+
+``build(name, num_classes, **kwargs)`` returns a freshly initialised ``nn.Module`` that carries a
+``kaviz_spec`` dict (name, num_classes, kwargs) so that caches and checkpoints can say which
+architecture they belong to.
+
+- kaviz's small families (CPU-friendly, for 32×32 inputs, every operation a named module so any
+  intermediate feature can be tapped by name): ``cifar_resnet{8,14,20,32}``, ``vgg{8,11}_small``,
+  ``mobilenet_small``; see :mod:`kaviz.models.small`.
+- any classification architecture of torchvision (``resnet18``, ``densenet121``, ...), randomly
+  initialised (no downloads); ``weights_path=`` loads a local state-dict file, and
+  ``small_input=True`` adapts the stem to 32×32 images.
+- ``@register("my_net")`` adds your own builder ``fn(num_classes, **kwargs) -> nn.Module``.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "build",
+    "register",
+    "available",
+    "spec",
+    "load_weights",
+    "weights_hash",
+    "classifier_name",
+    "param_count",
+    "ArchitectureMismatchError",
+]
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_FAMILY: dict[str, str] = {}
+
+
+class ArchitectureMismatchError(ValueError):
+    """A state dict does not fit the model it is loaded into."""
+
+
+def register(name: str, *, family: str | None = None, overwrite: bool = False):
+    """Decorator registering ``fn(num_classes, **kwargs) -> nn.Module`` under ``name``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("register() needs a non-empty model name")
+
+    def deco(fn):
+        if name in _REGISTRY and not overwrite and _REGISTRY[name] is not fn:
+            raise ValueError(f"a model named {name!r} is already registered; pass overwrite=True to replace it")
+        _REGISTRY[name] = fn
+        _FAMILY[name] = family or name
+        return fn
+
+    return deco
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def available(torchvision: bool = True) -> list[str]:
+    """Registered names (kaviz's small nets and yours), then torchvision's classifiers."""
+    names = sorted(_REGISTRY)
+    if torchvision:
+        names += [n for n in _torchvision_names() if n not in _REGISTRY]
+    return names
+
+
+def family(name: str) -> str:
+    """Architecture family of a registered name (``"cifar_resnet"``, ``"vgg"``, ...)."""
+    if name in _FAMILY:
+        return _FAMILY[name]
+    return "torchvision:" + "".join(c for c in name if not c.isdigit()).split("_")[0]
+
+
+def build(name: str, num_classes: int, *, weights_path: str | None = None, **kwargs) -> nn.Module:
+    """Build architecture ``name`` with a ``num_classes``-way head.
+
+    ``weights_path`` loads a local state dict (``torch.load(weights_only=True)``); when its head
+    has another number of classes the head is left freshly initialised (and said so in
+    ``model.kaviz_spec["head_reinitialised"]``).
+    """
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if name in _REGISTRY:
+        model = _REGISTRY[name](num_classes=num_classes, **kwargs)
+    else:
+        tv = _torchvision_names()
+        if name not in tv:
+            close = difflib.get_close_matches(name, list(_REGISTRY) + tv, n=5, cutoff=0.5)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise KeyError(
+                f"unknown architecture {name!r}.{hint} kaviz.models.available() lists all names; "
+                "@kaviz.models.register('name') adds your own."
+            )
+        model = _build_torchvision(name, num_classes, **kwargs)
+    model.kaviz_spec = {"name": name, "num_classes": num_classes, **_jsonable(kwargs)}
+    if weights_path is not None:
+        load_weights(model, weights_path, skip_mismatched_head=True)
+    return model
+
+
+def _jsonable(kwargs: dict) -> dict:
+    out = {}
+    for k, v in kwargs.items():
+        out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _build_torchvision(name: str, num_classes: int, small_input: bool = False, **kwargs) -> nn.Module:
+    import torchvision
+
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    if small_input:
+        _adapt_stem(model, name)
+    return model
+
+
+def _adapt_stem(model: nn.Module, name: str) -> None:
+    """Make an ImageNet stem keep resolution on 32×32 inputs (3×3 stride-1 conv, no max-pool)."""
+    if hasattr(model, "conv1") and hasattr(model, "maxpool"):  # ResNet family
+        old = model.conv1
+        model.conv1 = nn.Conv2d(old.in_channels, old.out_channels, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+    elif hasattr(model, "features") and hasattr(model.features, "conv0"):  # DenseNet
+        old = model.features.conv0
+        model.features.conv0 = nn.Conv2d(old.in_channels, old.out_channels, 3, 1, 1, bias=False)
+        model.features.pool0 = nn.Identity()
+    else:
+        raise ValueError(
+            f"small_input=True is implemented for torchvision ResNets and DenseNets, not {name!r}; "
+            "build it without small_input (and use larger images) or register your own variant."
+        )
+
+
+def spec(model: nn.Module) -> dict:
+    """The ``kaviz_spec`` of a model built by :func:`build` (else its class name)."""
+    return dict(getattr(model, "kaviz_spec", {"name": type(model).__name__}))
+
+
+def param_count(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def weights_hash(model: nn.Module) -> str:
+    """SHA-1 of the state dict's names, shapes and bytes: identifies exactly these weights."""
+    h = hashlib.sha1()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        t = v.detach().cpu().contiguous().reshape(-1)
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def classifier_name(model: nn.Module) -> str:
+    """Dotted name of the final Linear layer (the classifier), e.g. ``fc`` or ``classifier.6``."""
+    name = getattr(model, "kaviz_classifier", None)
+    if name:
+        return name
+    last = None
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            last = n
+    if last is None:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier; name the layer explicitly")
+    return last
+
+
+def load_weights(model: nn.Module, path, *, skip_mismatched_head: bool = False, strict: bool = True) -> nn.Module:
+    """Load a state-dict file (``weights_only=True``) into ``model`` with a readable error on mismatch."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a kaviz checkpoint
+    load_state(model, state, skip_mismatched_head=skip_mismatched_head, strict=strict, source=str(path))
+    return model
+
+
+def load_state(model: nn.Module, state: dict, *, skip_mismatched_head=False, strict=True, source="state dict"):
+    own = model.state_dict()
+    head = None
+    if skip_mismatched_head:
+        try:
+            head = classifier_name(model)
+        except ValueError:
+            head = None
+    state = dict(state)
+    skipped = []
+    bad_shapes = []
+    for k in list(state):
+        if k in own and own[k].shape != state[k].shape:
+            if head is not None and k.startswith(head + "."):
+                skipped.append(k)
+                del state[k]
+            else:
+                bad_shapes.append(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
+    missing = [k for k in own if k not in state and k not in skipped]
+    unexpected = [k for k in state if k not in own]
+    if bad_shapes or (strict and (missing or unexpected)):
+        name = spec(model).get("name", type(model).__name__)
+        lines = [f"{source} does not fit architecture {name!r}:"]
+        if bad_shapes:
+            lines.append("  shape mismatches: " + "; ".join(bad_shapes[:5]) + (" ..." if len(bad_shapes) > 5 else ""))
+        if missing:
+            lines.append(f"  missing in file ({len(missing)}): " + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+        if unexpected:
+            lines.append(f"  not in model ({len(unexpected)}): " + ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else ""))
+        lines.append("Build the architecture the file was saved from (kaviz.models.spec shows what a model is).")
+        raise ArchitectureMismatchError("\n".join(lines))
+    model.load_state_dict(state, strict=False)
+    if skipped:
+        model.kaviz_spec = {**spec(model), "head_reinitialised": True}
+    return model
+
+
+# register kaviz's own families
+from . import small  # noqa: E402,F401
