@@ -1,0 +1,591 @@
+"""One training loop for every method.
+
+A *method* is an ``nn.Module`` whose ``forward(batch)`` returns a dict of named loss terms
+(``{"kd": ..., "mmd": ..., "recon": ...}``). :func:`fit` sums them with weights, logs every term,
+evaluates on the validation split every epoch (the method's own ``evaluate(data) -> dict`` when it
+has one, plus the validation loss terms), keeps the best epoch on validation, writes an atomic
+checkpoint every epoch (``resume=True`` continues bit-exactly), and returns the history as a pandas
+DataFrame (one row per epoch).
+
+Teachers inside a method are wrapped with :func:`freeze`: eval mode whatever ``.train()`` is
+called, no gradients, forwards under ``torch.no_grad()``, and left out of checkpoints.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "fit",
+    "freeze",
+    "Frozen",
+    "Supervised",
+    "train_teacher",
+    "NonFiniteLossError",
+    "CheckpointMismatchError",
+    "cache_dir",
+    "save_atomic",
+    "load_checkpoint",
+    "to_device",
+]
+
+CHECKPOINT_FORMAT = "kaviz-checkpoint-1"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite; the message names the epoch, the step and the term."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was written by a different method/architecture or different training settings."""
+
+
+# ------------------------------------------------------------------------------------------ frozen
+class Frozen(nn.Module):
+    """A frozen teacher: always in eval mode, ``requires_grad=False``, forward under ``no_grad``.
+
+    ``.train()`` on an enclosing method does not switch it to training mode (batch-norm statistics
+    and dropout stay as the teacher was trained). Its weights are not written to checkpoints.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+        module.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad():
+            return self.module(*args, **kwargs)
+
+
+def freeze(module: nn.Module) -> Frozen:
+    """Wrap a teacher so that it stays frozen inside a method (see :class:`Frozen`)."""
+    if isinstance(module, Frozen):
+        return module
+    return Frozen(module)
+
+
+def _frozen_prefixes(method: nn.Module) -> list[str]:
+    return [name + "." if name else "" for name, m in method.named_modules() if isinstance(m, Frozen)]
+
+
+def trainable_state(method: nn.Module) -> dict:
+    """The method's state dict without the frozen teachers' tensors."""
+    prefixes = _frozen_prefixes(method)
+    return {k: v for k, v in method.state_dict().items() if not any(k.startswith(p) for p in prefixes)}
+
+
+def load_trainable_state(method: nn.Module, state: dict, source: str = "checkpoint") -> None:
+    from .models import load_state
+
+    prefixes = _frozen_prefixes(method)
+    own = {k for k in method.state_dict() if not any(k.startswith(p) for p in prefixes)}
+    missing = sorted(own - set(state))
+    unexpected = sorted(set(state) - own)
+    if missing or unexpected:
+        raise CheckpointMismatchError(
+            f"{source} does not fit this {type(method).__name__}: "
+            + (f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}; " if missing else "")
+            + (f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}; " if unexpected else "")
+            + "it was written for another method or architecture. Use another checkpoint_dir, or resume=False."
+        )
+    load_state(method, state, strict=False, source=source)
+
+
+# ------------------------------------------------------------------------------------------- utils
+def cache_dir(*parts: str) -> Path:
+    """Where kaviz caches teachers, features and runs: ``$KAVIZ_DATA``, else the repository's
+    ``data/`` folder (an editable install), else ``~/.cache/kaviz``."""
+    env = os.environ.get("KAVIZ_DATA")
+    if env:
+        base = Path(env)
+    else:
+        repo_data = Path(__file__).resolve().parents[1] / "data"
+        base = repo_data if (repo_data / "README.md").exists() else Path.home() / ".cache" / "kaviz"
+    path = base.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_atomic(obj, path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a crash never
+    leaves a half-written file under ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path) -> dict:
+    """Read a kaviz checkpoint safely (``weights_only=True``: tensors and plain containers only)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def to_device(batch, device):
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------- optimisers
+def _make_optimizer(kind, groups, lr, weight_decay, momentum):
+    if callable(kind):
+        return kind(groups)
+    if kind == "adam":
+        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'adam', 'adamw', 'sgd' or a callable(param_groups) -> Optimizer, got {kind!r}")
+
+
+def _make_schedule(kind, optimizer, epochs, steps_per_epoch):
+    """Returns (scheduler or None, 'epoch' | 'step').
+
+    ``step``: ×0.1 at half of the epochs (per epoch); ``cosine``: cosine decay to 0 per iteration;
+    ``loglinear``: log-linear decay of every group's lr by 100× over the epochs (per epoch;
+    Knowledge Consistency uses 1e-4 → 1e-6); or a callable(optimizer, epochs, steps_per_epoch)
+    returning (scheduler, 'epoch' | 'step').
+    """
+    if kind is None:
+        return None, "epoch"
+    if callable(kind):
+        sched, unit = kind(optimizer, epochs, steps_per_epoch)
+        if unit not in ("epoch", "step"):
+            raise ValueError("a schedule callable must return (scheduler, 'epoch' | 'step')")
+        return sched, unit
+    LambdaLR = torch.optim.lr_scheduler.LambdaLR
+    if kind == "step":
+        mid = max(1, epochs // 2)
+        return LambdaLR(optimizer, lambda e: 0.1 if e >= mid else 1.0), "epoch"
+    if kind == "cosine":
+        total = max(1, epochs * steps_per_epoch)
+        return LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))), "step"
+    if kind == "loglinear":
+        span = max(1, epochs - 1)
+        return LambdaLR(optimizer, lambda e: 10 ** (-2 * min(e, span) / span)), "epoch"
+    raise ValueError(f"schedule must be None, 'step', 'cosine', 'loglinear' or a callable, got {kind!r}")
+
+
+def _param_groups(method: nn.Module, lr: float):
+    if hasattr(method, "param_groups"):
+        groups = list(method.param_groups(lr))
+    else:
+        groups = [{"params": [p for p in method.parameters() if p.requires_grad]}]
+    for g in groups:
+        g["params"] = [p for p in g["params"] if p.requires_grad]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError(f"{type(method).__name__} has no trainable parameters (all frozen?)")
+    return groups
+
+
+# ------------------------------------------------------------------------------------------- loop
+def _make_loader(data, batch_size, shuffle, generator, drop_last, num_workers, collate_fn):
+    from torch.utils.data import DataLoader
+
+    if isinstance(data, DataLoader):
+        return data
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
+                      num_workers=num_workers, collate_fn=collate_fn)
+
+
+def _weighted_total(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
+    total = None
+    for k, v in terms.items():
+        w = weights.get(k, 1.0)
+        if w == 0:
+            continue
+        total = v * w if total is None else total + v * w
+    if total is None:
+        raise ValueError("every loss term has weight 0: nothing to optimise")
+    return total
+
+
+def _check_terms(terms, epoch, step):
+    if not isinstance(terms, Mapping) or not terms:
+        raise TypeError("a method's forward(batch) must return a non-empty dict of named loss terms")
+    for k, v in terms.items():
+        if not torch.is_tensor(v) or v.dim() != 0:
+            raise TypeError(f"loss term {k!r} must be a scalar tensor, got {type(v).__name__} "
+                            f"{tuple(v.shape) if torch.is_tensor(v) else ''}")
+
+
+def _evaluate(method, val_data, batch_size, device, weights, val_losses, collate_fn):
+    from .features import eval_mode
+
+    row = {}
+    with eval_mode(method), torch.no_grad():
+        if val_losses:
+            loader = _make_loader(val_data, batch_size, False, None, False, 0, collate_fn)
+            sums: dict[str, float] = {}
+            count = 0
+            for batch in loader:
+                terms = method(to_device(batch, device))
+                b = _batch_size(batch)
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * b
+                sums["loss"] = sums.get("loss", 0.0) + float(_weighted_total(terms, weights)) * b
+                count += b
+            row.update({f"val/{k}": v / max(count, 1) for k, v in sums.items()})
+        if hasattr(method, "evaluate"):
+            metrics = method.evaluate(val_data)
+            row.update({f"val/{k}": float(v) for k, v in metrics.items()})
+    return row
+
+
+def _batch_size(batch) -> int:
+    if torch.is_tensor(batch):
+        return batch.shape[0]
+    if isinstance(batch, Mapping):
+        return _batch_size(next(iter(batch.values())))
+    if isinstance(batch, (list, tuple)):
+        return _batch_size(batch[0])
+    return 1
+
+
+def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size: int = 64, lr: float = 1e-3,
+        optimizer="adam", weight_decay: float = 0.0, momentum: float = 0.9, schedule=None,
+        weights: Mapping[str, float] | None = None, monitor: str | tuple[str, str] | None = None,
+        restore: str = "best", seed: int = 0, checkpoint_dir=None, resume: bool = False, device=None,
+        progress: bool | None = None, val_losses: bool = True, drop_last: bool = True, num_workers: int = 0,
+        collate_fn=None, grad_clip: float | None = None, callbacks: Iterable[Callable] = ()):
+    """Train ``method`` (``forward(batch) -> {term: scalar}``) and return the history DataFrame.
+
+    Loss = Σ weights[term]·term (``weights`` defaults to ``method.loss_weights`` or 1 per term).
+    Parameters: ``method.param_groups(lr)`` when defined (e.g. a new head at 10× the lr), else all
+    trainable ones. Shuffling uses a ``torch.Generator`` seeded with ``seed`` and the epoch.
+    Each epoch: mean of every term (``train/<term>``, ``train/loss`` the weighted sum), validation
+    terms (``val/<term>``) and the method's metrics (``val/<metric>``), ``lr``, ``seconds``.
+    ``monitor`` (default ``val/accuracy`` when the method reports it, else ``val/loss``) picks the
+    best epoch; ``restore="best"`` loads its weights at the end (``"last"`` keeps the last).
+    ``checkpoint_dir``: ``last.pt`` every epoch and ``best.pt``, written atomically; with
+    ``resume=True`` training continues from ``last.pt`` and ends bit-identical to an uninterrupted
+    run. A NaN/inf loss raises :class:`NonFiniteLossError` naming the epoch, step and term; the
+    checkpoints on disk stay those of the last good epoch.
+    ``history.attrs``: ``best_epoch``, ``monitor``, ``best_value``.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from . import default_device
+
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    if restore not in ("best", "last"):
+        raise ValueError(f"restore must be 'best' or 'last', got {restore!r}")
+    if len(train_data) == 0:
+        raise ValueError("the training data is empty")
+    device = default_device(device)
+    method.to(device)
+    weights = dict(weights if weights is not None else getattr(method, "loss_weights", {}) or {})
+    n_train = len(train_data.dataset) if hasattr(train_data, "dataset") and hasattr(train_data, "batch_size") else len(train_data)
+    drop_last = drop_last and n_train > batch_size
+    generator = torch.Generator()
+    loader = _make_loader(train_data, batch_size, True, generator, drop_last, num_workers, collate_fn)
+    steps_per_epoch = len(loader)
+    groups = _param_groups(method, lr)
+    opt = _make_optimizer(optimizer, groups, lr, weight_decay, momentum)
+    sched, sched_unit = _make_schedule(schedule, opt, epochs, steps_per_epoch)
+
+    config = {
+        "method": type(method).__name__, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+        "optimizer": optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "callable"),
+        "weight_decay": weight_decay, "schedule": schedule if (schedule is None or isinstance(schedule, str)) else "callable",
+        "weights": weights, "seed": seed, "n_train": n_train,
+    }
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    history: list[dict] = []
+    start_epoch = 0
+    best = {"epoch": None, "value": None, "state": None}
+
+    if resume:
+        if ckpt_dir is None:
+            raise ValueError("resume=True needs a checkpoint_dir")
+        last = ckpt_dir / "last.pt"
+        if last.exists():
+            ck = load_checkpoint(last)
+            if ck.get("format") != CHECKPOINT_FORMAT:
+                raise CheckpointMismatchError(f"{last} is not a kaviz checkpoint (format {ck.get('format')!r})")
+            old = json.loads(ck["config"])
+            # more epochs may be appended to a run whose learning rate does not depend on the total
+            free = {"epochs"} if schedule is None else set()
+            diff = {k: (old.get(k), v) for k, v in config.items() if k not in free and old.get(k) != v}
+            if diff:
+                raise CheckpointMismatchError(
+                    f"{last} was written with other settings {diff} (checkpoint value, this call); resuming would "
+                    "not reproduce a single run. Use the same settings, another checkpoint_dir, or resume=False."
+                )
+            load_trainable_state(method, ck["model"], source=str(last))
+            opt.load_state_dict(ck["optimizer"])
+            if sched is not None and ck.get("scheduler") is not None:
+                sched.load_state_dict(ck["scheduler"])
+            _set_rng_state(ck["rng"])
+            history = json.loads(ck["history"])
+            start_epoch = int(ck["epoch"])
+            best["epoch"], best["value"] = ck["best_epoch"], ck["best_value"]
+            if (ckpt_dir / "best.pt").exists():
+                best["state"] = load_checkpoint(ckpt_dir / "best.pt")["model"]
+
+    show = progress if progress is not None else not os.environ.get("CI")
+    bar = tqdm(total=epochs, initial=start_epoch, desc=type(method).__name__, disable=not show, leave=False)
+    mon_name, mon_mode = (monitor if isinstance(monitor, tuple) else (monitor, None))
+    try:
+        for epoch in range(start_epoch, epochs):
+            t0 = time.perf_counter()
+            generator.manual_seed(seed * 1_000_003 + epoch)
+            method.train()
+            sums: dict[str, torch.Tensor] = {}
+            total_sum = 0.0
+            count = 0
+            for step, batch in enumerate(loader):
+                batch = to_device(batch, device)
+                terms = method(batch)
+                _check_terms(terms, epoch + 1, step)
+                loss = _weighted_total(terms, weights)
+                if not torch.isfinite(loss):
+                    bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["loss (weighted sum)"]
+                    saved = f"; the last good checkpoint (epoch {epoch}) in {ckpt_dir} is intact" if (ckpt_dir and epoch > 0) else ""
+                    raise NonFiniteLossError(
+                        f"loss term {bad[0]!r} became {float(terms.get(bad[0], loss).detach())} at epoch {epoch + 1}, step {step} "
+                        f"(all terms: { {k: round(float(v.detach()), 6) for k, v in terms.items()} }){saved}. Lower the learning rate, "
+                        "check the inputs for NaN, or clip gradients (grad_clip=...)."
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
+                opt.step()
+                if sched is not None and sched_unit == "step":
+                    sched.step()
+                b = _batch_size(batch)
+                for k, v in terms.items():
+                    d = v.detach() * b
+                    sums[k] = sums[k] + d if k in sums else d
+                total_sum += float(loss.detach()) * b
+                count += b
+            row = {"epoch": epoch + 1, "train/loss": total_sum / count}
+            row.update({f"train/{k}": float(v) / count for k, v in sums.items()})
+            row["lr"] = opt.param_groups[0]["lr"]
+            if sched is not None and sched_unit == "epoch":
+                sched.step()
+            if val_data is not None:
+                row.update(_evaluate(method, val_data, batch_size, device, weights, val_losses, collate_fn))
+            row["seconds"] = time.perf_counter() - t0
+            history.append(row)
+
+            if mon_name is None:
+                mon_name = "val/accuracy" if "val/accuracy" in row else ("val/loss" if "val/loss" in row else "train/loss")
+            if mon_name not in row:
+                raise KeyError(f"monitor {mon_name!r} is not logged; available: {sorted(k for k in row if '/' in k)}")
+            if mon_mode is None:
+                mon_mode = "min" if "loss" in mon_name.split("/")[-1] or "error" in mon_name else "max"
+            value = row[mon_name]
+            improved = best["value"] is None or (value > best["value"] if mon_mode == "max" else value < best["value"])
+            if improved and math.isfinite(value):
+                best["epoch"], best["value"] = epoch + 1, value
+                best["state"] = {k: v.detach().cpu().clone() for k, v in trainable_state(method).items()}
+                if ckpt_dir is not None:
+                    save_atomic({"format": CHECKPOINT_FORMAT, "model": best["state"], "epoch": epoch + 1}, ckpt_dir / "best.pt")
+            if ckpt_dir is not None:
+                save_atomic({
+                    "format": CHECKPOINT_FORMAT,
+                    "config": json.dumps(config, sort_keys=True, default=str),
+                    "epoch": epoch + 1,
+                    "model": trainable_state(method),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict() if sched is not None else None,
+                    "rng": _rng_state(),
+                    "history": json.dumps(history),
+                    "best_epoch": best["epoch"],
+                    "best_value": best["value"],
+                }, ckpt_dir / "last.pt")
+            bar.update(1)
+            bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in row.items() if k in ("train/loss", mon_name)})
+            for cb in callbacks:
+                cb(epoch + 1, row, method)
+    finally:
+        bar.close()
+
+    if restore == "best" and best["state"] is not None:
+        load_trainable_state(method, best["state"], source="best epoch")
+    frame = pd.DataFrame(history)
+    frame.attrs.update({"best_epoch": best["epoch"], "monitor": mon_name, "best_value": best["value"],
+                        "restored": restore if best["state"] is not None else "last"})
+    return frame
+
+
+# ------------------------------------------------------------------------------------- supervised
+class Supervised(nn.Module):
+    """Plain supervised training of one model: ``{"ce": cross-entropy}`` (or ``{"bce": ...}`` for
+    multi-hot targets). ``target_key`` picks a target from dict targets (e.g. ``"labels"``);
+    ``evaluate`` reports ``accuracy`` (CE) or ``mAP`` (BCE) on the given data."""
+
+    def __init__(self, model: nn.Module, loss: str = "ce", target_key: str | None = None, label_smoothing: float = 0.0):
+        super().__init__()
+        if loss not in ("ce", "bce"):
+            raise ValueError(f"loss must be 'ce' or 'bce', got {loss!r}")
+        self.model = model
+        self.loss = loss
+        self.target_key = target_key
+        self.label_smoothing = label_smoothing
+
+    def _target(self, y):
+        if self.target_key is not None:
+            if not isinstance(y, Mapping) or self.target_key not in y:
+                raise KeyError(f"target_key {self.target_key!r} not in the batch targets")
+            return y[self.target_key]
+        if isinstance(y, Mapping):
+            raise TypeError(f"targets are a dict with keys {list(y)}: pass target_key=...")
+        return y
+
+    def forward(self, batch):
+        x, y = batch[0], self._target(batch[1])
+        logits = self.model(x)
+        if self.loss == "ce":
+            return {"ce": nn.functional.cross_entropy(logits, y, label_smoothing=self.label_smoothing)}
+        return {"bce": nn.functional.binary_cross_entropy_with_logits(logits, y.float())}
+
+    def evaluate(self, data) -> dict:
+        from .features import OUTPUT, extract
+        from . import metrics
+
+        store = extract(self.model, data, OUTPUT, pool="none", progress=False)
+        logits = store[OUTPUT]
+        targets = store.targets
+        if isinstance(targets, dict):
+            if self.target_key not in targets:
+                return {}
+            targets = targets[self.target_key]
+        if self.loss == "ce":
+            return {"accuracy": metrics.accuracy(logits, targets)}
+        if hasattr(metrics, "multilabel_map"):
+            difficult = store.targets.get("difficult") if isinstance(store.targets, dict) else None
+            return {"mAP": metrics.multilabel_map(logits, targets, difficult=difficult)}
+        return {}
+
+
+def _fingerprint(data) -> str:
+    from .data import fingerprint
+
+    return fingerprint(data)
+
+
+def teacher_key(arch: str, num_classes: int, train_data, val_data, **settings) -> str:
+    """Cache key of a teacher: everything that determines its weights."""
+    payload = {
+        "arch": arch,
+        "num_classes": num_classes,
+        "train": _fingerprint(train_data),
+        "val": _fingerprint(val_data) if val_data is not None else None,
+        "settings": settings,
+        "loop": CHECKPOINT_FORMAT,
+        "torch": torch.__version__.split("+")[0],
+    }
+    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | None = None, epochs: int = 10,
+                  lr: float = 1e-3, batch_size: int = 64, optimizer: str = "adam", weight_decay: float = 5e-4,
+                  schedule: str | None = "cosine", seed: int = 0, loss: str = "ce", target_key: str | None = None,
+                  arch_kwargs: Mapping | None = None, cache: bool | str | os.PathLike = True, device=None,
+                  progress: bool | None = None):
+    """Train (or load from the cache) a teacher; returns ``(model, history)``; the model is in eval mode.
+
+    The cache key covers the architecture and its arguments, the number of classes, the
+    fingerprints of the training and validation data, every training setting and the seed, so a
+    changed input never reuses a stale teacher. Files: ``<cache>/<arch>-<key>.pt`` (state dict) and
+    ``.json`` (history).
+    """
+    import pandas as pd
+
+    from . import seed_everything
+    from .models import build, load_weights
+
+    arch_kwargs = dict(arch_kwargs or {})
+    if num_classes is None:
+        num_classes = getattr(train_data, "num_classes", None)
+        if num_classes is None:
+            raise ValueError("num_classes is not given and the training data does not say (data.num_classes)")
+    settings = dict(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay,
+                    schedule=schedule, seed=seed, loss=loss, target_key=target_key, arch_kwargs=arch_kwargs)
+    key = teacher_key(arch, num_classes, train_data, val_data, **settings)
+    folder = None
+    if cache:
+        folder = Path(cache) if isinstance(cache, (str, os.PathLike)) and not isinstance(cache, bool) else cache_dir("teachers")
+        weights_file = folder / f"{arch}-{key}.pt"
+        info_file = folder / f"{arch}-{key}.json"
+        if weights_file.exists() and info_file.exists():
+            model = build(arch, num_classes, **arch_kwargs)
+            load_weights(model, weights_file)
+            info = json.loads(info_file.read_text())
+            history = pd.DataFrame(info["history"])
+            history.attrs.update(info.get("attrs", {}))
+            history.attrs["cached"] = True
+            return model.eval(), history
+    seed_everything(seed)
+    model = build(arch, num_classes, **arch_kwargs)
+    method = Supervised(model, loss=loss, target_key=target_key)
+    history = fit(method, train_data, val_data, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
+                  weight_decay=weight_decay, schedule=schedule, seed=seed, device=device, progress=progress)
+    model = model.cpu().eval()
+    if folder is not None:
+        save_atomic(model.state_dict(), weights_file)
+        attrs = {k: v for k, v in history.attrs.items() if isinstance(v, (int, float, str, type(None)))}
+        tmp = info_file.with_name(info_file.name + ".tmp")
+        tmp.write_text(json.dumps({"arch": arch, "num_classes": num_classes, "settings": settings, "key": key,
+                                   "history": history.to_dict(orient="records"), "attrs": attrs}, default=str))
+        os.replace(tmp, info_file)
+    history.attrs["cached"] = False
+    return model, history

@@ -1,0 +1,203 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import kaviz
+import kaviz.losses
+from kaviz import models
+from kaviz.train import (CheckpointMismatchError, Frozen, NonFiniteLossError, Supervised, fit, freeze,
+                         load_checkpoint, train_teacher)
+
+from conftest import TinyImages
+
+HERE = Path(__file__).parent
+
+
+def small_net(classes=3):
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, classes))
+
+
+def test_fit_learns_logs_terms_and_restores_best(tiny):
+    kaviz.seed_everything(0)
+    model = small_net()
+    hist = fit(Supervised(model), tiny, TinyImages(n=48, seed=1), epochs=4, batch_size=16, lr=0.05)
+    assert list(hist["epoch"]) == [1, 2, 3, 4]
+    for col in ("train/loss", "train/ce", "val/ce", "val/loss", "val/accuracy", "lr", "seconds"):
+        assert col in hist.columns, col
+    assert hist["train/ce"].iloc[-1] < hist["train/ce"].iloc[0]
+    assert hist["val/accuracy"].max() > 0.9
+    best = hist.attrs["best_epoch"]
+    assert hist.attrs["monitor"] == "val/accuracy"
+    assert hist.loc[hist.epoch == best, "val/accuracy"].item() == hist["val/accuracy"].max()
+    # the restored weights are the best epoch's: evaluating again reproduces its accuracy
+    assert Supervised(model).evaluate(TinyImages(n=48, seed=1))["accuracy"] == pytest.approx(hist.attrs["best_value"])
+
+
+def test_same_seed_same_bits(tiny):
+    outs = []
+    for _ in range(2):
+        kaviz.seed_everything(5)
+        m = small_net()
+        fit(Supervised(m), tiny, epochs=2, batch_size=16, seed=1)
+        outs.append(models.weights_hash(m))
+    assert outs[0] == outs[1]
+
+
+class TwoTerms(nn.Module):
+    def __init__(self, teacher):
+        super().__init__()
+        self.teacher = freeze(teacher)
+        self.student = small_net()
+        self.extra = nn.Linear(3, 3)
+        self.loss_weights = {"kd": 1.0, "aux": 0.0}
+
+    def forward(self, batch):
+        x = batch[0]
+        assert not self.teacher.module.training
+        t = self.teacher(x)
+        s = self.student(x)
+        return {"kd": kaviz.losses.soft_cross_entropy(s, t), "aux": self.extra(s).pow(2).mean()}
+
+
+def test_frozen_teacher_weights_and_terms(tiny, tmp_path):
+    teacher = small_net()
+    teacher.train()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    method = TwoTerms(teacher)
+    method.train()
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    extra_before = method.extra.weight.clone()
+    hist = fit(method, tiny, epochs=2, batch_size=16, checkpoint_dir=tmp_path)
+    after = teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "teacher weights and BN statistics unchanged"
+    assert torch.equal(method.extra.weight, extra_before), "a term with weight 0 does not train its parameters"
+    assert {"train/kd", "train/aux"} <= set(hist.columns)
+    ck = load_checkpoint(tmp_path / "last.pt")
+    assert not any(k.startswith("teacher.") for k in ck["model"]), "frozen teachers are not checkpointed"
+    assert isinstance(method.teacher, Frozen) and freeze(method.teacher) is method.teacher
+
+
+class NaNAt(Supervised):
+    def __init__(self, model, epoch, step, per_epoch):
+        super().__init__(model)
+        self.at = (epoch - 1) * per_epoch + step
+        self.n = -1
+
+    def forward(self, batch):
+        out = super().forward(batch)
+        if self.training:
+            self.n += 1
+            if self.n == self.at:
+                out["ce"] = out["ce"] * float("nan")
+        return out
+
+
+def test_non_finite_loss_names_epoch_step_term_and_keeps_checkpoint(tiny, tmp_path):
+    model = small_net()
+    method = NaNAt(model, epoch=2, step=3, per_epoch=6)
+    with pytest.raises(NonFiniteLossError, match=r"'ce' became nan at epoch 2, step 3.*epoch 1.*intact"):
+        fit(method, tiny, epochs=3, batch_size=16, checkpoint_dir=tmp_path)
+    ck = load_checkpoint(tmp_path / "last.pt")
+    assert ck["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_kill_and_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
+    env = {**os.environ, "CI": "1", "PYTHONPATH": str(HERE.parent)}
+    worker = str(HERE / "_resume_worker.py")
+    ref, res = tmp_path / "ref.pt", tmp_path / "res.pt"
+    from _resume_worker import main as run_uninterrupted
+
+    run_uninterrupted("", str(ref), 0, False)  # in-process: same seed and thread count as the workers
+    ck = tmp_path / "ck"
+    killed = subprocess.run([sys.executable, worker, str(ck), str(res), "19", "0"], env=env, timeout=120)
+    assert killed.returncode == -9, "the worker killed itself mid-training (step 19 of 28, in epoch 3)"
+    assert load_checkpoint(ck / "last.pt")["epoch"] == 2 and not res.exists()
+    subprocess.run([sys.executable, worker, str(ck), str(res), "0", "1"], check=True, env=env, timeout=120)
+    a = torch.load(ref, weights_only=True)
+    b = torch.load(res, weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_refuses_other_settings_and_other_models(tiny, tmp_path):
+    fit(Supervised(small_net()), tiny, epochs=1, batch_size=16, checkpoint_dir=tmp_path)
+    with pytest.raises(CheckpointMismatchError, match="other settings"):
+        fit(Supervised(small_net()), tiny, epochs=2, batch_size=32, checkpoint_dir=tmp_path, resume=True)
+    with pytest.raises(CheckpointMismatchError, match="another method or architecture"):
+        fit(Supervised(small_net(classes=3).append(nn.Linear(3, 3))), tiny, epochs=2, batch_size=16,
+            checkpoint_dir=tmp_path, resume=True)
+    # no schedule: more epochs may be appended
+    h = fit(Supervised(small_net()), tiny, epochs=2, batch_size=16, checkpoint_dir=tmp_path, resume=True)
+    assert list(h["epoch"]) == [1, 2]
+
+
+class Groups(Supervised):
+    def param_groups(self, lr):
+        head = list(self.model[-1].parameters())
+        ids = {id(p) for p in head}
+        return [{"params": [p for p in self.model.parameters() if id(p) not in ids]},
+                {"params": head, "lr": lr * 10}]
+
+
+def test_param_groups_and_schedules(tiny):
+    seen = []
+    fit(Groups(small_net()), tiny, epochs=1, batch_size=16, lr=0.01,
+        callbacks=[lambda e, row, m: seen.append(None)], optimizer="sgd")
+    assert seen == [None]
+    h = fit(Supervised(small_net()), tiny, epochs=4, batch_size=16, lr=0.01, schedule="step")
+    assert list(h["lr"]) == pytest.approx([0.01, 0.01, 0.001, 0.001])
+    h = fit(Supervised(small_net()), tiny, epochs=3, batch_size=16, lr=1e-4, schedule="loglinear")
+    assert list(h["lr"]) == pytest.approx([1e-4, 1e-5, 1e-6])
+    with pytest.raises(ValueError, match="schedule"):
+        fit(Supervised(small_net()), tiny, epochs=1, schedule="exp")
+    with pytest.raises(ValueError, match="optimizer"):
+        fit(Supervised(small_net()), tiny, epochs=1, optimizer="rmsprop")
+
+
+def test_bad_inputs(tiny):
+    with pytest.raises(ValueError, match="epochs"):
+        fit(Supervised(small_net()), tiny, epochs=0)
+    with pytest.raises(ValueError, match="resume=True needs"):
+        fit(Supervised(small_net()), tiny, epochs=1, resume=True)
+    with pytest.raises(KeyError, match="monitor"):
+        fit(Supervised(small_net()), tiny, tiny, epochs=1, monitor="val/f1")
+
+    class NoDict(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(1, 1)
+
+        def forward(self, batch):
+            return self.l(torch.ones(1)).sum()
+
+    with pytest.raises(TypeError, match="dict of named loss terms"):
+        fit(NoDict(), tiny, epochs=1)
+    frozen_only = nn.Module()
+    frozen_only.t = freeze(small_net())
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        fit(frozen_only, tiny, epochs=1)
+
+
+def test_train_teacher_caches_by_everything_that_determines_it(tmp_path, tiny):
+    val = TinyImages(n=30, seed=1)
+    m1, h1 = train_teacher("vgg8_small", tiny, val, epochs=1, batch_size=32, cache=tmp_path, arch_kwargs={"width": 4})
+    assert h1.attrs["cached"] is False and not m1.training
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".pt")
+    m2, h2 = train_teacher("vgg8_small", tiny, val, epochs=1, batch_size=32, cache=tmp_path, arch_kwargs={"width": 4})
+    assert h2.attrs["cached"] is True and models.weights_hash(m1) == models.weights_hash(m2)
+    assert h2["val/accuracy"].tolist() == pytest.approx(h1["val/accuracy"].tolist())
+    train_teacher("vgg8_small", tiny, val, epochs=1, batch_size=32, cache=tmp_path, arch_kwargs={"width": 4}, seed=1)
+    train_teacher("vgg8_small", TinyImages(seed=7), val, epochs=1, batch_size=32, cache=tmp_path, arch_kwargs={"width": 4})
+    assert len(list(tmp_path.glob("*.pt"))) == 3, "another seed or other data -> another teacher"
+    info = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert info["settings"]["epochs"] == 1
