@@ -1,0 +1,498 @@
+"""kaviz.data.real: loaders for user-supplied real datasets, on tiny fixture trees (no network)."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from fixtures_real import (CELEBA_ATTRIBUTES, CUB_CLASSES, DOG_FOLDERS, make_camvid, make_celeba, make_coco,
+                           make_cub, make_dogs, make_nyu, make_voc)
+from PIL import Image
+
+from kaviz.data import real
+from kaviz.data.real import DatasetLayoutError, JointTransform
+
+IMAGENET_MEAN = torch.tensor(real.IMAGENET_MEAN)[:, None, None]
+IMAGENET_STD = torch.tensor(real.IMAGENET_STD)[:, None, None]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def unnormalise(x: torch.Tensor) -> torch.Tensor:
+    return x * IMAGENET_STD + IMAGENET_MEAN
+
+
+# -------------------------------------------------------------------------------------------------
+# CUB-200-2011
+
+
+@pytest.fixture(scope="module")
+def cub(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cub") / "CUB_200_2011"
+    return root, make_cub(root)
+
+
+def test_cub_splits_labels_and_classes(cub):
+    root, info = cub
+    for split in ("train", "test"):
+        ds = real.cub200(root, split=split, image_size=16)
+        assert ds.files == ["images/" + p for p, _ in info[split]]
+        assert ds.targets.dtype == torch.int64 and ds.targets.tolist() == [c for _, c in info[split]]
+        assert ds.classes == [c.split(".", 1)[1] for c in CUB_CLASSES] and ds.num_classes == 3
+        x, y = ds[0]
+        assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+        assert y.dim() == 0 and y.dtype == torch.int64 and int(y) == info[split][0][1]
+    train, test = real.cub200(root, "train"), real.cub200(root, "test")
+    assert not set(train.files) & set(test.files) and len(train) + len(test) == 12
+
+
+def test_cub_boxes_and_crop_to_box(cub):
+    root, info = cub
+    ds = real.cub200(root, "train", image_size=16)
+    for f, box in zip(ds.files, ds.boxes.tolist()):
+        x, y, w, h = info["boxes"][f[len("images/"):]]
+        assert box == [x, y, x + w, y + h]
+    # The box is a red rectangle on black: cropped, the whole view is red; uncropped it is not.
+    cropped = real.cub200(root, "train", image_size=16, crop_to_box=True)
+    for i in range(len(cropped)):
+        a = cropped.image_array(i)
+        assert a.dtype == np.uint8 and a.shape == (16, 16, 3)
+        assert a[..., 0].min() > 150 and a[..., 1].max() < 80
+        assert ds.image_array(i)[..., 0].min() < 40
+    # The cropped item goes through the transform too: un-normalised it is red everywhere.
+    x = unnormalise(real.cub200(root, "test", image_size=16, crop_to_box=True)[0][0])
+    assert x[0].min() > 0.6 and x[1].max() < 0.3
+
+
+def test_cub_errors(cub, tmp_path):
+    root, _ = cub
+    with pytest.raises(DatasetLayoutError, match=r"(?s)CUB-200-2011 not found at .*the folder does not exist.*"
+                       r"Expected layout:.*image_class_labels.txt.*kaviz never downloads"):
+        real.cub200(tmp_path / "nowhere")
+    # root pointing one level above the dataset: the message says where it is.
+    parent = tmp_path / "datasets"
+    shutil.copytree(root, parent / "CUB_200_2011")
+    with pytest.raises(FileNotFoundError, match=r"(?s)missing images.txt.*Did you mean root=.*CUB_200_2011"):
+        real.cub200(parent)
+    broken = parent / "CUB_200_2011"
+    (broken / "train_test_split.txt").unlink()
+    with pytest.raises(DatasetLayoutError, match=r"missing train_test_split.txt"):
+        real.cub200(broken)
+    with pytest.raises(ValueError, match=r"unknown split 'val'; valid splits are \['train', 'test'\]"):
+        real.cub200(root, split="val")
+
+
+def test_cub_incomplete_extraction_and_bad_index_files(cub, tmp_path):
+    root, info = cub
+    copy = tmp_path / "CUB_200_2011"
+    shutil.copytree(root, copy)
+    victim = info["train"][1][0]
+    (copy / "images" / victim).unlink()
+    with pytest.raises(DatasetLayoutError, match=r"1 of 8 listed images are missing \(images/" + victim):
+        real.cub200(copy, "train")
+    assert len(real.cub200(copy, "train", check_images=False)) == 8  # opting out of the check
+    (copy / "image_class_labels.txt").write_text("1 1\n")
+    with pytest.raises(DatasetLayoutError, match=r"image_class_labels.txt and images.txt list different image ids"):
+        real.cub200(copy, "test")
+    (copy / "bounding_boxes.txt").unlink()
+    with pytest.raises(DatasetLayoutError, match="missing bounding_boxes.txt"):
+        real.cub200(copy, crop_to_box=True)
+
+
+# -------------------------------------------------------------------------------------------------
+# Stanford Dogs
+
+
+@pytest.mark.parametrize("lists", ["mat", "txt"])
+def test_dogs_lists(tmp_path, lists):
+    info = make_dogs(tmp_path, lists=lists)
+    for split in ("train", "test"):
+        ds = real.stanford_dogs(tmp_path, split, image_size=8)
+        assert ds.files == ["Images/" + rel for rel, _ in info[split]]
+        assert ds.targets.tolist() == [c for _, c in info[split]]
+        assert ds.classes == [f.split("-", 1)[1] for f in DOG_FOLDERS]
+        assert ds.boxes is None
+        assert ds[len(ds) - 1][0].shape == (3, 8, 8)
+
+
+def test_dogs_crop_to_union_of_boxes(tmp_path):
+    info = make_dogs(tmp_path)
+    ds = real.stanford_dogs(tmp_path, "train", image_size=8, crop_to_box=True)
+    for rel, box in zip(ds.files, ds.boxes.tolist()):
+        assert box == [float(v) for v in info["unions"][rel[len("Images/"):]]]
+    two_dogs = ds.files.index("Images/" + info["train"][2][0])
+    assert ds.boxes[two_dogs].tolist() == [3.0, 4.0, 25.0, 20.0]
+    # The cropped single-dog images are all green.
+    a = ds.image_array(0)
+    assert a[..., 1].min() > 150 and a[..., 0].max() < 80
+
+
+def test_dogs_errors(tmp_path):
+    make_dogs(tmp_path)
+    (tmp_path / "test_list.mat").unlink()
+    with pytest.raises(DatasetLayoutError, match=r"(?s)Stanford Dogs not found .*missing test_list.mat \(or test_list.txt\).*Expected layout"):
+        real.stanford_dogs(tmp_path, "test")
+    # A list that disagrees with the folders (a breed folder was removed) is caught, not mislabelled.
+    shutil.rmtree(tmp_path / "Images" / DOG_FOLDERS[0])
+    with pytest.raises(DatasetLayoutError, match=r"lists breeds with no folder in Images/"):
+        real.stanford_dogs(tmp_path, "train")
+    (tmp_path / "Images" / "n00000000-Aardvark_dog").mkdir()  # sorted first: shifts every index
+    shutil.copytree(tmp_path / "Images" / DOG_FOLDERS[1], tmp_path / "Images" / DOG_FOLDERS[0])
+    with pytest.raises(DatasetLayoutError, match=r"labels that disagree with the sorted Images/ folders"):
+        real.stanford_dogs(tmp_path, "train")
+    shutil.rmtree(tmp_path / "Annotation")
+    with pytest.raises(DatasetLayoutError, match=r"missing Annotation"):
+        real.stanford_dogs(tmp_path, "train", crop_to_box=True)
+
+
+# -------------------------------------------------------------------------------------------------
+# VOC2007
+
+
+def test_voc_labels_and_difficult_flags(tmp_path):
+    info = make_voc(tmp_path)
+    for split, ids in info["splits"].items():
+        ds = real.voc2007(tmp_path, split, image_size=8)
+        assert ds.files == [f"JPEGImages/{i}.jpg" for i in ids]
+        assert ds.num_classes == 20 and ds.classes[0] == "aeroplane" and ds.classes[-1] == "tvmonitor"
+        assert ds.targets["labels"].dtype == torch.float32 and ds.targets["difficult"].dtype == torch.bool
+        for row, img_id in enumerate(ids):
+            objs = info["objects"][img_id]
+            for k, name in enumerate(ds.classes):
+                flags = [d for n, d in objs if n == name]
+                assert ds.targets["labels"][row, k] == (1.0 if flags else 0.0)
+                assert bool(ds.targets["difficult"][row, k]) == (bool(flags) and all(flags))
+    ds = real.voc2007(tmp_path, "trainval", image_size=8)
+    dog, cat, sofa = (ds.classes.index(c) for c in ("dog", "cat", "sofa"))
+    assert ds.targets["difficult"][1, dog] and not ds.targets["difficult"][0, dog]   # only-difficult dog
+    assert not ds.targets["difficult"][2, cat] and ds.targets["difficult"][2, sofa]  # one easy cat
+    x, y = ds[1]
+    assert x.shape == (3, 8, 8) and set(y) == {"labels", "difficult"} and y["labels"].shape == (20,)
+
+
+def test_voc_errors(tmp_path):
+    top, tmp_path = tmp_path, tmp_path / "VOCdevkit" / "VOC2007"
+    make_voc(tmp_path)
+    # root at the top of the official tar: the VOC2007 folder two levels down is pointed out.
+    with pytest.raises(DatasetLayoutError, match=r"(?s)PASCAL VOC2007 not found.*missing JPEGImages.*"
+                       r"Did you mean root='[^']*VOCdevkit/VOC2007'\? It holds JPEGImages"):
+        real.voc2007(top)
+    (tmp_path / "Annotations" / "000002.xml").write_text("<annotation><object><name>dragon</name></object></annotation>")
+    with pytest.raises(DatasetLayoutError, match=r"Annotations/000002.xml could not be read \(unknown class 'dragon'\)"):
+        real.voc2007(tmp_path, "train")
+    (tmp_path / "Annotations" / "000002.xml").unlink()
+    with pytest.raises(DatasetLayoutError, match=r"1 of 2 listed annotations are missing \(Annotations/000002.xml\)"):
+        real.voc2007(tmp_path, "train")
+    with pytest.raises(DatasetLayoutError, match=r"missing ImageSets/Main/test.txt"):
+        (tmp_path / "ImageSets" / "Main" / "test.txt").unlink()
+        real.voc2007(tmp_path, "test")
+
+
+# -------------------------------------------------------------------------------------------------
+# COCO 2014
+
+
+def test_coco_multilabel(tmp_path):
+    info = make_coco(tmp_path, split="val")
+    ds = real.coco2014_multilabel(tmp_path, "val", image_size=8)
+    # contiguous ids in category-id order: 1 person, 2 bicycle, 3 car, 18 dog
+    assert ds.classes == ["person", "bicycle", "car", "dog"] and ds.num_classes == 4
+    coco_ids = [1, 2, 3, 18]
+    ids = sorted(info["present"])                 # image 99 has no annotation: dropped
+    assert ds.files == [f"val2014/{info['files'][i]}" for i in ids]
+    expected = torch.tensor([[float(c in info["present"][i]) for c in coco_ids] for i in ids])
+    assert torch.equal(ds.targets["labels"], expected)
+    assert not ds.targets["difficult"].any() and ds.targets["difficult"].shape == expected.shape
+    x, y = ds[0]
+    assert x.shape == (3, 8, 8) and torch.equal(y["labels"], expected[0])
+
+
+def test_coco_errors(tmp_path):
+    make_coco(tmp_path, split="val")
+    with pytest.raises(DatasetLayoutError, match=r"missing annotations/instances_train2014.json, train2014"):
+        real.coco2014_multilabel(tmp_path, "train")
+    (tmp_path / "annotations" / "instances_val2014.json").write_text('{"images": []}')
+    with pytest.raises(DatasetLayoutError, match=r"is not a COCO instances file"):
+        real.coco2014_multilabel(tmp_path, "val")
+
+
+# -------------------------------------------------------------------------------------------------
+# CelebA
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_celeba_attributes_and_partition(tmp_path, nested):
+    info = make_celeba(tmp_path, nested=nested)
+    for split, code in (("train", 0), ("valid", 1), ("test", 2)):
+        ds = real.celeba(tmp_path, split, image_size=8)
+        rows = [k for k, p in enumerate(info["partition"]) if p == code]
+        assert ds.files == ["img_align_celeba/" + info["names"][k] for k in rows]
+        assert ds.targets.dtype == torch.int64 and ds.targets.shape == (len(rows), 40)
+        assert torch.equal(ds.targets, torch.from_numpy((info["values"][rows] == 1).astype(np.int64)))
+        assert ds.classes == CELEBA_ATTRIBUTES and ds.num_classes == 40
+    sel = real.celeba(tmp_path, "train", attributes=["Smiling", "Eyeglasses"], image_size=8)
+    cols = [CELEBA_ATTRIBUTES.index("Smiling"), CELEBA_ATTRIBUTES.index("Eyeglasses")]
+    assert sel.classes == ["Smiling", "Eyeglasses"]
+    assert torch.equal(sel.targets, torch.from_numpy((info["values"][:3][:, cols] == 1).astype(np.int64)))
+    x, y = sel[2]
+    assert y.shape == (2,) and y.dtype == torch.int64 and x.shape == (3, 8, 8)
+    assert real.celeba(tmp_path, "train", attributes="Male").classes == ["Male"]
+
+
+def test_celeba_errors(tmp_path):
+    make_celeba(tmp_path)
+    with pytest.raises(ValueError, match=r"no attribute 'Smilling'; closest valid names: \['Smiling'"):
+        real.celeba(tmp_path, attributes=["Smilling"])
+    with pytest.raises(ValueError, match=r"no attribute 'male'; closest valid names: \['Male'"):
+        real.celeba(tmp_path, attributes=["male"])
+    with pytest.raises(ValueError, match=r"lists \['Male'\] more than once"):
+        real.celeba(tmp_path, attributes=["Male", "Young", "Male"])
+    attr = tmp_path / "list_attr_celeba.txt"
+    lines = attr.read_text().splitlines(keepends=True)
+    attr.write_text("".join(lines[:3] + [lines[3].replace(" 1", " 2", 1)] + lines[4:]))  # 000002.jpg
+    with pytest.raises(DatasetLayoutError, match=r"the line for 000002.jpg does not hold 40 values of -1/1"):
+        real.celeba(tmp_path)
+    attr.write_text("".join(lines[:3] + [lines[3].rsplit(" ", 2)[0] + "\n"] + lines[4:]))
+    with pytest.raises(DatasetLayoutError, match=r"the line for 000002.jpg does not hold 40 values"):
+        real.celeba(tmp_path)
+    assert len(real.celeba(tmp_path, "test")) == 2  # the bad line is in another split
+    (tmp_path / "list_eval_partition.txt").unlink()
+    with pytest.raises(DatasetLayoutError, match=r"(?s)CelebA not found .*missing list_eval_partition.txt.*Eval/"):
+        real.celeba(tmp_path)
+
+
+# -------------------------------------------------------------------------------------------------
+# NYUv2 and the joint transform
+
+
+def _check_aligned(x: torch.Tensor, mask: torch.Tensor, depth: torch.Tensor, exact: bool):
+    """Mask/depth must still be the thresholded image. With a bilinear image, compare pixels inside
+    uniform 5x5 mask neighbourhoods away from the border (bilinear and nearest sampling differ by
+    less than one source pixel, and the crop scales by less than 2); with nearest sampling, every pixel."""
+    grey = unnormalise(x).mean(0)
+    keep = mask != 255
+    if not exact:
+        m = mask.float()[None, None]
+        lo = -torch.nn.functional.max_pool2d(-m, 5, 1, 2)[0, 0]
+        hi = torch.nn.functional.max_pool2d(m, 5, 1, 2)[0, 0]
+        keep &= lo == hi
+        # At the output border the window is cut off and cannot see a transition just outside it.
+        keep[:2], keep[-2:], keep[:, :2], keep[:, -2:] = False, False, False, False
+        assert keep.float().mean() > 0.2  # the check must cover a real share of the image
+    assert torch.equal((grey[keep] > 0.5).long(), mask[keep])
+    assert torch.equal(depth[keep], torch.where(mask[keep] == 1, 3.0, 1.0))
+
+
+def test_nyu_files_targets_and_ignore(tmp_path):
+    info = make_nyu(tmp_path)
+    ds = real.nyuv2(tmp_path, "train", image_size=32, augment=False)
+    assert ds.files == [f"train/image/{s}.png" for s, *_ in info["train"]]  # numeric order 0, 5, 10
+    assert ds.targets is None and ds.num_classes == 13 and ds.classes[0] == "bed"
+    x, y = ds[0]
+    assert x.shape == (3, 32, 32) and set(y) == {"mask", "depth"}
+    assert y["mask"].dtype == torch.int64 and y["depth"].dtype == torch.float32
+    stem, img, mask, depth = info["train"][0]
+    assert torch.equal(y["mask"], torch.from_numpy(np.where(mask < 0, 255, mask)))  # -1 -> 255
+    assert (y["mask"][:8, :8] == 255).all()
+    assert torch.equal(y["depth"], torch.from_numpy(depth))
+    assert len(real.nyuv2(tmp_path, "test")) == 2
+
+
+@pytest.mark.parametrize("seg_format,depth_format", [("npy", "png"), ("png", "npy")])
+def test_nyu_storage_formats(tmp_path, seg_format, depth_format):
+    info = make_nyu(tmp_path, seg_format=seg_format, depth_format=depth_format)
+    ds = real.nyuv2(tmp_path, "train", augment=False, image_size=32)
+    maps = ds.maps(0)
+    _, _, mask, depth = info["train"][0]
+    assert torch.equal(maps["mask"], torch.from_numpy(np.where(mask < 0, 255, mask)))
+    assert torch.allclose(maps["depth"], torch.from_numpy(depth))  # png in mm -> metres
+
+
+def test_nyu_joint_transform_keeps_alignment(tmp_path):
+    make_nyu(tmp_path, n_train=2)
+    exact = real.nyuv2(tmp_path, "train", image_size=24, transform=JointTransform(24, interpolation="nearest"))
+    default = real.nyuv2(tmp_path, "train", image_size=24)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(12):
+        for i in range(len(exact)):
+            x, y = exact[i]
+            _check_aligned(x, y["mask"], y["depth"], exact=True)
+            seen.add(tuple(y["mask"].flatten().tolist()))
+            x, y = default[i]
+            _check_aligned(x, y["mask"], y["depth"], exact=False)
+    assert len(seen) > 10  # the crops and flips really varied
+
+
+def test_joint_transform_flip_and_inputs():
+    g = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    g[:, :, :2] = 255                      # white left edge
+    mask = (g[0] > 0).long()
+    t = JointTransform(8, scale=(1.0, 1.0), normalize=False)
+    flipped = 0
+    torch.manual_seed(1)
+    for _ in range(20):
+        x, y = t(g, {"mask": mask, "depth": mask.float().numpy()})
+        assert torch.equal((x[0] > 0.5).long(), y["mask"]) and torch.equal(y["depth"], y["mask"].float())
+        flipped += int(y["mask"][:, -1].all())
+    assert 0 < flipped < 20
+    # Evaluation geometry with a non-square size never pads: the label-0 border would be invented.
+    ev = JointTransform((6, 12), train=False, normalize=False)
+    img = Image.fromarray(np.full((10, 10, 3), 255, np.uint8))
+    x, y = ev(img, {"mask": torch.ones(10, 10, dtype=torch.long)})
+    assert x.shape == (3, 6, 12) and (y["mask"] == 1).all() and x.min() > 0.99
+    assert ev(img).shape == (3, 6, 12)
+    with pytest.raises(ValueError, match=r"map 'mask' has shape \(4, 4\) but the image is \(10, 10\)"):
+        ev(img, {"mask": torch.zeros(4, 4)})
+
+
+def test_nyu_errors(tmp_path):
+    make_nyu(tmp_path, n_train=2)
+    (tmp_path / "train" / "depth" / "5.npy").unlink()
+    with pytest.raises(DatasetLayoutError, match=r"1 image file\(s\) without a depth \(e.g. \['5'\]\)"):
+        real.nyuv2(tmp_path, "train")
+    shutil.rmtree(tmp_path / "test" / "seg13")
+    with pytest.raises(DatasetLayoutError, match=r"(?s)NYUv2 not found .*missing test/seg13.*train/seg13/0.png"):
+        real.nyuv2(tmp_path, "test")
+    # a map stored in the 0 = void, 1..13 convention is caught, with the fix
+    other = tmp_path / "other"
+    make_nyu(other, n_train=1, n_test=1)
+    Image.fromarray(np.full((32, 32), 13, np.uint8), "L").save(other / "train" / "seg13" / "0.png")
+    ds = real.nyuv2(other, "train")
+    with pytest.raises(DatasetLayoutError, match=r"0.png: label values \[13\] are neither classes 0..12 .*zero_is_void=True"):
+        ds[0]
+    shifted = real.nyuv2(other, "train", zero_is_void=True).maps(0)["mask"]
+    assert (shifted == 12).all()
+    Image.fromarray(np.zeros((16, 16), np.uint8), "L").save(other / "train" / "seg13" / "0.png")
+    with pytest.raises(DatasetLayoutError, match=r"mask train/seg13/0.png is \(16, 16\) .* image train/image/0.png is \(32, 32\)"):
+        real.nyuv2(other, "train")[0]
+
+
+# -------------------------------------------------------------------------------------------------
+# CamVid
+
+
+def test_camvid_void_to_ignore(tmp_path):
+    info = make_camvid(tmp_path)
+    for split in ("train", "val", "test"):
+        ds = real.camvid(tmp_path, split, image_size=(12, 16), augment=False)
+        assert len(ds) == len(info[split]) and ds.num_classes == 11 and ds.classes[-1] == "Bicyclist"
+        x, y = ds[0]
+        assert set(y) == {"mask"} and x.shape == (3, 12, 16)
+        ann = torch.from_numpy(info[split][0][1].astype(np.int64))
+        assert torch.equal(y["mask"], torch.where(ann == 11, 255, ann))
+        assert (y["mask"] == 255).any() and y["mask"][y["mask"] != 255].max() == 10
+
+
+def test_camvid_errors(tmp_path):
+    make_camvid(tmp_path)
+    shutil.rmtree(tmp_path / "valannot")
+    with pytest.raises(DatasetLayoutError, match=r"(?s)CamVid not found .*missing valannot.*trainannot/"):
+        real.camvid(tmp_path, "val")
+    Image.fromarray(np.full((12, 16), 12, np.uint8), "L").save(tmp_path / "testannot" / "0001TP_000000.png")
+    with pytest.raises(DatasetLayoutError, match=r"label values \[12\] are neither classes 0..10 nor void \[11, 255\]"):
+        real.camvid(tmp_path, "test")[0]
+
+
+# -------------------------------------------------------------------------------------------------
+# Shared behaviour: transforms, fingerprints, subsets, registry, DataLoader
+
+
+def test_default_transforms_and_augment_flag(cub):
+    root, _ = cub
+    train, test = real.cub200(root, "train", image_size=16), real.cub200(root, "test", image_size=16)
+    assert "RandomResizedCrop" in repr(train.transform) and "scale=(0.5, 1.0)" in repr(train.transform)
+    assert "RandomHorizontalFlip" in repr(train.transform) and "Random" not in repr(test.transform)
+    assert "Normalize(mean=[0.485, 0.456, 0.406]" in repr(test.transform)
+    plain = real.cub200(root, "train", image_size=16, augment=False)
+    assert repr(plain.transform) == repr(test.transform)
+    assert torch.equal(plain[0][0], plain[0][0])  # the eval transform is deterministic
+    custom = real.cub200(root, "train", transform=lambda im: torch.zeros(1))
+    assert torch.equal(custom[0][0], torch.zeros(1))
+
+
+def test_fingerprints(cub, tmp_path):
+    root, _ = cub
+    a = real.cub200(root, "train", image_size=16)
+    assert len(a.fingerprint) == 64 and a.fingerprint == real.cub200(root, "train", image_size=16).fingerprint
+    others = [real.cub200(root, "test", image_size=16), real.cub200(root, "train", image_size=32),
+              real.cub200(root, "train", image_size=16, augment=False),
+              real.cub200(root, "train", image_size=16, crop_to_box=True)]
+    fps = {a.fingerprint} | {o.fingerprint for o in others}
+    assert len(fps) == 5
+    make_celeba(tmp_path)
+    assert (real.celeba(tmp_path, attributes=["Male"]).fingerprint
+            != real.celeba(tmp_path, attributes=["Young"]).fingerprint)
+
+
+def test_subset(cub):
+    root, info = cub
+    ds = real.cub200(root, "train", image_size=16)
+    sub = ds.subset([5, 0, 2])
+    assert type(sub) is type(ds) and len(sub) == 3 and len(ds) == 8
+    assert sub.files == [ds.files[5], ds.files[0], ds.files[2]]
+    assert sub.targets.tolist() == [ds.targets[5], ds.targets[0], ds.targets[2]]
+    assert torch.equal(sub.boxes, ds.boxes[[5, 0, 2]])
+    assert int(sub[0][1]) == int(ds.targets[5])
+    plain = real.cub200(root, "train", image_size=16, augment=False)
+    assert torch.equal(plain.subset([5, 0, 2])[0][0], plain[5][0])
+    assert sub.fingerprint != ds.fingerprint and sub.fingerprint == ds.subset([5, 0, 2]).fingerprint
+    assert sub.fingerprint != ds.subset([0, 5, 2]).fingerprint
+    mask = ds.targets == 1
+    assert ds.subset(mask).targets.tolist() == [1] * int(mask.sum())
+    assert len(ds.subset(torch.tensor([1, 2]))) == 2 and len(ds.subset(slice(0, 4))) == 4
+    with pytest.raises(IndexError, match=r"indices \[8\] out of range for a dataset of 8 items"):
+        ds.subset([1, 8])
+    with pytest.raises(TypeError, match=r"1-D sequence of int indices or a boolean mask"):
+        ds.subset([0.5])
+    with pytest.raises(IndexError, match=r"index 8 out of range for cub200 \(train\) with 8 items"):
+        ds[8]
+
+
+def test_subset_of_dict_and_dense_targets(tmp_path):
+    make_voc(tmp_path / "voc")
+    voc = real.voc2007(tmp_path / "voc", "trainval", image_size=8)
+    sub = voc.subset([2])
+    assert torch.equal(sub.targets["labels"], voc.targets["labels"][[2]])
+    assert torch.equal(sub.target(0)["difficult"], voc.targets["difficult"][2])
+    make_nyu(tmp_path / "nyu")
+    nyu = real.nyuv2(tmp_path / "nyu", "train", image_size=16).subset([2, 0])
+    assert nyu.files == ["train/image/10.png", "train/image/0.png"]
+    assert nyu.mask_files == ["train/seg13/10.png", "train/seg13/0.png"]
+    assert nyu.depth_files == ["train/depth/10.npy", "train/depth/0.npy"]
+
+
+def test_dataloader_batches(tmp_path):
+    make_voc(tmp_path / "voc")
+    make_nyu(tmp_path / "nyu")
+    voc = real.voc2007(tmp_path / "voc", "trainval", image_size=8)
+    x, y = next(iter(torch.utils.data.DataLoader(voc, batch_size=3)))
+    assert x.shape == (3, 3, 8, 8) and y["labels"].shape == (3, 20) and y["difficult"].dtype == torch.bool
+    nyu = real.nyuv2(tmp_path / "nyu", "train", image_size=(8, 12))
+    x, y = next(iter(torch.utils.data.DataLoader(nyu, batch_size=2)))
+    assert x.shape == (2, 3, 8, 12) and y["mask"].shape == (2, 8, 12) and y["depth"].shape == (2, 8, 12)
+
+
+def test_registry(cub):
+    root, _ = cub
+    assert real.available() == sorted(["cub200", "stanford_dogs", "voc2007", "coco2014_multilabel", "celeba",
+                                       "nyuv2", "camvid"])
+    ds = real.load("cub200", root, split="test", image_size=8)
+    assert ds.name == "cub200" and ds.split == "test"
+    with pytest.raises(KeyError, match=r"no real dataset named 'cub'; closest: \['cub200'"):
+        real.load("cub", root)
+
+
+def test_bad_image_size(cub):
+    root, _ = cub
+    with pytest.raises(ValueError, match=r"image_size must be an int or a \(height, width\) pair"):
+        real.cub200(root, image_size=(8, 8, 8))
+    with pytest.raises(ValueError, match="image_size must be positive"):
+        real.cub200(root, image_size=0)
