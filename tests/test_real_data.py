@@ -17,14 +17,6 @@ IMAGENET_MEAN = torch.tensor(real.IMAGENET_MEAN)[:, None, None]
 IMAGENET_STD = torch.tensor(real.IMAGENET_STD)[:, None, None]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def unnormalise(x: torch.Tensor) -> torch.Tensor:
     return x * IMAGENET_STD + IMAGENET_MEAN
 
@@ -445,6 +437,7 @@ def test_subset(cub):
     assert torch.equal(plain.subset([5, 0, 2])[0][0], plain[5][0])
     assert sub.fingerprint != ds.fingerprint and sub.fingerprint == ds.subset([5, 0, 2]).fingerprint
     assert sub.fingerprint != ds.subset([0, 5, 2]).fingerprint
+    assert ds.subset(slice(None)).fingerprint == ds.fingerprint  # the same items: the same data
     mask = ds.targets == 1
     assert ds.subset(mask).targets.tolist() == [1] * int(mask.sum())
     assert len(ds.subset(torch.tensor([1, 2]))) == 2 and len(ds.subset(slice(0, 4))) == 4
@@ -461,7 +454,7 @@ def test_subset_of_dict_and_dense_targets(tmp_path):
     voc = real.voc2007(tmp_path / "voc", "trainval", image_size=8)
     sub = voc.subset([2])
     assert torch.equal(sub.targets["labels"], voc.targets["labels"][[2]])
-    assert torch.equal(sub.target(0)["difficult"], voc.targets["difficult"][2])
+    assert torch.equal(sub.get_target(0)["difficult"], voc.targets["difficult"][2])
     make_nyu(tmp_path / "nyu")
     nyu = real.nyuv2(tmp_path / "nyu", "train", image_size=16).subset([2, 0])
     assert nyu.files == ["train/image/10.png", "train/image/0.png"]
@@ -496,3 +489,49 @@ def test_bad_image_size(cub):
         real.cub200(root, image_size=(8, 8, 8))
     with pytest.raises(ValueError, match="image_size must be positive"):
         real.cub200(root, image_size=0)
+
+
+def test_get_image_get_target_and_with_transform(cub, tmp_path):
+    root, _ = cub
+    ds = real.cub200(root, "test", image_size=8)
+    assert ds.info["task"] == "classification" and ds.info["source"] == "cub200"
+    assert torch.equal(ds.get_image(1), ds[1][0]) and torch.equal(ds.get_target(1), ds[1][1])
+    assert int(ds.get_target(torch.tensor(2))) == int(ds.targets[2])
+    with pytest.raises(TypeError, match="dataset index must be an int, got float"):
+        ds[1.5]
+    big = ds.with_transform(real.default_transform(16))
+    assert big.get_image(0).shape == (3, 16, 16) and big.fingerprint != ds.fingerprint
+    assert ds.get_image(0).shape == (3, 8, 8)  # the original is untouched
+    train = real.cub200(root, "train", image_size=8)
+    assert repr(train.with_transform(None).transform) == repr(ds.transform)  # None: evaluation transform
+    # dense: the image alone, without reading the maps (label-free distillation)
+    make_nyu(tmp_path)
+    nyu = real.nyuv2(tmp_path, "train", image_size=16)
+    assert nyu.info["task"] == "dense"
+    shutil.rmtree(tmp_path / "train" / "seg13")
+    assert nyu.get_image(0).shape == (3, 16, 16)
+    with pytest.raises(FileNotFoundError):
+        nyu[0]
+    make_celeba(tmp_path / "celeba")
+    assert real.celeba(tmp_path / "celeba").info["task"] == "attributes"
+
+
+def test_works_with_the_embedded_data_helpers(tmp_path):
+    """kaviz.data's union / split / Unlabeled take real datasets as they are."""
+    data = pytest.importorskip("kaviz.data")
+    if not hasattr(data, "union"):
+        pytest.skip("kaviz.data.union is not available")
+    make_cub(tmp_path / "cub")
+    make_dogs(tmp_path / "dogs")
+    cub = real.cub200(tmp_path / "cub", "train", image_size=8)
+    dogs = real.stanford_dogs(tmp_path / "dogs", "train", image_size=8)
+    u = data.union([cub, dogs])
+    assert u.num_classes == 6 and u.sources == ["cub200", "stanford_dogs"]
+    assert torch.equal(u.targets, torch.cat([cub.targets, dogs.targets + 3]))
+    assert u[len(cub)][0].shape == (3, 8, 8)
+    parts = data.split(cub, val=0.25, test=0.25, seed=0)
+    assert all(type(p) is type(cub) for p in parts)
+    assert sorted(sum((p.files for p in parts), [])) == sorted(cub.files)
+    make_nyu(tmp_path / "nyu")
+    x = data.Unlabeled(real.nyuv2(tmp_path / "nyu", "train", image_size=8))[0]
+    assert isinstance(x, torch.Tensor) and x.shape == (3, 8, 8)

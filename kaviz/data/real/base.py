@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import operator
 import os
 import re
 from pathlib import Path
@@ -309,7 +310,10 @@ class RealImageDataset(torch.utils.data.Dataset):
 
     Attributes: ``name``, ``root``, ``split``, ``files`` (paths relative to ``root``), ``classes``,
     ``num_classes``, ``targets`` (all labels, available without loading an image), ``boxes`` (float
-    (N, 4) ``x0, y0, x1, y1`` in pixels, or None), ``crop_to_box``, ``transform``, ``fingerprint``.
+    (N, 4) ``x0, y0, x1, y1`` in pixels, or None), ``crop_to_box``, ``transform``, ``info``,
+    ``fingerprint``. Like the embedded datasets (``kaviz.data.core``) it has ``get_image(i)``,
+    ``get_target(i)``, ``image_array(i)``, ``subset(indices)`` and ``with_transform(t)``, so
+    ``kaviz.data.union``/``split``/``Unlabeled`` accept it.
     """
 
     #: Per-item attributes that :meth:`subset` slices.
@@ -318,7 +322,7 @@ class RealImageDataset(torch.utils.data.Dataset):
     def __init__(self, *, name: str, root: Path, split: str, files: Sequence[str], targets, classes,
                  image_size=224, transform: Callable | None = None, train: bool = False,
                  augment: bool = True, boxes: torch.Tensor | None = None, crop_to_box: bool = False,
-                 options: Mapping[str, Any] | None = None):
+                 options: Mapping[str, Any] | None = None, task: str = "classification"):
         self.name = name
         self.root = Path(root)
         self.split = split
@@ -333,6 +337,9 @@ class RealImageDataset(torch.utils.data.Dataset):
         self.augment = bool(augment)
         self.transform = transform if transform is not None else self._default_transform(train and augment)
         self._options = dict(options or {})
+        #: As for the embedded datasets: ``task`` is "classification", "attributes", "multilabel" or
+        #: "dense"; the rest says where the data came from.
+        self.info = {"task": task, "source": name, "root": str(self.root), "split": split, **self._options}
         self._fingerprint: str | None = None
         self._display = v2.Compose(_geometry(self.image_size, train=False))
 
@@ -356,16 +363,26 @@ class RealImageDataset(torch.utils.data.Dataset):
                     "crop_to_box": self.crop_to_box, "options": self._options,
                     "transform": repr(self.transform)}
             h.update(json.dumps(head, sort_keys=True, default=str).encode())
-            h.update("\n".join(self.files).encode())
+            for files in self._file_lists():
+                h.update(b"\0" + "\n".join(files).encode())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
+
+    def _file_lists(self) -> list[list[str]]:
+        return [self.files]
 
     def __len__(self) -> int:
         return len(self.files)
 
     def _check_index(self, i) -> int:
         n = len(self)
-        i = int(i)
+        try:
+            i = operator.index(i)
+        except TypeError:
+            if not (isinstance(i, torch.Tensor) and i.numel() == 1 and not i.is_floating_point()):
+                raise TypeError(f"dataset index must be an int, got {type(i).__name__}; use .subset(indices) "
+                                "for several") from None
+            i = int(i)
         if not -n <= i < n:
             raise IndexError(f"index {i} out of range for {self.name} ({self.split}) with {n} items")
         return i % n
@@ -381,16 +398,20 @@ class RealImageDataset(torch.utils.data.Dataset):
                 img = img.crop((x0, y0, x1, y1))
         return img
 
-    def target(self, i: int):
+    def get_target(self, i):
         """The target of item ``i`` without loading its image."""
         i = self._check_index(i)
         if isinstance(self.targets, dict):
             return {k: v[i] for k, v in self.targets.items()}
         return self.targets[i]
 
+    def get_image(self, i) -> torch.Tensor:
+        """The transformed image of item ``i`` alone (its target is never read)."""
+        return self.transform(self._pil(self._check_index(i)))
+
     def __getitem__(self, i):
         i = self._check_index(i)
-        return self.transform(self._pil(i)), self.target(i)
+        return self.get_image(i), self.get_target(i)
 
     def image_array(self, i) -> np.ndarray:
         """Item ``i`` for display: uint8 (H, W, 3), cropped to its box if ``crop_to_box``, resized and
@@ -398,14 +419,21 @@ class RealImageDataset(torch.utils.data.Dataset):
         return np.asarray(self._display(self._pil(self._check_index(i))), dtype=np.uint8)
 
     def subset(self, indices) -> "RealImageDataset":
-        """The items at ``indices`` (ints, a 1-D tensor/array, a boolean mask or a slice), as a dataset
-        of the same class; its fingerprint is derived from this one's and the indices."""
+        """The items at ``indices`` (ints, a 1-D tensor/array, a boolean mask or a slice; order kept,
+        repeats allowed), as a dataset of the same class. Its fingerprint covers its own file list, so
+        it differs from the parent's unless the subset is the whole dataset in order."""
         idx = _as_indices(indices, len(self))
         new = copy.copy(self)
         for attr in self._per_item:
             setattr(new, attr, _take(getattr(self, attr), idx))
-        new._fingerprint = hashlib.sha256(
-            (self.fingerprint + ":subset:" + ",".join(map(str, idx))).encode()).hexdigest()
+        new._fingerprint = None  # recomputed from the subset's own file list (order included)
+        return new
+
+    def with_transform(self, transform: Callable | None) -> "RealImageDataset":
+        """The same items with another transform (None: the default evaluation transform)."""
+        new = copy.copy(self)
+        new.transform = transform if transform is not None else self._default_transform(False)
+        new._fingerprint = None
         return new
 
     def __repr__(self) -> str:
@@ -433,18 +461,14 @@ class DenseDataset(RealImageDataset):
         self.decode_mask = decode_mask
         self.decode_depth = decode_depth
         kw.setdefault("targets", None)
+        kw.setdefault("task", "dense")
         super().__init__(**kw)
 
     def _default_transform(self, train: bool):
         return JointTransform(self.image_size, train=train)
 
-    @property
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            base = super().fingerprint
-            extra = "\n".join((self.mask_files or []) + (self.depth_files or []))
-            self._fingerprint = hashlib.sha256((base + "\n" + extra).encode()).hexdigest()
-        return self._fingerprint
+    def _file_lists(self) -> list[list[str]]:
+        return [self.files, self.mask_files or [], self.depth_files or []]
 
     def maps(self, i) -> dict[str, torch.Tensor]:
         """The untransformed dense targets of item ``i`` at the stored resolution."""
@@ -458,8 +482,14 @@ class DenseDataset(RealImageDataset):
             out["depth"] = torch.from_numpy(np.ascontiguousarray(self.decode_depth(_read_array(p), p)))
         return out
 
-    def target(self, i):
+    def get_target(self, i):
+        """The untransformed maps (see :meth:`maps`); the transformed ones come with ``self[i]``."""
         return self.maps(i)
+
+    def get_image(self, i) -> torch.Tensor:
+        """The transformed image alone, the maps never read (for label-free distillation). Under a
+        random transform its geometry is drawn afresh, as in ``self[i]``."""
+        return _unwrap(self.transform(self._pil(self._check_index(i)), {})[0])
 
     def __getitem__(self, i):
         i = self._check_index(i)

@@ -106,4 +106,4 @@ def celeba(root, split: str = "train", attributes=None, image_size=224, transfor
         check_files(TITLE, root, LAYOUT, files)
     return RealImageDataset(name="celeba", root=root, split=split, files=files, targets=y,
                             classes=[names[c] for c in cols], image_size=image_size, transform=transform,
-                            train=split == "train", augment=augment, options={"attributes": cols})
+                            train=split == "train", augment=augment, task="attributes", options={"attributes": cols})

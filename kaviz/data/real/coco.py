@@ -59,4 +59,4 @@ def coco2014_multilabel(root, split: str = "train", image_size=224, transform=No
     return RealImageDataset(name="coco2014_multilabel", root=root, split=split, files=files,
                             targets={"labels": labels, "difficult": torch.zeros_like(labels, dtype=torch.bool)},
                             classes=[c["name"] for c in cats], image_size=image_size, transform=transform,
-                            train=split == "train", augment=augment)
+                            train=split == "train", augment=augment, task="multilabel")

@@ -74,4 +74,4 @@ def voc2007(root, split: str = "trainval", image_size=224, transform=None, augme
     return RealImageDataset(name="voc2007", root=root, split=split, files=files,
                             targets={"labels": labels, "difficult": difficult}, classes=VOC_CLASSES,
                             image_size=image_size, transform=transform,
-                            train=split in ("train", "trainval"), augment=augment)
+                            train=split in ("train", "trainval"), augment=augment, task="multilabel")
