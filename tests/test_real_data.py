@@ -343,6 +343,10 @@ def test_joint_transform_flip_and_inputs():
     assert ev(img).shape == (3, 6, 12)
     with pytest.raises(ValueError, match=r"map 'mask' has shape \(4, 4\) but the image is \(10, 10\)"):
         ev(img, {"mask": torch.zeros(4, 4)})
+    # a whole scene target: per-image entries pass through untouched
+    labels = torch.tensor([1.0, 0.0, 1.0])
+    x, y = ev(torch.rand(3, 10, 10), {"mask": torch.ones(10, 10, dtype=torch.long), "labels": labels})
+    assert y["labels"] is labels and y["mask"].shape == (6, 12) and x.dtype == torch.float32
 
 
 def test_nyu_errors(tmp_path):

@@ -229,8 +229,10 @@ class JointTransform:
 
     ``train=True``: ``RandomResizedCrop(image_size, scale=scale)`` + horizontal flip (if ``hflip``);
     ``train=False``: resize to cover ``image_size`` + centre crop. ``image`` may be a PIL image, a
-    uint8 (H, W, 3) array, or a (3, H, W) tensor (uint8, or float in [0, 1]); maps are (H, W) arrays or
-    tensors of the image's size. ``image_size`` is an int or a (height, width) pair. ``interpolation``
+    uint8 (H, W, 3) array, or a (3, H, W) tensor (uint8, or float in [0, 1]); maps are the 2-D
+    (H, W) arrays or tensors of ``target``, of the image's size; any other entry (a multi-hot
+    ``labels`` vector, ``difficult`` flags) is returned unchanged, so a whole scene target can be
+    passed. ``image_size`` is an int or a (height, width) pair. ``interpolation``
     ("bilinear", "nearest", ... or a ``v2.InterpolationMode``) applies to the image only.
     """
 
@@ -248,16 +250,19 @@ class JointTransform:
         img = tv_tensors.Image(F.to_image(image))
         if target is None:
             return _unwrap(self.pipeline(img))
-        maps = {}
+        maps, rest = {}, {}
         for key, m in target.items():
-            m = torch.as_tensor(np.asarray(m)) if not isinstance(m, torch.Tensor) else _unwrap(m)
-            if m.shape != img.shape[-2:]:
-                raise ValueError(
-                    f"JointTransform: map {key!r} has shape {tuple(m.shape)} but the image is "
-                    f"{tuple(img.shape[-2:])} (H, W); dense maps must be (H, W) and match the image.")
-            maps[key] = tv_tensors.Mask(m)
+            if isinstance(m, (torch.Tensor, np.ndarray)) and m.ndim == 2:
+                m = torch.as_tensor(m) if not isinstance(m, torch.Tensor) else _unwrap(m)
+                if m.shape != img.shape[-2:]:
+                    raise ValueError(
+                        f"JointTransform: map {key!r} has shape {tuple(m.shape)} but the image is "
+                        f"{tuple(img.shape[-2:])} (H, W); dense maps must match the image.")
+                maps[key] = tv_tensors.Mask(m)
+            else:
+                rest[key] = m  # per-image labels (multi-hot, flags) are not spatial
         out_img, out_maps = self.pipeline(img, maps)
-        return _unwrap(out_img), {k: _unwrap(v) for k, v in out_maps.items()}
+        return _unwrap(out_img), {**{k: _unwrap(v) for k, v in out_maps.items()}, **rest}
 
     def __repr__(self) -> str:
         return f"JointTransform({self.pipeline!r})"
