@@ -493,6 +493,16 @@ def test_bad_image_size(cub):
         real.cub200(root, image_size=(8, 8, 8))
     with pytest.raises(ValueError, match="image_size must be positive"):
         real.cub200(root, image_size=0)
+    with pytest.raises(TypeError, match=r"image_size must be an int or a \(height, width\) pair, got True"):
+        real.cub200(root, image_size=True)
+
+
+def test_bad_root(tmp_path):
+    with pytest.raises(TypeError, match=r"CamVid: root=None; pass the folder where you put the dataset"):
+        real.camvid(None)
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(DatasetLayoutError, match=r"COCO 2014 not found at .*file.txt: this is a file, not a folder"):
+        real.coco2014_multilabel(tmp_path / "file.txt")
 
 
 def test_get_image_get_target_and_with_transform(cub, tmp_path):
