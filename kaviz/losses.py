@@ -52,12 +52,15 @@ def mmd(x: torch.Tensor, y: torch.Tensor, sigmas: Sequence[float] = MMD_SIGMAS, 
         x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
         y = y / y.norm(dim=1, keepdim=True).clamp_min(1e-12)
     z = torch.cat([x, y], 0)
-    sq = z.pow(2).sum(1)
-    d2 = (sq[:, None] + sq[None, :] - 2.0 * z @ z.T).clamp_min(1e-12)
+    # d² in float64: with σ = 0.001 the kernel multiplies d² by 5·10⁵, so the float32 cancellation
+    # error of ‖a‖²+‖b‖²−2a·b (~1e-7) would make K(a, a) visibly less than 1 (and MMD²(x, x) > 0)
+    z64 = z.double()
+    sq = z64.pow(2).sum(1)
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * z64 @ z64.T).clamp_min(1e-12)
     gammas = torch.tensor([1.0 / (2.0 * s * s) for s in sigmas], dtype=d2.dtype, device=d2.device)
     k = torch.exp(-d2[None] * gammas[:, None, None]).sum(0)
     n = x.shape[0]
     kxx = k[:n, :n].mean()
     kyy = k[n:, n:].mean()
     kxy = k[:n, n:].mean()
-    return (kxx + kyy - 2.0 * kxy).clamp_min(0.0)
+    return (kxx + kyy - 2.0 * kxy).clamp_min(0.0).to(x.dtype)

@@ -45,6 +45,13 @@ def test_mmd_zero_for_identical_and_symmetric_nonnegative():
     x = torch.randn(16, 32)
     y = torch.randn(16, 32) + 0.3
     assert mmd(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    for threads in (1, 2):  # the matmul form of d² failed this at some thread counts
+        torch.set_num_threads(threads)
+        z = torch.randn(64, 2048)
+        assert mmd(z, z.clone()).item() == pytest.approx(0.0, abs=1e-6)
+    xg = x.clone().requires_grad_(True)
+    mmd(xg, x).backward()
+    assert torch.isfinite(xg.grad).all()
     assert mmd(x, y).item() == pytest.approx(mmd(y, x).item(), rel=1e-6)
     assert mmd(x, y).item() >= 0
 
