@@ -1,0 +1,708 @@
+"""Figure builders: take results (DataFrames, arrays), return plotly figures. No computation.
+
+* :func:`embedding_scatter` — a 2-D map from :func:`kaviz.embed.embed` (colour = class,
+  symbol = network, ``customdata`` = sample index for linking); :func:`highlight` dims everything
+  but a set of sample indices (used by the widgets' linked selection).
+* :func:`training_curves` — loss terms and metrics per epoch from a training history, one run or
+  several overlaid (KD vs CFL students, seeds).
+* :func:`feature_grid` — a grid of 2-D maps on a diverging colour scale symmetric about 0, with
+  optional RGB image panels (the Knowledge-Consistency component figure).
+* :func:`image_grid`, :func:`bar` — small helpers the notebooks would otherwise re-write.
+
+Stored outputs stay small: coordinates are rounded to 3 decimals, heatmaps are float32, images are
+embedded as PNG at their own resolution.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["embedding_scatter", "highlight", "training_curves", "feature_grid", "image_grid",
+           "bar", "palette", "SYMBOLS", "to_rgb_uint8", "png_bytes"]
+
+# Readable on white, distinct for up to ~30 classes: tab10 for few classes, Dark24 beyond, then the
+# darker half of Light24 (its pale colours vanish on white); cycles after 38.
+_D3 = ["#1F77B4", "#FF7F0E", "#2CA02C", "#D62728", "#9467BD", "#8C564B", "#E377C2", "#7F7F7F",
+       "#BCBD22", "#17BECF"]
+_DARK24 = ["#2E91E5", "#E15F99", "#1CA71C", "#FB0D0D", "#DA16FF", "#222A2A", "#B68100", "#750D86",
+           "#EB663B", "#511CFB", "#00A08B", "#FB00D1", "#FC0080", "#B2828D", "#6C7C32", "#778AAE",
+           "#862A16", "#A777F1", "#620042", "#1616A7", "#DA60CA", "#6C4516", "#0D2A63", "#AF0038"]
+_LIGHT24_DARKER = ["#FD3216", "#6A76FC", "#FE00CE", "#FF9616", "#479B55", "#DC587D", "#D626FF",
+                   "#6E899C", "#00B5F7", "#B68E00", "#86CE00", "#BC7196", "#7E7DCD", "#E48F72"]
+_NO_LABEL_COLOR = "#B0B0B0"
+#: Marker symbols per source (network), all available in both Scatter and Scattergl.
+SYMBOLS = ["circle", "diamond", "square", "x", "triangle-up", "cross", "star", "triangle-down",
+           "hexagon", "pentagon"]
+_METRIC_RE = re.compile(r"acc|(^|_)map($|_)|iou|auc|(^|_)f1($|_)|top\d|precision|recall|"
+                        r"agree|consisten|rmse|abs_rel|delta|error", re.I)
+_SPLITS = ("train", "val", "test")
+_SPLIT_DASH = {"train": "solid", "val": "dash", "test": "dot"}
+
+
+def palette(n: int) -> list[str]:
+    """``n`` qualitative colours, readable on white and distinct for up to ~30 classes."""
+    base = _D3 if n <= 10 else _DARK24 + _LIGHT24_DARKER
+    return [base[i % len(base)] for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------------------
+# embedding scatter
+# ------------------------------------------------------------------------------------------------
+def embedding_scatter(df: pd.DataFrame, color: str | None = "label", symbol: str | None = "source",
+                      title: str | None = None, hover: Sequence[str] | None = None,
+                      class_names=None, webgl_threshold: int = 1000, selected=None,
+                      marker_size: float | None = None, height: int = 520):
+    """Scatter of a 2-D map (the DataFrame of :func:`kaviz.embed.embed`).
+
+    One trace per (source, class): colour = ``color`` column (class), symbol = ``symbol`` column
+    (source network); each trace's ``customdata`` is the ``index`` column (the sample index that
+    links the same image across sources and maps), ``meta`` is ``{"source", "label"}``.
+    Classes share a legend group (clicking a class hides it in every source); the sources get a
+    second, horizontal legend of grey symbols (traces with ``meta["legend_only"]``, no points).
+    Above ``webgl_threshold`` rows the traces are ``Scattergl``. Axes have equal scale (a map's
+    distances mean the same in x and y). ``selected`` (sample indices) highlights those points and
+    dims the rest (see :func:`highlight`). ``class_names``: sequence or mapping label -> name.
+    """
+    import plotly.graph_objects as go
+
+    need = ["x", "y", "index"] + [c for c in (color, symbol) if c is not None]
+    missing = [c for c in need if c not in df.columns]
+    if missing:
+        raise ValueError(f"embedding_scatter needs the columns {need} (as returned by "
+                         f"kaviz.embed.embed); missing {missing}. Columns: {list(df.columns)}")
+    hover = list(hover or [])
+    bad = [c for c in hover if c not in df.columns]
+    if bad:
+        raise ValueError(f"hover columns {bad} are not in the DataFrame; columns: "
+                         f"{list(df.columns)}")
+    n = len(df)
+    Trace = go.Scattergl if n > webgl_threshold else go.Scatter
+    size = marker_size or (7 if n <= 500 else 5 if n <= 3000 else 3.5)
+
+    sym_values = list(pd.unique(df[symbol])) if symbol is not None else [None]
+    if len(sym_values) > len(SYMBOLS):
+        raise ValueError(f"{len(sym_values)} values in {symbol!r} but only {len(SYMBOLS)} marker "
+                         f"symbols; plot fewer sources at once")
+    col_values, continuous = _color_levels(df, color)
+    colors = palette(sum(v is not _NAN for v in col_values))
+    color_of, ci = {}, 0
+    for v in col_values:
+        if v is _NAN:
+            color_of[v] = _NO_LABEL_COLOR
+        else:
+            color_of[v] = colors[ci]
+            ci += 1
+
+    method = df.attrs.get("method")
+    axis_name = {"tsne": "t-SNE", "umap": "UMAP", "pca": "PC"}.get(method, "dim")
+    fig = go.Figure()
+    seen_legend = set()
+    for si, s in enumerate(sym_values):
+        smask = np.ones(n, bool) if symbol is None else (df[symbol] == s).to_numpy()
+        levels = [None] if continuous else col_values
+        for c in levels:
+            if continuous or color is None:
+                mask = smask
+            elif c is _NAN:
+                mask = smask & df[color].isna().to_numpy()
+            else:
+                mask = smask & (df[color] == c).to_numpy()
+            if not mask.any():
+                continue
+            part = df[mask]
+            cname = "points" if color is None else (
+                color if continuous else _class_name(c, class_names))
+            src = "" if s is None else str(s)
+            marker = dict(symbol=SYMBOLS[si], size=size, opacity=0.8,
+                          line=dict(width=0))
+            if continuous:
+                marker.update(color=part[color].to_numpy(dtype=float).round(4),
+                              coloraxis="coloraxis")
+            else:
+                marker["color"] = color_of[c] if color is not None else _DARK24[0]
+            show = (c not in seen_legend) and not continuous
+            seen_legend.add(c)
+            lines = [f"<b>{_esc(cname)}</b>" if not continuous else "", _esc(src),
+                     "index %{customdata}"]
+            text = None
+            if hover:
+                text = ["<br>".join(f"{h}: {_fmt(v)}" for h, v in zip(hover, row))
+                        for row in part[hover].itertuples(index=False)]
+                lines.append("%{text}")
+            fig.add_trace(Trace(
+                # rounded, then float32: plotly stores arrays as base64, 4 bytes a value
+                x=part["x"].to_numpy(dtype=float).round(3).astype(np.float32),
+                y=part["y"].to_numpy(dtype=float).round(3).astype(np.float32),
+                mode="markers", name=cname if not continuous else src,
+                legendgroup=f"class:{cname}" if not continuous else f"source:{src}",
+                showlegend=show or (continuous and len(sym_values) > 1),
+                customdata=part["index"].to_numpy(dtype=np.int64), text=text,
+                marker=marker, meta={"source": _py(s), "label": _py(c)},
+                hovertemplate="<br>".join(x for x in lines if x) + "<extra></extra>"))
+    many_sources = symbol is not None and len(sym_values) > 1 and not continuous
+    if many_sources:
+        for si, s in enumerate(sym_values):
+            fig.add_trace(go.Scatter(
+                x=[None], y=[None], mode="markers", name=str(s), legend="legend2",
+                legendgroup=f"source:{s}", hoverinfo="skip", meta={"legend_only": True},
+                marker=dict(symbol=SYMBOLS[si], size=9, color="#444444")))
+    n_classes = len(col_values) if not continuous else 0
+    legend = dict(itemsizing="constant", font=dict(size=11), tracegroupgap=0,
+                  title=dict(text=str(color) if color else ""))
+    margin = dict(l=10, r=10, t=60 if (title or many_sources) else 20, b=10)
+    if n_classes > 18:
+        # a long vertical legend would be clipped in static exports: wrap it below the map, in
+        # columns as wide as the longest class name, assuming a ~650 px wide figure
+        longest = max(len(_class_name(c, class_names)) for c in col_values)
+        entry = 36 + 7 * longest
+        per_row = max(1, 650 // entry)
+        legend.update(orientation="h", x=0, y=-0.04, yanchor="top", yref="paper",
+                      entrywidth=entry, title=dict(text=""))
+        margin["b"] = 30 + 21 * math.ceil(n_classes / per_row)
+        height = height + margin["b"]
+    fig.update_layout(
+        template="plotly_white", height=height, title=title, legend=legend, margin=margin,
+        xaxis=dict(title=f"{axis_name} 1" if n_classes <= 18 else None, showticklabels=False,
+                   zeroline=False),
+        yaxis=dict(title=f"{axis_name} 2" if n_classes <= 18 else None, showticklabels=False,
+                   zeroline=False,
+                   scaleanchor="x", scaleratio=1),
+        dragmode="lasso", hoverlabel=dict(namelength=-1))
+    if many_sources:
+        fig.update_layout(legend2=dict(orientation="h", x=1, xanchor="right", y=1.0,
+                                       yanchor="bottom", font=dict(size=11), title=dict(
+                                           text=str(symbol))))
+    if continuous:
+        fig.update_layout(coloraxis=dict(colorscale="Viridis", colorbar=dict(title=color)))
+    if selected is not None:
+        highlight(fig, selected)
+    return fig
+
+
+def highlight(fig, indices=None, *, dim: float = 0.12):
+    """Highlight the points whose ``customdata`` (sample index) is in ``indices`` in every trace
+    of ``fig`` (a ``go.Figure`` or ``go.FigureWidget``, changed in place and returned); the other
+    points are dimmed to opacity ``dim``. ``indices=None`` clears the highlight."""
+    keep = None if indices is None else set(int(i) for i in np.asarray(list(indices)).ravel())
+    batch = fig.batch_update() if hasattr(fig, "batch_update") else _nullcontext()
+    with batch:
+        for tr in fig.data:
+            if getattr(tr, "meta", None) and isinstance(tr.meta, dict) and \
+                    tr.meta.get("legend_only"):
+                continue
+            cd = tr.customdata
+            if cd is None:
+                continue
+            if keep is None:
+                tr.selectedpoints = None
+                tr.unselected = None
+                tr.selected = None
+            else:
+                cd = np.asarray(cd).reshape(len(cd), -1)[:, 0]
+                tr.selectedpoints = [int(i) for i in np.flatnonzero(np.isin(cd, list(keep)))]
+                tr.selected = dict(marker=dict(opacity=1.0))
+                tr.unselected = dict(marker=dict(opacity=dim))
+    return fig
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Nan:
+    def __repr__(self):
+        return "NaN"
+
+
+_NAN = _Nan()
+
+
+def _color_levels(df, color):
+    """Category levels of the colour column (sorted; missing values last as ``_NAN``), or
+    ``(None, True)`` for a many-valued float column drawn with a continuous scale."""
+    if color is None:
+        return [None], False
+    col = df[color]
+    notna = col.dropna()
+    if (pd.api.types.is_float_dtype(col) and notna.nunique() > 40
+            and not np.all(np.mod(notna.to_numpy(), 1) == 0)):
+        return [None], True
+    try:
+        levels = sorted(pd.unique(notna))
+    except TypeError:
+        levels = list(pd.unique(notna))
+    if len(notna) < len(col):
+        levels.append(_NAN)
+    return levels, False
+
+
+def _class_name(c, class_names):
+    if c is _NAN:
+        return "no label"
+    if class_names is not None:
+        if callable(class_names):
+            return str(class_names(c))
+        if isinstance(class_names, Mapping):
+            return str(class_names.get(c, class_names.get(_py(c), c)))
+        try:
+            if float(c).is_integer() and 0 <= int(c) < len(class_names):
+                return str(class_names[int(c)])
+        except (TypeError, ValueError):
+            pass
+    if isinstance(c, (float, np.floating)) and float(c).is_integer():
+        c = int(c)
+    return str(c)
+
+
+def _py(v):
+    if v is _NAN or v is None:
+        return None
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _fmt(v):
+    if isinstance(v, (float, np.floating)):
+        return f"{v:.4g}"
+    return _esc(str(v))
+
+
+def _esc(s):
+    return str(s).replace("<", "&lt;").replace(">", "&gt;")
+
+
+# ------------------------------------------------------------------------------------------------
+# training curves
+# ------------------------------------------------------------------------------------------------
+def training_curves(history, terms: Sequence[str] | None = None,
+                    metrics: Sequence[str] | None = None, title: str | None = None):
+    """Loss terms and metrics per epoch.
+
+    ``history``: a DataFrame with one row per epoch — ``epoch``, loss terms as ``train/<term>``
+    (and optionally ``val/<term>``), metrics as ``val/<metric>`` (``train/``/``test/`` too), ``lr``
+    — or a dict ``run name -> history`` to overlay runs. A name is a metric if it only appears
+    under ``val/``/``test/`` or looks like one (accuracy, mAP, IoU, ...); every other ``train/``
+    name is a loss term. ``terms``/``metrics`` override the choice. ``history.attrs["best_epoch"]``
+    is marked with a vertical dotted line.
+
+    One run: a panel of loss terms (log y when all values are positive; colour = term,
+    solid = train, dashed = val), a panel of metrics, and a learning-rate panel when it changes.
+    Several runs: one panel per term and per metric, colour = run, dash = split.
+    """
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    runs = _as_runs(history)
+    found_terms, found_metrics = [], []
+    for h in runs.values():
+        t, m = _split_columns(h)
+        found_terms += [x for x in t if x not in found_terms]
+        found_metrics += [x for x in m if x not in found_metrics]
+    if not found_terms and not found_metrics:
+        cols = sorted({c for h in runs.values() for c in h.columns})
+        raise ValueError(f"no 'train/<term>' or 'val/<metric>' columns in the history (columns: "
+                         f"{cols}); expected e.g. epoch, train/kd, val/kd, val/accuracy, lr")
+    terms = _pick(terms, found_terms, "terms")
+    metrics = _pick(metrics, found_metrics, "metrics")
+    multi = len(runs) > 1 or next(iter(runs)) is not None
+
+    if not multi:
+        h = next(iter(runs.values()))
+        panels = []
+        if terms:
+            panels.append(("loss terms", [(t, s) for t in terms for s in _SPLITS
+                                          if f"{s}/{t}" in h.columns]))
+        if metrics:
+            panels.append(("metrics", [(m, s) for m in metrics for s in _SPLITS
+                                       if f"{s}/{m}" in h.columns]))
+        lr_varies = "lr" in h.columns and h["lr"].nunique(dropna=True) > 1
+        if lr_varies:
+            panels.append(("learning rate", [("lr", None)]))
+        cols = len(panels)
+        fig = make_subplots(rows=1, cols=cols, subplot_titles=[p[0] for p in panels],
+                            horizontal_spacing=0.08)
+        x = _epochs(h)
+        all_names = [*terms, *metrics]
+        colors = dict(zip(all_names, palette(len(all_names))))
+        for pi, (pname, series) in enumerate(panels, start=1):
+            values = []
+            for name, split in series:
+                y = h[name if split is None else f"{split}/{name}"].to_numpy(dtype=float)
+                values.append(y)
+                label = name if split is None else f"{name} ({split})"
+                fig.add_trace(go.Scatter(
+                    x=x, y=np.round(y, 6), mode="lines+markers" if len(x) <= 30 else "lines",
+                    name=label, legendgroup=name, showlegend=pname != "learning rate",
+                    line=dict(color=colors[name] if split else "#555555",
+                              dash=_SPLIT_DASH.get(split, "solid"), width=2),
+                    marker=dict(size=5),
+                    hovertemplate=f"{_esc(label)}<br>epoch %{{x}}: %{{y:.4g}}<extra></extra>"),
+                    row=1, col=pi)
+            if pname in ("loss terms", "learning rate") and _all_positive(values):
+                fig.update_yaxes(type="log", dtick="D2", row=1, col=pi)
+            if pname == "learning rate":
+                fig.update_yaxes(exponentformat="e", row=1, col=pi)
+        best = h.attrs.get("best_epoch") if hasattr(h, "attrs") else None
+        if best is not None:
+            for pi in range(1, cols + 1):
+                fig.add_vline(x=best, line=dict(color="#888888", dash="dot", width=1.5),
+                              row=1, col=pi)
+            fig.add_annotation(x=best, y=0.02, yref="y domain", xref="x", text=f"best: {best}",
+                               showarrow=False, xanchor="right", yanchor="bottom", xshift=-3,
+                               font=dict(size=10, color="#666666"), bgcolor="rgba(255,255,255,.7)")
+        width = 360 * cols + 200
+        fig.update_layout(template="plotly_white", height=360, width=width, title=title,
+                          legend=dict(font=dict(size=11), tracegroupgap=2),
+                          margin=dict(l=50, r=10, t=70 if title else 40, b=40))
+        fig.update_xaxes(title_text="epoch")
+        return fig
+
+    names = [*terms, *metrics]
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, horizontal_spacing=0.07,
+                        vertical_spacing=0.14 if rows > 1 else 0.1)
+    run_colors = dict(zip(runs, palette(len(runs))))
+    shown = set()
+    for k, name in enumerate(names):
+        r, c = divmod(k, cols)
+        values = []
+        for run, h in runs.items():
+            x = _epochs(h)
+            for split in _SPLITS:
+                col = f"{split}/{name}"
+                if col not in h.columns:
+                    continue
+                y = h[col].to_numpy(dtype=float)
+                values.append(y)
+                key = (run, split)
+                fig.add_trace(go.Scatter(
+                    x=x, y=np.round(y, 6), mode="lines+markers" if len(x) <= 30 else "lines",
+                    name=f"{run} ({split})", legendgroup=f"{run}/{split}",
+                    showlegend=key not in shown,
+                    line=dict(color=run_colors[run], dash=_SPLIT_DASH[split], width=2),
+                    marker=dict(size=4),
+                    hovertemplate=f"{_esc(run)} {split}/{_esc(name)}<br>epoch %{{x}}: "
+                                  f"%{{y:.4g}}<extra></extra>"),
+                    row=r + 1, col=c + 1)
+                shown.add(key)
+            best = h.attrs.get("best_epoch")
+            if best is not None and any(f"{sp}/{name}" in h.columns for sp in _SPLITS):
+                fig.add_vline(x=best, line=dict(color=run_colors[run], dash="dot", width=1.2),
+                              row=r + 1, col=c + 1)
+        if name in terms and _all_positive(values):
+            fig.update_yaxes(type="log", dtick="D2", row=r + 1, col=c + 1)
+    fig.update_layout(template="plotly_white", height=300 * rows + 60, width=330 * cols + 220,
+                      title=title, legend=dict(font=dict(size=11)),
+                      margin=dict(l=50, r=10, t=70 if title else 40, b=40))
+    fig.update_xaxes(title_text="epoch", row=rows)
+    return fig
+
+
+def _as_runs(history) -> dict:
+    if isinstance(history, pd.DataFrame):
+        return {None: history}
+    if isinstance(history, Mapping):
+        if not history:
+            raise ValueError("history is an empty dict; pass {run name: history DataFrame}")
+        bad = [k for k, v in history.items() if not isinstance(v, pd.DataFrame)]
+        if bad:
+            raise TypeError(f"history values must be DataFrames; not for runs {bad}")
+        return {str(k): v for k, v in history.items()}
+    raise TypeError(f"history must be a DataFrame (one row per epoch) or a dict of them, got "
+                    f"{type(history).__name__}")
+
+
+def _split_columns(h):
+    by_split = {s: [c.split("/", 1)[1] for c in h.columns
+                    if isinstance(c, str) and c.startswith(s + "/")] for s in _SPLITS}
+    train = by_split["train"]
+    names = list(dict.fromkeys([*train, *by_split["val"], *by_split["test"]]))
+    metrics = [n for n in names if n not in train or _METRIC_RE.search(n)]
+    terms = [n for n in names if n not in metrics]
+    return terms, metrics
+
+
+def _pick(wanted, found, what):
+    if wanted is None:
+        return list(found)
+    wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+    unknown = [w for w in wanted if w not in found]
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; the history has {what}: {found}")
+    return wanted
+
+
+def _epochs(h):
+    if "epoch" in h.columns:
+        return h["epoch"].to_numpy()
+    return np.arange(1, len(h) + 1)
+
+
+def _all_positive(values):
+    vals = [v[np.isfinite(v)] for v in values]
+    vals = [v for v in vals if v.size]
+    return bool(vals) and all((v > 0).all() for v in vals)
+
+
+# ------------------------------------------------------------------------------------------------
+# grids of maps and images
+# ------------------------------------------------------------------------------------------------
+def feature_grid(maps, titles=None, row_titles=None, symmetric: str | None = "row",
+                 colorscale: str = "RdBu_r", cell: int = 120):
+    """A grid of 2-D maps on a diverging colour scale symmetric about 0.
+
+    ``maps``: a list of rows, each a list of ``(H, W)`` arrays (numpy or torch), ``None`` (an
+    empty cell), or RGB images (``uint8 (H, W, 3)``, drawn as images); or an array
+    ``(R, C, H, W)``. ``titles``: one per column (a flat list) or per cell (list of lists).
+    ``symmetric``: ``"row"`` (one range ``[-m, m]`` per row, ``m`` = the row's max ``|value|``,
+    with one colour bar per row), ``"map"`` (per map, no colour bars), ``"global"`` (one range,
+    one colour bar) or ``None`` (each map its own min..max on a sequential scale).
+    """
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    if symmetric not in ("row", "map", "global", None):
+        raise ValueError(f"symmetric must be 'row', 'map', 'global' or None, got {symmetric!r}")
+    grid = _as_grid(maps)
+    R, C = len(grid), max(len(r) for r in grid)
+    cell_titles = _cell_titles(titles, R, C)
+
+    def is_image(a):
+        return a is not None and a.ndim == 3
+
+    scalar_max = []
+    for row in grid:
+        scalar_max.append([float(np.nanmax(np.abs(a))) if a is not None and not is_image(a)
+                           and np.isfinite(a).any() else 0.0 for a in row])
+    global_max = max((m for r in scalar_max for m in r), default=0.0) or 1.0
+
+    fig = make_subplots(rows=R, cols=C, subplot_titles=[t or "" for r in cell_titles for t in r],
+                        row_titles=list(row_titles) if row_titles is not None else None,
+                        horizontal_spacing=0.02, vertical_spacing=0.06 if R > 1 else 0.02)
+    if row_titles is not None and len(row_titles) != R:
+        raise ValueError(f"row_titles has {len(row_titles)} entries for {R} rows")
+    axes_used = {}
+    for r, row in enumerate(grid):
+        rmax = max(scalar_max[r], default=0.0) or 1.0
+        for c in range(C):
+            a = row[c] if c < len(row) else None
+            if a is None:
+                continue
+            if is_image(a):
+                fig.add_trace(go.Image(source=_png_uri(to_rgb_uint8(a)), hoverinfo="skip"),
+                              row=r + 1, col=c + 1)
+            else:
+                z = np.asarray(a, dtype=np.float32)
+                if symmetric == "map":
+                    m = scalar_max[r][c] or 1.0
+                    ca, zmin, zmax = f"coloraxis{_axis_no(r * C + c)}", -m, m
+                elif symmetric == "row":
+                    ca, zmin, zmax = f"coloraxis{_axis_no(r)}", -rmax, rmax
+                elif symmetric == "global":
+                    ca, zmin, zmax = "coloraxis", -global_max, global_max
+                else:
+                    ca = f"coloraxis{_axis_no(r * C + c)}"
+                    zmin, zmax = float(np.nanmin(z)), float(np.nanmax(z))
+                axes_used[ca] = (zmin, zmax, r)
+                fig.add_trace(go.Heatmap(
+                    z=z, coloraxis=ca, hovertemplate="(%{y}, %{x}): %{z:.3g}<extra></extra>"),
+                    row=r + 1, col=c + 1)
+            fig.update_xaxes(visible=False, row=r + 1, col=c + 1)
+            fig.update_yaxes(visible=False, autorange="reversed", scaleanchor=_anchor(fig, r, c),
+                             scaleratio=1, row=r + 1, col=c + 1)
+    height = int(cell * R + 60 + (30 if any(t for rr in cell_titles for t in rr) else 0))
+    width = int(cell * C + 140)
+    layout = {}
+    for ca, (zmin, zmax, r) in axes_used.items():
+        show = symmetric in ("row", "global")
+        spec = dict(cmin=zmin, cmax=zmax, showscale=show,
+                    colorscale=colorscale if symmetric is not None else "Viridis")
+        if show:
+            if symmetric == "row":
+                dom = fig.get_subplot(r + 1, 1).yaxis.domain
+                spec["colorbar"] = dict(y=(dom[0] + dom[1]) / 2, len=(dom[1] - dom[0]) * 0.95,
+                                        thickness=12, x=1.0 + (0.06 if row_titles else 0.01),
+                                        tickfont=dict(size=10), tickformat=".2g")
+            else:
+                spec["colorbar"] = dict(thickness=12, tickfont=dict(size=10), tickformat=".2g")
+        layout[ca] = spec
+    fig.update_layout(template="plotly_white", height=height, width=width, **layout,
+                      margin=dict(l=10, r=80 if row_titles else 60, t=40, b=10),
+                      plot_bgcolor="white")
+    fig.update_annotations(font_size=11)
+    return fig
+
+
+def _axis_no(k):
+    return "" if k == 0 else str(k + 1)
+
+
+def _anchor(fig, r, c):
+    return fig.get_subplot(r + 1, c + 1).xaxis.plotly_name.replace("axis", "")
+
+
+def _as_grid(maps):
+    if type(maps).__module__.split(".")[0] == "torch":
+        maps = maps.detach().cpu().numpy()
+    if isinstance(maps, np.ndarray):
+        if maps.ndim != 4:
+            raise ValueError(f"maps array must be (rows, cols, H, W), got shape {maps.shape}")
+        return [[maps[r, c] for c in range(maps.shape[1])] for r in range(maps.shape[0])]
+    if not isinstance(maps, Sequence) or not maps:
+        raise TypeError("maps must be a non-empty list of rows (lists of (H, W) arrays) or an "
+                        "array (R, C, H, W)")
+    rows = [list(r) if isinstance(r, (list, tuple)) else [r] for r in maps]
+    out = []
+    for ri, row in enumerate(rows):
+        new = []
+        for ci, a in enumerate(row):
+            if a is None:
+                new.append(None)
+                continue
+            if type(a).__module__.split(".")[0] == "torch":
+                a = a.detach().cpu().numpy()
+            a = np.asarray(a)
+            if a.ndim == 3 and a.shape[-1] in (3, 4):
+                new.append(to_rgb_uint8(a))
+            elif a.ndim == 2:
+                new.append(a.astype(np.float32))
+            else:
+                raise ValueError(f"maps[{ri}][{ci}] has shape {a.shape}; expected (H, W) or an "
+                                 f"RGB image (H, W, 3)")
+        out.append(new)
+    return out
+
+
+def _cell_titles(titles, R, C):
+    if titles is None:
+        return [[None] * C for _ in range(R)]
+    titles = list(titles)
+    if titles and all(isinstance(t, (list, tuple)) for t in titles):
+        if len(titles) != R:
+            raise ValueError(f"titles has {len(titles)} rows for {R} rows of maps")
+        return [list(t) + [None] * (C - len(t)) for t in titles]
+    if len(titles) != C:
+        raise ValueError(f"titles has {len(titles)} entries for {C} columns (give one per "
+                         f"column, or a list of lists, one per cell)")
+    return [titles if r == 0 else [None] * C for r in range(R)]
+
+
+def to_rgb_uint8(img) -> np.ndarray:
+    """An image as ``uint8 (H, W, 3)``: accepts uint8 or float in [0, 1], ``(H, W)`` grey,
+    ``(H, W, 3|4)`` or channel-first ``(1|3, H, W)`` (numpy or torch)."""
+    if type(img).__module__.split(".")[0] == "torch":
+        img = img.detach().cpu().numpy()
+    a = np.asarray(img)
+    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (3, 4):
+        a = np.moveaxis(a, 0, -1)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim == 2:
+        a = np.stack([a] * 3, axis=-1)
+    if a.ndim != 3 or a.shape[-1] not in (3, 4):
+        raise ValueError(f"expected an image (H, W), (H, W, 3) or (3, H, W), got shape {a.shape}")
+    a = a[..., :3]
+    if a.dtype != np.uint8:
+        a = a.astype(np.float64)
+        if np.nanmax(a) > 1.0 + 1e-6 or np.nanmin(a) < -1e-6:
+            raise ValueError(f"float images must be in [0, 1] (got range {np.nanmin(a):.3g}.."
+                             f"{np.nanmax(a):.3g}); pass uint8 for 0..255")
+        a = np.clip(np.round(a * 255), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(a)
+
+
+def png_bytes(img, size: int | None = None) -> bytes:
+    """PNG bytes of an image (see :func:`to_rgb_uint8`), upscaled with nearest neighbour so that
+    its longer side is about ``size`` pixels (never downscaled)."""
+    from PIL import Image
+
+    a = to_rgb_uint8(img)
+    im = Image.fromarray(a)
+    if size:
+        f = max(1, int(round(size / max(a.shape[:2]))))
+        if f > 1:
+            im = im.resize((a.shape[1] * f, a.shape[0] * f), Image.NEAREST)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _png_uri(a):
+    return "data:image/png;base64," + base64.b64encode(png_bytes(a)).decode()
+
+
+def image_grid(images, titles=None, cols: int = 8, cell: int = 96):
+    """Images (a list, or an array ``(N, H, W, 3)`` / ``(N, 3, H, W)``, uint8 or float in [0, 1])
+    in a grid of ``cols`` columns, with optional titles."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    if type(images).__module__.split(".")[0] == "torch":
+        images = images.detach().cpu().numpy()
+    imgs = [to_rgb_uint8(im) for im in images]
+    if not imgs:
+        raise ValueError("image_grid got no images")
+    if titles is not None and len(titles) != len(imgs):
+        raise ValueError(f"{len(titles)} titles for {len(imgs)} images")
+    cols = max(1, min(cols, len(imgs)))
+    rows = math.ceil(len(imgs) / cols)
+    fig = make_subplots(rows=rows, cols=cols, horizontal_spacing=0.01,
+                        vertical_spacing=0.08 if titles is not None else 0.01,
+                        subplot_titles=[str(t) for t in titles] if titles is not None else None)
+    for k, im in enumerate(imgs):
+        fig.add_trace(go.Image(source=_png_uri(im), hoverinfo="skip"),
+                      row=k // cols + 1, col=k % cols + 1)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    extra = 22 if titles is not None else 0
+    fig.update_layout(template="plotly_white", width=cols * cell + 20,
+                      height=rows * (cell + extra) + 20, margin=dict(l=5, r=5, t=25, b=5))
+    fig.update_annotations(font_size=10)
+    return fig
+
+
+def bar(data, x: str | None = None, y: str | None = None, error: str | None = None,
+        color: str | None = None, title: str | None = None, ylabel: str | None = None):
+    """A bar chart of a Series (index -> value) or of DataFrame columns ``x``/``y`` with an
+    optional ``error`` column (± error bars, e.g. std over seeds) and a ``color`` column for
+    grouped bars. Values are shown on the bars, rounded to 3 significant digits."""
+    import plotly.graph_objects as go
+
+    if isinstance(data, pd.Series):
+        df = pd.DataFrame({"x": data.index.astype(str), "y": data.to_numpy()})
+        x, y, ylabel = "x", "y", ylabel or data.name
+    elif isinstance(data, pd.DataFrame):
+        df = data
+        for name, col in (("x", x), ("y", y), ("error", error), ("color", color)):
+            if col is not None and col not in df.columns:
+                raise ValueError(f"{name}={col!r} is not a column; columns: {list(df.columns)}")
+        if x is None or y is None:
+            raise ValueError("bar(DataFrame) needs x= and y= column names")
+    else:
+        raise TypeError(f"bar takes a pandas Series or DataFrame, got {type(data).__name__}")
+    groups = [None] if color is None else list(pd.unique(df[color]))
+    colors = palette(len(groups))
+    fig = go.Figure()
+    for g, col in zip(groups, colors):
+        part = df if g is None else df[df[color] == g]
+        vals = part[y].to_numpy(dtype=float)
+        err = None if error is None else dict(type="data",
+                                               array=part[error].to_numpy(dtype=float).round(6))
+        fig.add_trace(go.Bar(x=part[x].astype(str), y=vals.round(6), error_y=err,
+                             name=str(g) if g is not None else str(y), marker_color=col,
+                             text=[f"{v:.3g}" for v in vals], textposition="outside",
+                             showlegend=g is not None))
+    fig.update_layout(template="plotly_white", title=title, barmode="group", height=360,
+                      yaxis_title=ylabel or (y if y not in (None, "y") else None),
+                      margin=dict(l=50, r=10, t=60 if title else 30, b=40))
+    return fig

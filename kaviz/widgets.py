@@ -1,0 +1,584 @@
+"""ipywidgets explorers wrapping :mod:`kaviz.plots` in FigureWidgets. No computation here.
+
+* :class:`EmbeddingExplorer` — pick a model, a layer, an embedding method and its parameters;
+  one or two linked maps (e.g. "feature space" vs "common space", CFL): a box/lasso selection in
+  one map highlights the same sample indices (every source) in the other, and hovering or
+  selecting shows the images in a side panel.
+* :func:`linked_controls` — the generic "pick a layer / an image / a channel and redraw a figure"
+  widget the per-paper notebooks need.
+
+The callback logic is plain methods (:meth:`EmbeddingExplorer.select`, ``hover``, ``recompute``,
+:meth:`LinkedControls.update`) that the plotly/ipywidgets callbacks call, so it is testable
+without a browser. Callbacks never print and never raise: errors go to a status label.
+Outside a live Jupyter kernel, ``show()`` returns static ``go.Figure`` objects instead.
+"""
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from . import plots
+
+__all__ = ["EmbeddingExplorer", "LinkedControls", "linked_controls", "in_kernel"]
+
+#: The parameter controls shown for each method (others get none): name -> (kind, min, max, step).
+METHOD_CONTROLS = {
+    "tsne": {"perplexity": ("int", 2, 100, 1)},
+    "umap": {"n_neighbors": ("int", 2, 100, 1), "min_dist": ("float", 0.0, 0.99, 0.01)},
+    "pca": {},
+}
+_PARAM_DEFAULTS = {"perplexity": 30, "n_neighbors": 15, "min_dist": 0.1}
+_METHOD_LABELS = {"tsne": "t-SNE", "umap": "UMAP", "pca": "PCA"}
+_SIDE_PX = 96
+_MONTAGE_MAX = 12
+
+
+def in_kernel() -> bool:
+    """True inside a live IPython kernel (Jupyter), where widgets can be displayed."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    ip = get_ipython()
+    return ip is not None and getattr(ip, "kernel", None) is not None
+
+
+def _error_text(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"⚠ {type(e).__name__}: {msg}"[:400]
+
+
+def _replace_figure(fw, fig):
+    """Replace the traces and layout of FigureWidget ``fw`` by those of ``fig`` (one message)."""
+    with fw.batch_update():
+        fw.data = []
+        fw.add_traces(list(fig.data))
+        fw.layout = fig.layout
+
+
+class EmbeddingExplorer:
+    """Linked 2-D maps with controls for the model, layer, method and method parameters.
+
+    Parameters
+    ----------
+    compute : callable ``(model, layer, method, params) -> DataFrame | tuple[DataFrame, ...]``
+        Does the work (feature extraction + :func:`kaviz.embed.embed`); one DataFrame per panel
+        (``x, y, source, label, index``). Its errors are shown in the status label.
+    models : list of str
+    layers : list of str, or dict model -> list of str (the layer dropdown follows the model)
+    methods : names offered in the method dropdown
+    titles : one title per panel (at most this many panels)
+    images : callable ``index -> image`` or array ``(N, H, W, 3)`` (uint8, or float in [0, 1];
+        ``(N, 3, H, W)`` too), shown in the side panel, upscaled to ~96 px
+    class_names : sequence or mapping label -> name
+    defaults : dict with any of ``model, layer, method, perplexity, n_neighbors, min_dist``
+
+    Changing the model, layer or method recomputes at once; changing a method parameter waits
+    for the "recompute" button. The first map is computed on construction.
+    """
+
+    def __init__(self, compute: Callable, *, models: Sequence[str], layers,
+                 methods: Sequence[str] = ("tsne", "umap", "pca"),
+                 titles: Sequence[str] = ("feature space", "common space"), images=None,
+                 class_names=None, defaults: Mapping | None = None):
+        import ipywidgets as W
+        import plotly.graph_objects as go
+
+        if not callable(compute):
+            raise TypeError("compute must be a callable (model, layer, method, params) -> "
+                            "DataFrame or tuple of DataFrames")
+        self._compute = compute
+        self.models = [str(m) for m in models]
+        if not self.models:
+            raise ValueError("models is empty; pass the names of the networks to explore")
+        self.layers = self._check_layers(layers)
+        self.methods = list(methods)
+        if not self.methods:
+            raise ValueError("methods is empty; e.g. methods=('tsne', 'umap', 'pca')")
+        self.titles = [str(t) for t in (titles if not isinstance(titles, str) else [titles])]
+        if not 1 <= len(self.titles) <= 4:
+            raise ValueError(f"titles gives the panels: 1 to 4 of them, got {len(self.titles)}")
+        self.images = self._check_images(images)
+        self.class_names = class_names
+        d = self._check_defaults(defaults or {})
+
+        self.results: tuple = ()
+        self.selection: list[int] | None = None
+        self._labels: dict[int, object] = {}
+        self._suspend = False
+        self._buffers: list[dict] = [{} for _ in self.titles]
+
+        self.model_dd = W.Dropdown(options=self.models, value=d["model"], description="model",
+                                   layout=W.Layout(width="220px"))
+        self.layer_dd = W.Dropdown(options=self.layers[d["model"]], value=d["layer"],
+                                   description="layer", layout=W.Layout(width="240px"))
+        self.method_dd = W.Dropdown(
+            options=[(_METHOD_LABELS.get(m, m), m) for m in self.methods], value=d["method"],
+            description="method", layout=W.Layout(width="190px"))
+        self.param_widgets: dict[str, W.ValueWidget] = {}
+        self.param_boxes: dict[str, W.Box] = {}
+        for m in self.methods:
+            ws = []
+            for name, (kind, lo, hi, step) in METHOD_CONTROLS.get(m, {}).items():
+                if name not in self.param_widgets:
+                    cls = W.IntSlider if kind == "int" else W.FloatSlider
+                    self.param_widgets[name] = cls(
+                        value=d[name], min=lo, max=hi, step=step, description=name,
+                        continuous_update=False, style={"description_width": "initial"},
+                        layout=W.Layout(width="260px"))
+                ws.append(self.param_widgets[name])
+            self.param_boxes[m] = W.HBox(ws)
+        self.recompute_btn = W.Button(description="recompute", icon="refresh",
+                                      layout=W.Layout(width="120px"))
+        self.status = W.Label(value="")
+        self.figures = [go.FigureWidget() for _ in self.titles]
+        self.side_image = W.Image(format="png", layout=W.Layout(max_width="200px"))
+        self.side_caption = W.HTML(value="<i>hover or select points</i>",
+                                   layout=W.Layout(width="200px"))
+        self.side_panel = W.VBox([self.side_caption, self.side_image],
+                                 layout=W.Layout(width="210px"))
+
+        self.model_dd.observe(self._on_model, names="value")
+        self.layer_dd.observe(self._on_choice, names="value")
+        self.method_dd.observe(self._on_method, names="value")
+        for w in self.param_widgets.values():
+            w.observe(self._on_param, names="value")
+        self.recompute_btn.on_click(lambda _b: self.recompute())
+
+        controls = W.HBox([self.model_dd, self.layer_dd, self.method_dd,
+                           *self.param_boxes.values(), self.recompute_btn],
+                          layout=W.Layout(flex_flow="row wrap"))
+        self._maps_box = W.HBox([*self.figures, self.side_panel],
+                                layout=W.Layout(flex_flow="row wrap"))
+        self.widget = W.VBox([controls, self.status, self._maps_box])
+        self._show_param_box()
+        self.recompute()
+
+    # -- input checks ----------------------------------------------------------------------------
+    def _check_layers(self, layers):
+        if isinstance(layers, Mapping):
+            missing = [m for m in self.models if m not in layers]
+            if missing:
+                raise ValueError(f"layers has no entry for models {missing}; give a list of "
+                                 f"layer names per model (dict keys: {list(layers)})")
+            out = {m: [str(x) for x in layers[m]] for m in self.models}
+        else:
+            if isinstance(layers, str):
+                layers = [layers]
+            out = {m: [str(x) for x in layers] for m in self.models}
+        empty = [m for m, v in out.items() if not v]
+        if empty:
+            raise ValueError(f"no layers for models {empty}")
+        return out
+
+    @staticmethod
+    def _check_images(images):
+        if images is None or callable(images):
+            return images
+        if type(images).__module__.split(".")[0] == "torch":
+            images = images.detach().cpu().numpy()
+        arr = np.asarray(images)
+        if arr.ndim not in (3, 4):
+            raise ValueError(f"images must be a callable index -> image or an array (N, H, W, 3) "
+                             f"/ (N, H, W), got shape {arr.shape}")
+        return arr
+
+    def _check_defaults(self, defaults):
+        valid = ["model", "layer", "method", *_PARAM_DEFAULTS]
+        unknown = [k for k in defaults if k not in valid]
+        if unknown:
+            raise ValueError(f"unknown defaults {unknown}; valid keys: {valid}")
+        d = {**_PARAM_DEFAULTS, **defaults}
+        d.setdefault("model", self.models[0])
+        if d["model"] not in self.models:
+            raise ValueError(f"default model {d['model']!r} is not in models {self.models}")
+        d.setdefault("layer", self.layers[d["model"]][0])
+        if d["layer"] not in self.layers[d["model"]]:
+            raise ValueError(f"default layer {d['layer']!r} is not a layer of {d['model']!r}: "
+                             f"{self.layers[d['model']]}")
+        d.setdefault("method", self.methods[0])
+        if d["method"] not in self.methods:
+            raise ValueError(f"default method {d['method']!r} is not in methods {self.methods}")
+        return d
+
+    # -- state -------------------------------------------------------------------------------------
+    @property
+    def model(self) -> str:
+        return self.model_dd.value
+
+    @property
+    def layer(self) -> str:
+        return self.layer_dd.value
+
+    @property
+    def method(self) -> str:
+        return self.method_dd.value
+
+    def params(self) -> dict:
+        """The current method's parameters, as passed to ``compute``."""
+        return {name: self.param_widgets[name].value
+                for name in METHOD_CONTROLS.get(self.method, {})}
+
+    # -- the logic the callbacks call --------------------------------------------------------------
+    def recompute(self) -> bool:
+        """Call ``compute`` with the current choices and redraw the maps. Never raises: an error
+        is shown in the status label (the previous maps stay). Returns True on success."""
+        args = (self.model, self.layer, self.method, self.params())
+        name = _METHOD_LABELS.get(self.method, self.method)
+        self.status.value = f"computing {name} of {self.model} · {self.layer} …"
+        t0 = time.perf_counter()
+        try:
+            out = self._compute(*args)
+            dfs = self._check_result(out)
+            figs = [plots.embedding_scatter(df, title=title, class_names=self.class_names,
+                                            height=430)
+                    for df, title in zip(dfs, self.titles)]
+        except Exception as e:  # noqa: BLE001 - shown to the user, never raised from a callback
+            self.status.value = f"{_error_text(e)} (model={args[0]}, layer={args[1]}, " \
+                                f"method={args[2]}, params={args[3]})"
+            return False
+        for k, (fw, fig) in enumerate(zip(self.figures, figs)):
+            last = k == len(figs) - 1
+            fig.update_layout(width=560 if last else 440, showlegend=last,
+                              margin=dict(l=10, r=10, t=70, b=10))
+            _replace_figure(fw, fig)
+            self._bind(k)
+        for fw in self.figures[len(figs):]:
+            _replace_figure(fw, _empty_figure())
+        # a FigureWidget's .layout is plotly's, not the ipywidgets one: hide unused panels by
+        # leaving them out of the box
+        self._maps_box.children = (*self.figures[:len(figs)], self.side_panel)
+        self.results = tuple(dfs)
+        self._labels = {}
+        for df in dfs:
+            if "label" in df.columns:
+                for i, lab in zip(df["index"].to_numpy(), df["label"].to_numpy()):
+                    self._labels.setdefault(int(i), lab)
+        self.selection = None
+        parts = [f"{name} of {self.model} · {self.layer}: "
+                 f"{' + '.join(str(len(df)) for df in dfs)} points in "
+                 f"{time.perf_counter() - t0:.1f} s"]
+        tw = [df.attrs.get("trustworthiness") for df in dfs]
+        if all(t is not None for t in tw):
+            parts.append("trustworthiness " + " / ".join(f"{t:.3f}" for t in tw))
+        self.status.value = " · ".join(parts)
+        return True
+
+    def select(self, indices) -> None:
+        """Highlight the sample ``indices`` (every source, every panel), dim the rest, and show
+        their images in the side panel. ``None`` or an empty selection clears it."""
+        if indices is not None:
+            indices = sorted({int(i) for i in np.asarray(list(indices)).ravel()})
+            if not indices:
+                indices = None
+        self.selection = indices
+        for fw in self.figures:
+            plots.highlight(fw, indices)
+        if indices is None:
+            self.side_image.value = b""
+            self.side_caption.value = "<i>hover or select points</i>"
+            return
+        shown = indices[:_MONTAGE_MAX]
+        more = f" (first {len(shown)} shown)" if len(indices) > len(shown) else ""
+        labels = sorted({self._label_name(i) for i in indices})
+        lab = ", ".join(labels[:6]) + (" …" if len(labels) > 6 else "")
+        self.side_caption.value = (f"<b>{len(indices)} selected</b>{more}<br>"
+                                   f"<small>labels: {_html(lab)}</small>")
+        self.side_image.value = self._montage(shown) if self.images is not None else b""
+
+    def hover(self, index) -> None:
+        """Show the image of sample ``index`` with its index and label in the side panel."""
+        index = int(index)
+        self.side_caption.value = (f"<b>index {index}</b><br>label: "
+                                   f"{_html(self._label_name(index))}")
+        if self.images is not None:
+            self.side_image.value = plots.png_bytes(self._image(index), size=_SIDE_PX)
+
+    def clear_selection(self) -> None:
+        self.select(None)
+
+    # -- display -----------------------------------------------------------------------------------
+    def static_figures(self) -> list:
+        """The current maps as plain ``go.Figure`` objects (no widgets)."""
+        import plotly.graph_objects as go
+
+        return [go.Figure(fw) for fw in self.figures[:len(self.results)]]
+
+    def show(self):
+        """Display the widget in a live kernel (returns None); elsewhere return static figures."""
+        if in_kernel():
+            from IPython.display import display
+
+            display(self.widget)
+            return None
+        return self.static_figures()
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        if in_kernel():
+            display(self.widget)
+        else:
+            for fig in self.static_figures():
+                display(fig)
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _check_result(self, out):
+        import pandas as pd
+
+        dfs = (out,) if isinstance(out, pd.DataFrame) else tuple(out) \
+            if isinstance(out, (tuple, list)) else None
+        if dfs is None or not dfs or not all(isinstance(d, pd.DataFrame) for d in dfs):
+            raise TypeError(f"compute must return a DataFrame or a tuple of DataFrames (one per "
+                            f"panel), got {type(out).__name__}")
+        if len(dfs) > len(self.titles):
+            raise ValueError(f"compute returned {len(dfs)} DataFrames but there are "
+                             f"{len(self.titles)} panels (titles={self.titles}); pass more titles")
+        return dfs
+
+    def _bind(self, k):
+        fw = self.figures[k]
+        self._buffers[k] = {}
+        for tr in fw.data:
+            tr.on_selection(lambda trace, points, selector, k=k: self._safe(
+                self._on_points, k, points, True))
+            tr.on_deselect(lambda trace, points, k=k: self._safe(
+                self._on_points, k, points, False))
+            tr.on_hover(lambda trace, points, state: self._safe(self._on_hover, trace, points))
+
+    def _safe(self, fn, *args):
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - callbacks report, never raise
+            self.status.value = _error_text(e)
+
+    def _on_points(self, k, points, selecting):
+        """plotly dispatches a selection to every trace in turn, each with its own points; collect
+        them and act once, on the last trace."""
+        fw = self.figures[k]
+        ti = points.trace_index
+        if selecting and points.point_inds:
+            cd = fw.data[ti].customdata
+            self._buffers[k][ti] = [int(cd[i]) for i in points.point_inds]
+        if ti == len(fw.data) - 1:
+            picked = [i for v in self._buffers[k].values() for i in v]
+            self._buffers[k] = {}
+            self.select(picked if selecting and picked else None)
+
+    def _on_hover(self, trace, points):
+        if points.point_inds and trace.customdata is not None:
+            self.hover(trace.customdata[points.point_inds[0]])
+
+    def _on_model(self, change):
+        if self._suspend:
+            return
+        self._suspend = True
+        try:
+            layers = self.layers[change["new"]]
+            keep = self.layer_dd.value if self.layer_dd.value in layers else layers[0]
+            self.layer_dd.options = layers
+            self.layer_dd.value = keep
+        finally:
+            self._suspend = False
+        self.recompute()
+
+    def _on_choice(self, change):
+        if not self._suspend:
+            self.recompute()
+
+    def _on_method(self, change):
+        self._show_param_box()
+        if not self._suspend:
+            self.recompute()
+
+    def _on_param(self, change):
+        if not self._suspend:
+            self.status.value = "parameters changed: press “recompute”"
+
+    def _show_param_box(self):
+        for m, box in self.param_boxes.items():
+            box.layout.display = None if m == self.method and box.children else "none"
+
+    def _label_name(self, index):
+        lab = self._labels.get(int(index), None)
+        if lab is None or (isinstance(lab, float) and np.isnan(lab)):
+            return "—"
+        return plots._class_name(lab, self.class_names)
+
+    def _image(self, index):
+        if callable(self.images):
+            return self.images(int(index))
+        if not 0 <= index < len(self.images):
+            raise IndexError(f"sample index {index} is outside the images array "
+                             f"(N={len(self.images)}); pass images for every sample index")
+        return self.images[index]
+
+    def _montage(self, indices):
+        from PIL import Image
+
+        tiles = [plots.to_rgb_uint8(self._image(i)) for i in indices]
+        cols = min(4, len(tiles))
+        rows = -(-len(tiles) // cols)
+        px = 48
+        sheet = Image.new("RGB", (cols * (px + 2), rows * (px + 2)), "white")
+        for k, t in enumerate(tiles):
+            im = Image.fromarray(t).resize((px, px), Image.NEAREST)
+            sheet.paste(im, ((k % cols) * (px + 2), (k // cols) * (px + 2)))
+        buf = io.BytesIO()
+        sheet.save(buf, format="PNG", optimize=True)
+        return buf.getvalue()
+
+
+def _empty_figure():
+    import plotly.graph_objects as go
+
+    return go.Figure(layout=dict(width=10, height=10, xaxis_visible=False, yaxis_visible=False))
+
+
+def _html(s):
+    return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+# ------------------------------------------------------------------------------------------------
+# a generic "controls -> figure" widget
+# ------------------------------------------------------------------------------------------------
+class LinkedControls:
+    """Controls whose values are passed to ``fn(**values)``; its result is redrawn on change.
+
+    ``fn`` returns a plotly figure (drawn in a ``go.FigureWidget``, updated in place) or any
+    displayable object (drawn in an ``ipywidgets.Output``). Errors from ``fn`` go to ``status``;
+    the last good output stays. Use :func:`linked_controls` to build one.
+    """
+
+    def __init__(self, fn: Callable, controls: Mapping, *, title: str | None = None):
+        import ipywidgets as W
+
+        if not callable(fn):
+            raise TypeError("fn must be a callable taking the control values as keywords")
+        if not controls:
+            raise ValueError("give at least one control, e.g. layer=['layer1', 'layer2']")
+        self.fn = fn
+        self.controls = {name: _make_control(name, spec) for name, spec in controls.items()}
+        self.status = W.Label(value="")
+        self.figure = None
+        self.output = W.Output()
+        self.result = None
+        self._suspend = False
+        for w in self.controls.values():
+            w.observe(self._on_change, names="value")
+        header = [W.HTML(f"<b>{_html(title)}</b>")] if title else []
+        self._box = W.VBox([*header, W.HBox(list(self.controls.values()),
+                                            layout=W.Layout(flex_flow="row wrap")),
+                            self.status, self.output])
+        self.widget = self._box
+        self.render()
+
+    @property
+    def values(self) -> dict:
+        return {k: w.value for k, w in self.controls.items()}
+
+    def update(self, **values) -> bool:
+        """Set some control values and redraw once. Unknown names raise (this is called by code,
+        not by a widget callback). Returns True when ``fn`` succeeded."""
+        unknown = [k for k in values if k not in self.controls]
+        if unknown:
+            raise ValueError(f"unknown controls {unknown}; controls: {list(self.controls)}")
+        self._suspend = True
+        try:
+            for k, v in values.items():
+                self.controls[k].value = v
+        finally:
+            self._suspend = False
+        return self.render()
+
+    def render(self) -> bool:
+        """Call ``fn(**values)`` and redraw. Never raises: errors are shown in ``status``."""
+        from plotly.basedatatypes import BaseFigure
+
+        try:
+            result = self.fn(**self.values)
+        except Exception as e:  # noqa: BLE001 - shown to the user, never raised from a callback
+            self.status.value = f"{_error_text(e)} ({_fmt_values(self.values)})"
+            return False
+        self.result = result
+        if isinstance(result, BaseFigure):
+            import plotly.graph_objects as go
+
+            if self.figure is None:
+                self.figure = go.FigureWidget(result)
+                self._box.children = tuple(c for c in self._box.children
+                                           if c is not self.output) + (self.figure,)
+            else:
+                _replace_figure(self.figure, result)
+        else:
+            self.output.outputs = ()
+            if result is not None:
+                self.output.append_display_data(result)
+        self.status.value = ""
+        return True
+
+    def show(self):
+        """Display the widget in a live kernel (returns None); elsewhere return ``fn``'s result
+        for the current values (a static figure)."""
+        if in_kernel():
+            from IPython.display import display
+
+            display(self.widget)
+            return None
+        return self.result
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget if in_kernel() else self.result)
+
+    def _on_change(self, change):
+        if not self._suspend:
+            self.render()
+
+
+def linked_controls(fn: Callable, *, title: str | None = None, **controls) -> LinkedControls:
+    """Build a :class:`LinkedControls`: ``fn(**values)`` is redrawn whenever a control changes.
+
+    Each keyword is a control: a list/tuple of options (a dropdown; the first is the initial
+    value), a dict ``label -> value`` (a dropdown with labels), a ``range`` (an integer slider,
+    e.g. ``channel=range(64)``) or a ready ipywidgets value widget. Example::
+
+        linked_controls(lambda layer, image, channel: plots.feature_grid(...),
+                        layer=["layer1", "layer2"], image=range(16), channel=range(64))
+    """
+    return LinkedControls(fn, controls, title=title)
+
+
+def _make_control(name, spec):
+    import ipywidgets as W
+
+    if isinstance(spec, W.ValueWidget):
+        if not spec.description:
+            spec.description = name
+        return spec
+    style = {"description_width": "initial"}
+    if isinstance(spec, range):
+        if len(spec) == 0:
+            raise ValueError(f"control {name!r}: empty range")
+        return W.IntSlider(value=spec.start, min=spec.start, max=spec[-1], step=spec.step,
+                           description=name, continuous_update=False, style=style)
+    if isinstance(spec, Mapping):
+        if not spec:
+            raise ValueError(f"control {name!r}: no options")
+        return W.Dropdown(options=[(str(k), v) for k, v in spec.items()], description=name,
+                          style=style)
+    if isinstance(spec, (list, tuple)) or (isinstance(spec, np.ndarray) and spec.ndim == 1):
+        opts = list(spec)
+        if not opts:
+            raise ValueError(f"control {name!r}: no options")
+        return W.Dropdown(options=opts, value=opts[0], description=name, style=style)
+    raise TypeError(f"control {name!r}: expected a list of options, a dict label -> value, a "
+                    f"range or an ipywidgets value widget, got {type(spec).__name__}")
+
+
+def _fmt_values(values):
+    return ", ".join(f"{k}={v!r}" for k, v in values.items())

@@ -1,0 +1,255 @@
+"""kaviz.plots: figure structure (traces, symbols, WebGL switch, customdata, axes, colour ranges)."""
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+
+from kaviz import plots as P
+
+
+def emb_df(n_per_source=30, sources=("student", "t1", "t2"), classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in sources:
+        for i in range(n_per_source):
+            rows.append((rng.normal(), rng.normal(), s, i % classes, i))
+    df = pd.DataFrame(rows, columns=["x", "y", "source", "label", "index"])
+    df.attrs["method"] = "tsne"
+    return df
+
+
+def data_traces(fig):
+    return [t for t in fig.data if not (isinstance(t.meta, dict) and t.meta.get("legend_only"))]
+
+
+# ------------------------------------------------------------------------------------------------
+# embedding_scatter
+# ------------------------------------------------------------------------------------------------
+def test_scatter_one_trace_per_source_and_class_plus_source_legend():
+    df = emb_df()
+    fig = P.embedding_scatter(df, class_names=["cat", "dog", "eel"], title="common space")
+    traces = data_traces(fig)
+    assert len(traces) == 3 * 3
+    assert len(fig.data) - len(traces) == 3            # one grey legend entry per source
+    assert all(isinstance(t, go.Scatter) for t in fig.data)
+    sym = {}
+    for t in traces:
+        sym.setdefault(t.meta["source"], set()).add(t.marker.symbol)
+    assert all(len(v) == 1 for v in sym.values())      # one symbol per source...
+    assert len({next(iter(v)) for v in sym.values()}) == 3  # ...and distinct between sources
+    colors = {}
+    for t in traces:
+        colors.setdefault(t.meta["label"], set()).add(t.marker.color)
+    assert all(len(v) == 1 for v in colors.values()) and len(
+        {next(iter(v)) for v in colors.values()}) == 3
+    assert {t.name for t in traces} == {"cat", "dog", "eel"}
+    assert sum(bool(t.showlegend) for t in traces) == 3  # each class once in the legend
+    assert fig.layout.yaxis.scaleanchor == "x"
+    assert fig.layout.xaxis.title.text == "t-SNE 1"
+    assert fig.layout.title.text == "common space"
+
+
+def test_scatter_customdata_is_sample_index_and_coordinates_rounded():
+    df = emb_df()
+    fig = P.embedding_scatter(df)
+    for t in data_traces(fig):
+        part = df[(df["source"] == t.meta["source"]) & (df["label"] == t.meta["label"])]
+        assert list(t.customdata) == part["index"].tolist()
+        np.testing.assert_allclose(t.x, part["x"].round(3), atol=1e-6)
+        assert np.allclose(np.asarray(t.x) * 1000, np.round(np.asarray(t.x) * 1000), atol=1e-3)
+
+
+def test_scatter_switches_to_webgl_above_threshold():
+    df = emb_df(n_per_source=40)
+    assert all(isinstance(t, go.Scattergl) for t in data_traces(
+        P.embedding_scatter(df, webgl_threshold=100)))
+    assert all(isinstance(t, go.Scatter) for t in data_traces(
+        P.embedding_scatter(df, webgl_threshold=1000)))
+
+
+def test_scatter_missing_labels_and_single_source():
+    df = emb_df(sources=("a",))
+    df["label"] = np.nan
+    fig = P.embedding_scatter(df)
+    assert len(fig.data) == 1                          # no source legend for a single source
+    assert fig.data[0].name == "no label"
+
+
+def test_scatter_many_classes_get_distinct_colours_and_wrapped_legend():
+    df = emb_df(n_per_source=60, sources=("a",), classes=30)
+    fig = P.embedding_scatter(df)
+    assert len({t.marker.color for t in fig.data}) == 30
+    assert fig.layout.legend.orientation == "h"
+
+
+def test_scatter_selected_and_highlight():
+    df = emb_df()
+    fig = P.embedding_scatter(df, selected=[0, 4])
+    for t in data_traces(fig):
+        expect = [k for k, i in enumerate(t.customdata) if i in (0, 4)]
+        assert list(t.selectedpoints) == expect
+        assert t.unselected.marker.opacity < 0.5
+    P.highlight(fig, None)
+    assert all(t.selectedpoints is None for t in fig.data)
+
+
+def test_scatter_continuous_colour_and_hover_columns():
+    df = emb_df()
+    df["score"] = np.linspace(0, 1, len(df)) + 0.001
+    fig = P.embedding_scatter(df, color="score", hover=["score"])
+    assert len(fig.data) == 3                          # one trace per source
+    assert fig.data[0].marker.coloraxis == "coloraxis"
+    assert fig.data[0].text[0].startswith("score: ")
+
+
+def test_scatter_errors():
+    df = emb_df()
+    with pytest.raises(ValueError, match=r"missing \['index'\]"):
+        P.embedding_scatter(df.drop(columns="index"))
+    with pytest.raises(ValueError, match=r"hover columns \['nope'\]"):
+        P.embedding_scatter(df, hover=["nope"])
+    many = emb_df(n_per_source=2, sources=[f"s{i}" for i in range(len(P.SYMBOLS) + 1)])
+    with pytest.raises(ValueError, match="marker symbols"):
+        P.embedding_scatter(many)
+
+
+def test_palette_distinct_up_to_thirty():
+    assert len(set(P.palette(10))) == 10
+    assert len(set(P.palette(30))) == 30
+
+
+# ------------------------------------------------------------------------------------------------
+# training_curves
+# ------------------------------------------------------------------------------------------------
+def history(n=8, best=5, lr_step=True):
+    ep = np.arange(1, n + 1)
+    h = pd.DataFrame({"epoch": ep, "train/kd": 1 / ep, "val/kd": 1.2 / ep,
+                      "train/mmd": 0.1 / ep, "val/accuracy": 1 - 0.5 / ep,
+                      "lr": np.where(ep <= n // 2, 1e-3, 1e-4) if lr_step else 1e-3})
+    h.attrs["best_epoch"] = best
+    return h
+
+
+def test_training_curves_single_run_panels_and_best_epoch():
+    fig = P.training_curves(history(), title="CFL")
+    titles = [a.text for a in fig.layout.annotations]
+    assert {"loss terms", "metrics", "learning rate"} <= set(titles)
+    names = [t.name for t in fig.data]
+    assert names == ["kd (train)", "kd (val)", "mmd (train)", "accuracy (val)", "lr"]
+    assert fig.data[0].line.dash == "solid" and fig.data[1].line.dash == "dash"
+    assert fig.data[0].line.color == fig.data[1].line.color != fig.data[2].line.color
+    assert fig.layout.yaxis.type == "log"              # positive loss terms
+    assert fig.layout.yaxis2.type != "log"
+    vlines = [s for s in fig.layout.shapes if s.x0 == s.x1 == 5]
+    assert len(vlines) == 3
+    assert any("best" in (a.text or "") for a in fig.layout.annotations)
+
+
+def test_training_curves_no_lr_panel_when_constant_and_linear_for_negative_terms():
+    h = history(lr_step=False)
+    h["train/kd"] = h["train/kd"] - 0.5
+    fig = P.training_curves(h)
+    assert "learning rate" not in [a.text for a in fig.layout.annotations]
+    assert fig.layout.yaxis.type != "log"
+
+
+def test_training_curves_selection_and_overlay_of_runs():
+    fig = P.training_curves(history(), terms=["kd"], metrics=[])
+    assert {t.name for t in fig.data} == {"kd (train)", "kd (val)", "lr"}
+    kd = history()[["epoch", "train/kd", "val/kd", "val/accuracy"]]
+    kd.attrs["best_epoch"] = 7
+    fig = P.training_curves({"CFL": history(), "KD": kd})
+    assert [a.text for a in fig.layout.annotations][:3] == ["kd", "mmd", "accuracy"]
+    run_colors = {}
+    for t in fig.data:
+        run_colors.setdefault(t.name.split(" ")[0], set()).add(t.line.color)
+    assert all(len(c) == 1 for c in run_colors.values()) and len(run_colors) == 2
+    assert sum(bool(t.showlegend) for t in fig.data) == 4  # CFL/KD x train/val, once each
+    # the KD run has no mmd: its best-epoch line is not drawn in the mmd panel
+    mmd_lines = [s for s in fig.layout.shapes if s.xref == "x2"]
+    assert [s.x0 for s in mmd_lines] == [5]
+
+
+def test_training_curves_errors():
+    with pytest.raises(ValueError, match="no 'train/<term>'"):
+        P.training_curves(pd.DataFrame({"epoch": [1, 2], "loss": [1, 0.5]}))
+    with pytest.raises(ValueError, match=r"unknown terms \['recon'\].*\['kd', 'mmd'\]"):
+        P.training_curves(history(), terms=["recon"])
+    with pytest.raises(TypeError, match="DataFrame"):
+        P.training_curves([1, 2, 3])
+
+
+# ------------------------------------------------------------------------------------------------
+# feature_grid, image_grid, bar
+# ------------------------------------------------------------------------------------------------
+def test_feature_grid_symmetric_per_row_with_images():
+    rng = np.random.default_rng(0)
+    img = (rng.random((8, 8, 3)) * 255).astype(np.uint8)
+    a, b = rng.normal(size=(8, 8)), rng.normal(size=(8, 8)) * 5
+    fig = P.feature_grid([[img, a, a * 2], [img, b, None]], titles=["image", "in", "out"],
+                         row_titles=["x0", "x1"])
+    heat = [t for t in fig.data if isinstance(t, go.Heatmap)]
+    imgs = [t for t in fig.data if isinstance(t, go.Image)]
+    assert len(heat) == 3 and len(imgs) == 2
+    assert imgs[0].source.startswith("data:image/png;base64,")
+    ca0, ca1 = fig.layout.coloraxis, fig.layout.coloraxis2
+    assert ca0.cmax == pytest.approx(np.abs(a * 2).max(), rel=1e-5) and ca0.cmin == -ca0.cmax
+    assert ca1.cmax == pytest.approx(np.abs(b).max(), rel=1e-5) and ca1.cmin == -ca1.cmax
+    assert heat[0].coloraxis == heat[1].coloraxis == "coloraxis"
+    assert heat[2].coloraxis == "coloraxis2"
+    from plotly.colors import get_colorscale
+    assert [c[1] for c in ca0.colorscale] == [c[1] for c in get_colorscale("RdBu_r")]
+    assert fig.layout.yaxis2.autorange == "reversed"
+
+
+def test_feature_grid_array_input_and_symmetry_modes():
+    maps = np.arange(2 * 3 * 4 * 4, dtype=float).reshape(2, 3, 4, 4) - 40
+    g = P.feature_grid(maps, symmetric="global")
+    assert len(g.data) == 6 and {t.coloraxis for t in g.data} == {"coloraxis"}
+    assert g.layout.coloraxis.cmax == pytest.approx(55) and g.layout.coloraxis.cmin == -55
+    m = P.feature_grid(maps, symmetric="map")
+    assert len({t.coloraxis for t in m.data}) == 6
+    assert m.layout.coloraxis.cmax == pytest.approx(40)
+    n = P.feature_grid(maps, symmetric=None)
+    assert n.layout.coloraxis.cmin == pytest.approx(-40) and n.layout.coloraxis.cmax == \
+        pytest.approx(-25)
+
+
+def test_feature_grid_errors():
+    with pytest.raises(ValueError, match="symmetric must be"):
+        P.feature_grid([[np.zeros((2, 2))]], symmetric="col")
+    with pytest.raises(ValueError, match=r"maps\[0\]\[1\] has shape \(2, 2, 2, 2\)"):
+        P.feature_grid([[np.zeros((2, 2)), np.zeros((2, 2, 2, 2))]])
+    with pytest.raises(ValueError, match="titles has 1 entries for 2 columns"):
+        P.feature_grid([[np.zeros((2, 2)), np.zeros((2, 2))]], titles=["a"])
+    with pytest.raises(ValueError, match=r"\(rows, cols, H, W\)"):
+        P.feature_grid(np.zeros((2, 2, 2)))
+
+
+def test_image_conversions_and_grid():
+    chw = np.random.default_rng(0).random((3, 5, 6))
+    out = P.to_rgb_uint8(chw)
+    assert out.shape == (5, 6, 3) and out.dtype == np.uint8
+    assert P.to_rgb_uint8(np.zeros((4, 4))).shape == (4, 4, 3)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        P.to_rgb_uint8(np.full((4, 4, 3), 7.0))
+    from PIL import Image
+    import io
+    im = Image.open(io.BytesIO(P.png_bytes(np.zeros((8, 8, 3), np.uint8), size=96)))
+    assert im.size == (96, 96)
+    fig = P.image_grid(np.random.default_rng(0).random((5, 3, 4, 4)), titles=list("abcde"),
+                       cols=2)
+    assert len(fig.data) == 5 and all(isinstance(t, go.Image) for t in fig.data)
+    with pytest.raises(ValueError, match="2 titles for 5 images"):
+        P.image_grid(np.zeros((5, 4, 4, 3), np.uint8), titles=["a", "b"])
+
+
+def test_bar():
+    fig = P.bar(pd.Series([0.165, 0.282], index=["p1", "p2"], name="gate"))
+    assert list(fig.data[0].x) == ["p1", "p2"] and fig.layout.yaxis.title.text == "gate"
+    df = pd.DataFrame({"student": ["KD", "CFL", "KD", "CFL"], "acc": [0.7, 0.72, 0.6, 0.65],
+                       "std": [0.01, 0.02, 0.01, 0.03], "data": ["a", "a", "b", "b"]})
+    fig = P.bar(df, x="student", y="acc", error="std", color="data")
+    assert len(fig.data) == 2 and list(fig.data[1].error_y.array) == [0.01, 0.03]
+    with pytest.raises(ValueError, match="error='sd' is not a column"):
+        P.bar(df, x="student", y="acc", error="sd")

@@ -1,0 +1,251 @@
+"""kaviz.widgets: the callback logic, without a browser (plotly events are simulated)."""
+import io
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+
+from kaviz import plots as P
+from kaviz.widgets import EmbeddingExplorer, LinkedControls, linked_controls
+
+N = 12
+
+
+def frame(seed, sources=("student", "teacher")):
+    rng = np.random.default_rng(seed)
+    n = N * len(sources)
+    return pd.DataFrame({"x": rng.normal(size=n), "y": rng.normal(size=n),
+                         "source": np.repeat(sources, N), "label": np.tile(np.arange(N) % 3,
+                                                                           len(sources)),
+                         "index": np.tile(np.arange(N), len(sources))})
+
+
+class FakeCompute:
+    """Records its calls; raises for layer 'broken'; returns one or two panels."""
+
+    def __init__(self, panels=2):
+        self.calls = []
+        self.panels = panels
+
+    def __call__(self, model, layer, method, params):
+        self.calls.append((model, layer, method, dict(params)))
+        if layer == "broken":
+            raise RuntimeError("hook never fired for layer 'broken'")
+        dfs = tuple(frame(len(self.calls) + k) for k in range(self.panels))
+        return dfs[0] if self.panels == 1 else dfs
+
+
+IMAGES = (np.random.default_rng(0).random((N, 8, 8, 3)) * 255).astype(np.uint8)
+
+
+def make(**kw):
+    compute = kw.pop("compute", FakeCompute())
+    args = dict(models=["cfl", "kd"], layers={"cfl": ["layer3", "layer4", "broken"],
+                                              "kd": ["layer4", "fc"]},
+                images=IMAGES, class_names=["zero", "one", "two"])
+    args.update(kw)
+    return EmbeddingExplorer(compute, **args), compute
+
+
+def selected_indices(fw):
+    out = set()
+    for t in fw.data:
+        if t.selectedpoints is not None and t.customdata is not None:
+            out |= {int(t.customdata[i]) for i in t.selectedpoints}
+    return out
+
+
+def js_event(fw, event, pairs):
+    """Send a plotly.js points event (pairs of (trace, point)) to a FigureWidget, the way the
+    browser does."""
+    fw._handler_js2py_pointsCallback({"new": {
+        "event_type": event, "selector": None,
+        "points": {"xs": [0.0] * len(pairs), "ys": [0.0] * len(pairs),
+                   "trace_indexes": [t for t, _ in pairs],
+                   "point_indexes": [p for _, p in pairs]}}})
+
+
+# ------------------------------------------------------------------------------------------------
+def test_initial_compute_and_status(capsys):
+    ex, compute = make()
+    assert compute.calls == [("cfl", "layer3", "tsne", {"perplexity": 30})]
+    assert len(ex.results) == 2 and all(len(fw.data) > 0 for fw in ex.figures)
+    assert "t-SNE of cfl · layer3" in ex.status.value and "24 + 24 points" in ex.status.value
+    assert ex.figures[0].layout.title.text == "feature space"
+    assert capsys.readouterr().out == ""
+
+
+def test_layer_dropdown_follows_model_and_recomputes():
+    ex, compute = make()
+    ex.layer_dd.value = "layer4"
+    ex.model_dd.value = "kd"
+    assert list(ex.layer_dd.options) == ["layer4", "fc"]
+    assert ex.layer_dd.value == "layer4"               # kept: the new model has it too
+    assert compute.calls[-1][:2] == ("kd", "layer4")
+    assert len(compute.calls) == 3                     # one compute per user change
+    ex.layer_dd.value = "fc"
+    ex.model_dd.value = "cfl"
+    assert ex.layer_dd.value == "layer3" and compute.calls[-1][:2] == ("cfl", "layer3")
+
+
+def test_method_switch_shows_its_parameters_and_params_wait_for_button():
+    ex, compute = make()
+    assert ex.param_boxes["tsne"].layout.display is None
+    assert ex.param_boxes["umap"].layout.display == "none"
+    ex.method_dd.value = "umap"
+    assert ex.param_boxes["umap"].layout.display is None
+    assert ex.param_boxes["tsne"].layout.display == "none"
+    assert compute.calls[-1][2:] == ("umap", {"n_neighbors": 15, "min_dist": 0.1})
+    n = len(compute.calls)
+    ex.param_widgets["n_neighbors"].value = 30
+    assert len(compute.calls) == n and "recompute" in ex.status.value
+    ex.recompute_btn.click()
+    assert compute.calls[-1][3] == {"n_neighbors": 30, "min_dist": 0.1}
+    ex.method_dd.value = "pca"
+    assert compute.calls[-1][2:] == ("pca", {})
+    assert all(b.layout.display == "none" for b in ex.param_boxes.values())
+
+
+def test_compute_error_goes_to_status_and_keeps_maps(capsys):
+    ex, compute = make()
+    before = [t.x for t in ex.figures[0].data]
+    ex.layer_dd.value = "broken"                       # a callback: must not raise or print
+    assert "RuntimeError: hook never fired" in ex.status.value
+    assert "layer=broken" in ex.status.value
+    assert [t.x for t in ex.figures[0].data] == before
+    assert ex.recompute() is False
+    assert capsys.readouterr() == ("", "")
+
+
+def test_bad_compute_result_is_reported():
+    ex, _ = make(compute=lambda *a: "not a frame")
+    assert "compute must return a DataFrame" in ex.status.value
+    ex, _ = make(compute=lambda *a: (frame(0),) * 3)
+    assert "3 DataFrames but there are 2 panels" in ex.status.value
+    ex, _ = make(compute=lambda *a: frame(0).drop(columns="index"))
+    assert "missing ['index']" in ex.status.value
+
+
+def test_select_highlights_same_indices_in_every_panel_and_source():
+    ex, _ = make()
+    ex.select([2, 5])
+    for fw in ex.figures:
+        assert selected_indices(fw) == {2, 5}
+        n_points = sum(len(t.selectedpoints) for t in fw.data if t.selectedpoints is not None)
+        assert n_points == 4                           # both sources show each index
+    assert "2 selected" in ex.side_caption.value
+    assert ex.side_image.value[:4] == b"\x89PNG"
+    ex.select(None)
+    assert all(t.selectedpoints is None for fw in ex.figures for t in fw.data)
+    assert ex.side_image.value == b""
+
+
+def test_plotly_lasso_in_one_map_selects_in_the_other():
+    ex, _ = make()
+    fw0, fw1 = ex.figures
+    t0, t1 = fw0.data[0], fw0.data[1]
+    js_event(fw0, "plotly_selected", [(0, 0), (1, 1)])
+    expect = {int(t0.customdata[0]), int(t1.customdata[1])}
+    assert ex.selection == sorted(expect)
+    assert selected_indices(fw1) == expect
+    js_event(fw0, "plotly_deselect", [])
+    assert ex.selection is None and selected_indices(fw1) == set()
+
+
+def test_hover_shows_upscaled_image_index_and_label():
+    from PIL import Image
+
+    ex, _ = make()
+    ex.hover(4)
+    assert "index 4" in ex.side_caption.value and "one" in ex.side_caption.value
+    im = Image.open(io.BytesIO(ex.side_image.value))
+    assert im.size == (96, 96)
+    assert np.array_equal(np.asarray(im)[::12, ::12], IMAGES[4])
+    fw = ex.figures[1]
+    js_event(fw, "plotly_hover", [(2, 1)])
+    assert f"index {int(fw.data[2].customdata[1])}" in ex.side_caption.value
+
+
+def test_image_errors_in_callbacks_go_to_status(capsys):
+    ex, _ = make(images=IMAGES[:3])
+    fw = ex.figures[0]
+    k = next(i for i, t in enumerate(fw.data) if t.customdata is not None
+             and max(t.customdata) >= 3)
+    p = int(np.argmax(np.asarray(fw.data[k].customdata) >= 3))
+    js_event(fw, "plotly_hover", [(k, p)])
+    assert "IndexError" in ex.status.value and "outside the images array" in ex.status.value
+    assert capsys.readouterr() == ("", "")
+
+
+def test_images_callable_and_single_panel_static_fallback():
+    seen = []
+    ex, _ = make(compute=FakeCompute(panels=1),
+                 images=lambda i: seen.append(i) or np.full((4, 4), i / N))
+    ex.hover(7)
+    assert seen == [7]
+    figs = ex.show()                                   # no kernel here: static figures
+    assert len(figs) == 1 and isinstance(figs[0], go.Figure)
+    assert not isinstance(figs[0], go.FigureWidget)
+    assert ex.figures[1] not in ex._maps_box.children
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match=r"unknown defaults \['perp'\]"):
+        make(defaults={"perp": 5})
+    with pytest.raises(ValueError, match="'resnet' is not in models"):
+        make(defaults={"model": "resnet"})
+    with pytest.raises(ValueError, match=r"no entry for models \['kd'\]"):
+        make(layers={"cfl": ["layer4"]})
+    with pytest.raises(ValueError, match="'fc' is not a layer of 'cfl'"):
+        make(defaults={"layer": "fc"})
+    with pytest.raises(TypeError, match="compute must be a callable"):
+        EmbeddingExplorer(None, models=["a"], layers=["l"])
+    ex, compute = make(layers=["l1", "l2"], defaults={"method": "pca", "layer": "l2"})
+    assert compute.calls[0] == ("cfl", "l2", "pca", {})
+
+
+# ------------------------------------------------------------------------------------------------
+def test_linked_controls_redraws_in_place(capsys):
+    calls = []
+
+    def draw(layer, channel):
+        calls.append((layer, channel))
+        if channel == 3:
+            raise ValueError("channel 3 is empty")
+        return P.bar(pd.Series([channel, 1.0], index=[layer, "ref"]))
+
+    lc = linked_controls(draw, layer=["layer1", "layer2"], channel=range(5), title="gates")
+    assert isinstance(lc, LinkedControls) and calls == [("layer1", 0)]
+    fw = lc.figure
+    assert isinstance(fw, go.FigureWidget) and list(fw.data[0].y) == [0, 1]
+    lc.controls["channel"].value = 2                   # as a user would
+    assert calls[-1] == ("layer1", 2) and list(lc.figure.data[0].y) == [2, 1]
+    assert lc.figure is fw                             # same widget, updated in place
+    assert lc.update(layer="layer2", channel=4) is True
+    assert calls[-1] == ("layer2", 4) and len(calls) == 3  # one redraw for two changes
+    lc.controls["channel"].value = 3
+    assert "ValueError: channel 3 is empty" in lc.status.value
+    assert list(lc.figure.data[0].y) == [4, 1]         # the last good figure stays
+    with pytest.raises(ValueError, match=r"unknown controls \['chan'\]"):
+        lc.update(chan=1)
+    assert capsys.readouterr() == ("", "")
+    assert lc.show() is lc.result
+
+
+def test_linked_controls_non_figure_output_and_control_specs():
+    import ipywidgets as W
+
+    lc = linked_controls(lambda k, w: pd.DataFrame({"k": [k], "w": [w]}),
+                         k={"first": 1, "second": 2}, w=W.FloatSlider(value=0.5))
+    assert lc.figure is None
+    assert lc.output.outputs and "text/plain" in lc.output.outputs[0]["data"]
+    assert lc.controls["k"].options[1] == ("second", 2)
+    assert lc.controls["w"].description == "w"
+    assert isinstance(linked_controls(lambda c: None, c=range(3)).controls["c"], W.IntSlider)
+    with pytest.raises(TypeError, match="control 'c': expected a list"):
+        linked_controls(lambda c: None, c=5)
+    with pytest.raises(ValueError, match="no options"):
+        linked_controls(lambda c: None, c=[])
+    with pytest.raises(ValueError, match="at least one control"):
+        linked_controls(lambda: None)
