@@ -509,7 +509,7 @@ def _run_tsne(X, names, sources, fit_names, mode, reference, eff, seed):
     # and record the value used in df.attrs["params"]
     max_perp = max((n - 1) / 3.0, 1.0)
     if eff["perplexity"] > max_perp:
-        eff["perplexity"] = round(max_perp, 3)
+        eff["perplexity"] = float(np.floor(max_perp * 1000) / 1000)  # rounded down: 3 * p <= n - 1
     n_jobs = eff["n_jobs"]
     if n_jobs == "auto":
         n_jobs = 1 if n < 1000 else -1
@@ -549,6 +549,7 @@ def _run_umap(X, names, sources, fit_names, mode, reference, eff, seed):
         warnings.filterwarnings("ignore", message=".*Graph is not fully connected.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=ImportWarning)  # "Tensorflow not installed"
         import umap
 
         eff["n_neighbors"] = int(min(eff["n_neighbors"], X_fit.shape[0] - 1))

@@ -57,7 +57,8 @@ def palette(n: int) -> list[str]:
 def embedding_scatter(df: pd.DataFrame, color: str | None = "label", symbol: str | None = "source",
                       title: str | None = None, hover: Sequence[str] | None = None,
                       class_names=None, webgl_threshold: int = 1000, selected=None,
-                      marker_size: float | None = None, height: int = 520):
+                      marker_size: float | None = None, height: int = 520,
+                      width: int | None = None):
     """Scatter of a 2-D map (the DataFrame of :func:`kaviz.embed.embed`).
 
     One trace per (source, class): colour = ``color`` column (class), symbol = ``symbol`` column
@@ -158,16 +159,18 @@ def embedding_scatter(df: pd.DataFrame, color: str | None = "label", symbol: str
     margin = dict(l=10, r=10, t=60 if (title or many_sources) else 20, b=10)
     if n_classes > 18:
         # a long vertical legend would be clipped in static exports: wrap it below the map, in
-        # columns as wide as the longest class name, assuming a ~650 px wide figure
+        # columns as wide as the longest class name (plotly adds ~45 px for the symbol);
+        # without a width, assume the ~650 px of a notebook cell
         longest = max(len(_class_name(c, class_names)) for c in col_values)
         entry = 36 + 7 * longest
-        per_row = max(1, 650 // entry)
+        per_row = max(1, ((width or 650) - 20) // (entry + 45))
         legend.update(orientation="h", x=0, y=-0.04, yanchor="top", yref="paper",
                       entrywidth=entry, title=dict(text=""))
         margin["b"] = 30 + 21 * math.ceil(n_classes / per_row)
         height = height + margin["b"]
     fig.update_layout(
-        template="plotly_white", height=height, title=title, legend=legend, margin=margin,
+        template="plotly_white", height=height, width=width, title=title, legend=legend,
+        margin=margin,
         xaxis=dict(title=f"{axis_name} 1" if n_classes <= 18 else None, showticklabels=False,
                    zeroline=False),
         yaxis=dict(title=f"{axis_name} 2" if n_classes <= 18 else None, showticklabels=False,

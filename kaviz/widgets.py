@@ -234,16 +234,18 @@ class EmbeddingExplorer:
             out = self._compute(*args)
             dfs = self._check_result(out)
             figs = [plots.embedding_scatter(df, title=title, class_names=self.class_names,
-                                            height=430)
-                    for df, title in zip(dfs, self.titles)]
+                                            height=430, width=560 if k == len(dfs) - 1 else 440)
+                    for k, (df, title) in enumerate(zip(dfs, self.titles))]
         except Exception as e:  # noqa: BLE001 - shown to the user, never raised from a callback
             self.status.value = f"{_error_text(e)} (model={args[0]}, layer={args[1]}, " \
                                 f"method={args[2]}, params={args[3]})"
             return False
         for k, (fw, fig) in enumerate(zip(self.figures, figs)):
             last = k == len(figs) - 1
-            fig.update_layout(width=560 if last else 440, showlegend=last,
-                              margin=dict(l=10, r=10, t=70, b=10))
+            # one legend is enough (same classes, same networks): on the last panel
+            fig.update_layout(showlegend=last)
+            if not last:  # no room kept for a (hidden) wrapped legend: maps of equal size
+                fig.update_layout(height=430, margin_b=10)
             _replace_figure(fw, fig)
             self._bind(k)
         for fw in self.figures[len(figs):]:

@@ -229,10 +229,13 @@ def test_bad_inputs_raise_teaching_errors():
         E.embed(X, method="umap", min_dist=2.0)
 
 
-def test_perplexity_is_lowered_for_tiny_inputs_and_recorded():
-    X, _ = blobs(n_per=5)             # 20 rows: perplexity 30 is impossible
+def test_perplexity_is_lowered_for_tiny_inputs_quietly_and_recorded(capfd, caplog):
+    X, _ = blobs(n_per=15)            # 60 rows: perplexity 30 is impossible, 59/3 is the most
     df = E.embed(X, method="tsne", n_iter=50, early_exaggeration_iter=20)
-    assert df.attrs["params"]["perplexity"] == pytest.approx(19 / 3, abs=1e-3)
+    assert df.attrs["params"]["perplexity"] == pytest.approx(59 / 3, abs=1e-3)
+    assert 3 * df.attrs["params"]["perplexity"] <= 59
+    assert capfd.readouterr() == ("", "")            # openTSNE did not have to complain
+    assert not [r for r in caplog.records if "perplexity" in r.getMessage().lower()]
 
 
 def test_pairing_distance_separates_paired_from_shuffled():
