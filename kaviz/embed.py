@@ -349,10 +349,16 @@ def _check_params(method, params):
 
 
 def _to_numpy(a, what):
+    """float32 stays float32 (conv features can be large); everything else becomes float64."""
     if type(a).__module__.split(".")[0] == "torch":
-        a = a.detach().cpu().numpy()
+        import torch  # already imported by whoever made the tensor
+
+        a = a.detach().cpu()
+        a = (a if a.dtype in (torch.float32, torch.float64) else a.double()).numpy()
     try:
-        arr = np.asarray(a, dtype=np.float64)
+        arr = np.asarray(a)
+        if arr.dtype not in (np.float32, np.float64):
+            arr = arr.astype(np.float64)
     except (TypeError, ValueError) as e:
         raise TypeError(f"{what} must be a numeric array (numpy or torch), got "
                         f"{type(a).__name__}: {e}") from None

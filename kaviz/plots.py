@@ -297,9 +297,10 @@ def training_curves(history, terms: Sequence[str] | None = None,
     name is a loss term. ``terms``/``metrics`` override the choice. ``history.attrs["best_epoch"]``
     is marked with a vertical dotted line.
 
-    One run: a panel of loss terms (log y when all values are positive; colour = term,
+    One run: a panel of loss terms (colour = term,
     solid = train, dashed = val), a panel of metrics, and a learning-rate panel when it changes.
     Several runs: one panel per term and per metric, colour = run, dash = split.
+    Loss axes are logarithmic when every value is positive and they span at least a decade.
     """
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -350,7 +351,7 @@ def training_curves(history, terms: Sequence[str] | None = None,
                     marker=dict(size=5),
                     hovertemplate=f"{_esc(label)}<br>epoch %{{x}}: %{{y:.4g}}<extra></extra>"),
                     row=1, col=pi)
-            if pname in ("loss terms", "learning rate") and _all_positive(values):
+            if pname in ("loss terms", "learning rate") and _wants_log(values):
                 fig.update_yaxes(type="log", dtick="D2", row=1, col=pi)
             if pname == "learning rate":
                 fig.update_yaxes(exponentformat="e", row=1, col=pi)
@@ -402,7 +403,7 @@ def training_curves(history, terms: Sequence[str] | None = None,
             if best is not None and any(f"{sp}/{name}" in h.columns for sp in _SPLITS):
                 fig.add_vline(x=best, line=dict(color=run_colors[run], dash="dot", width=1.2),
                               row=r + 1, col=c + 1)
-        if name in terms and _all_positive(values):
+        if name in terms and _wants_log(values):
             fig.update_yaxes(type="log", dtick="D2", row=r + 1, col=c + 1)
     fig.update_layout(template="plotly_white", height=300 * rows + 60, width=330 * cols + 220,
                       title=title, legend=dict(font=dict(size=11)),
@@ -451,10 +452,12 @@ def _epochs(h):
     return np.arange(1, len(h) + 1)
 
 
-def _all_positive(values):
+def _wants_log(values):
+    """Log scale when every value is positive and they span at least a decade (below that a log
+    axis has one or two tick labels and reads worse than a linear one)."""
     vals = [v[np.isfinite(v)] for v in values]
-    vals = [v for v in vals if v.size]
-    return bool(vals) and all((v > 0).all() for v in vals)
+    vals = np.concatenate([v for v in vals if v.size]) if any(v.size for v in vals) else None
+    return vals is not None and bool((vals > 0).all()) and vals.max() >= 10 * vals.min()
 
 
 # ------------------------------------------------------------------------------------------------

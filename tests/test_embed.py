@@ -177,6 +177,17 @@ def test_torch_and_conv_maps_are_flattened():
     np.testing.assert_allclose(df_t[["x", "y"]].to_numpy(), df_n[["x", "y"]].to_numpy())
 
 
+def test_dtypes_float32_kept_half_and_int_accepted():
+    X, y = blobs(n_per=10)
+    a = E.embed({"m": torch.tensor(X, dtype=torch.float16)}, method="pca", cache=False)
+    b = E.embed({"m": X.astype(np.float16).astype(np.float64)}, method="pca", cache=False)
+    np.testing.assert_allclose(a[["x", "y"]].to_numpy(), b[["x", "y"]].to_numpy(), atol=1e-9)
+    c = E.embed({"m": np.round(X).astype(int)}, method="pca", cache=False)
+    assert np.isfinite(c[["x", "y"]].to_numpy()).all()
+    with pytest.raises(TypeError, match="numeric array"):
+        E.embed({"m": np.array([["a", "b"]] * 5)}, method="pca")
+
+
 def test_labels_and_index_per_source_with_different_sizes():
     X, y = blobs(n_per=20)
     feats = {"a": X, "b": X[:50]}

@@ -153,6 +153,13 @@ def test_training_curves_no_lr_panel_when_constant_and_linear_for_negative_terms
     assert fig.layout.yaxis.type != "log"
 
 
+def test_training_curves_linear_when_losses_span_less_than_a_decade():
+    h = history()[["epoch", "train/kd", "val/accuracy"]]
+    h["train/kd"] = np.linspace(2.5, 1.5, len(h))
+    assert P.training_curves(h).layout.yaxis.type != "log"
+    assert P.training_curves({"a": h, "b": h}).layout.yaxis.type != "log"
+
+
 def test_training_curves_selection_and_overlay_of_runs():
     fig = P.training_curves(history(), terms=["kd"], metrics=[])
     assert {t.name for t in fig.data} == {"kd (train)", "kd (val)", "lr"}
