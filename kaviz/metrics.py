@@ -17,6 +17,10 @@ __all__ = [
     "union_accuracies",
     "confusion_matrix",
     "per_class_accuracy",
+    "segmentation_scores",
+    "depth_scores",
+    "psnr",
+    "ssim",
 ]
 
 
@@ -127,3 +131,88 @@ def per_class_accuracy(predictions, targets, num_classes: int | None = None) -> 
     support = cm.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(support > 0, np.diag(cm) / np.maximum(support, 1), np.nan)
+
+
+# ----------------------------------------------------------------------------------------- dense
+# Segmentation, depth and reconstruction metrics for the dense papers (SPEC §4.2–4.3). Inputs are
+# per-pixel maps (N, H, W) or (N, C, H, W); ``ignore_index`` pixels (void) are left out.
+
+def segmentation_scores(predictions, targets, num_classes: int, ignore_index: int = 255) -> dict:
+    """Pixel accuracy, mean IoU over the classes that occur (in targets or predictions) and the
+    per-class IoU (NaN for a class absent from both). ``predictions``: ids (N,H,W) or logits (N,K,H,W)."""
+    p = _np(predictions)
+    if p.ndim == 4:
+        p = p.argmax(1)
+    t = _np(targets).astype(np.int64)
+    if p.shape != t.shape:
+        raise ValueError(f"predictions {p.shape} and targets {t.shape} must have the same shape (N, H, W)")
+    valid = t != ignore_index
+    if not valid.any():
+        raise ValueError("every target pixel is ignore_index: nothing to score")
+    cm = confusion_matrix(p[valid].ravel(), t[valid].ravel(), num_classes)
+    tp = np.diag(cm).astype(np.float64)
+    union = cm.sum(0) + cm.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+    return {"pixel_accuracy": float(tp.sum() / cm.sum()), "mIoU": float(np.nanmean(iou)), "iou": iou}
+
+
+def depth_scores(predictions, targets, valid=None, min_depth: float = 1e-3) -> dict:
+    """RMSE, absolute relative error and δ<1.25 (share of pixels with max(p/t, t/p) < 1.25) over
+    valid pixels (targets > ``min_depth`` and finite, and ``valid`` if given)."""
+    p = _np(predictions).astype(np.float64)
+    t = _np(targets).astype(np.float64)
+    if p.shape != t.shape:
+        p = p.reshape(t.shape) if p.size == t.size else p
+    if p.shape != t.shape:
+        raise ValueError(f"predictions {p.shape} and targets {t.shape} must have the same shape")
+    m = np.isfinite(t) & (t > min_depth)
+    if valid is not None:
+        m &= _np(valid).astype(bool).reshape(m.shape)
+    if not m.any():
+        raise ValueError("no valid depth pixels to score")
+    p, t = np.maximum(p[m], min_depth), t[m]
+    ratio = np.maximum(p / t, t / p)
+    return {"rmse": float(np.sqrt(np.mean((p - t) ** 2))), "abs_rel": float(np.mean(np.abs(p - t) / t)),
+            "delta1": float(np.mean(ratio < 1.25))}
+
+
+def psnr(images, references, data_range: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB, averaged over images: 10·log10(range² / MSE)."""
+    a = _np(images).astype(np.float64)
+    b = _np(references).astype(np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"images {a.shape} and references {b.shape} must have the same shape")
+    mse = ((a - b) ** 2).reshape(len(a), -1).mean(1)
+    with np.errstate(divide="ignore"):
+        vals = 10 * np.log10(data_range ** 2 / np.maximum(mse, 1e-12))
+    return float(vals.mean())
+
+
+def ssim(images, references, data_range: float = 1.0, window: int = 7, sigma: float = 1.5) -> float:
+    """Structural similarity (Wang et al. 2004) with a Gaussian window, averaged over channels,
+    positions and images; images (N, C, H, W) in [0, data_range]. Computed with torch conv2d."""
+    import torch.nn.functional as F
+
+    a = torch.as_tensor(_np(images), dtype=torch.float64)
+    b = torch.as_tensor(_np(references), dtype=torch.float64)
+    if a.shape != b.shape or a.dim() != 4:
+        raise ValueError(f"ssim needs two (N, C, H, W) arrays of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if min(a.shape[-2:]) < window:
+        raise ValueError(f"images of {tuple(a.shape[-2:])} are smaller than the {window}×{window} window")
+    c = a.shape[1]
+    x = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
+    g = torch.exp(-(x ** 2) / (2 * sigma ** 2))
+    g = (g / g.sum())
+    kernel = (g[:, None] * g[None, :]).expand(c, 1, window, window).contiguous()
+
+    def blur(z):
+        return F.conv2d(z, kernel, groups=c)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a ** 2
+    var_b = blur(b * b) - mu_b ** 2
+    cov = blur(a * b) - mu_a * mu_b
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return float(s.mean())

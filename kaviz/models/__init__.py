@@ -223,4 +223,4 @@ def load_state(model: nn.Module, state: dict, *, skip_mismatched_head=False, str
 
 
 # register kaviz's own families
-from . import small  # noqa: E402,F401
+from . import dense, small  # noqa: E402,F401

@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+import torch
+
+from kaviz import metrics, models
+from kaviz.features import layer_table
+from kaviz.models.dense import decoder_names, encoder_names
+
+
+@pytest.mark.parametrize("skips", [False, True])
+def test_segnet_small_shapes_names_and_single_firing(skips):
+    m = models.build("segnet_small", 5, skips=skips)
+    x = torch.randn(2, 3, 48, 64)  # non-square
+    assert m(x).shape == (2, 5, 48, 64)
+    assert encoder_names(m) == ["enc1", "enc2", "enc3"] and decoder_names(m) == ["dec3", "dec2", "dec1"]
+    t = layer_table(m, x)
+    assert t["calls"].max() == 1
+    assert t.set_index("name").loc["enc3", "shape"] == "(64, 6, 8)"
+    rec = models.build("segnet_small", 3, output="sigmoid")
+    y = rec(x)
+    assert y.min() >= 0 and y.max() <= 1
+    with pytest.raises(ValueError, match="divisible by 8"):
+        m(torch.randn(1, 3, 30, 32))
+    with pytest.raises(ValueError, match="widths"):
+        models.build("segnet_small", 2, widths=(8, 16))
+
+
+def test_segmentation_scores_hand_computed():
+    t = np.array([[[0, 0, 1, 1], [2, 2, 255, 255]]])
+    p = np.array([[[0, 1, 1, 1], [2, 0, 1, 2]]])
+    s = metrics.segmentation_scores(p, t, num_classes=4)
+    # valid pixels: 6; correct: 0,1,1,2 -> 4
+    assert s["pixel_accuracy"] == pytest.approx(4 / 6)
+    # IoU: class0 tp1, union = (pred0: 2) + (true0: 2) - 1 = 3 ; class1 tp2, pred 3, true 2 -> 3 ; class2 tp1, pred1 true2 -> 2
+    assert s["iou"][:3] == pytest.approx([1 / 3, 2 / 3, 1 / 2])
+    assert np.isnan(s["iou"][3]) and s["mIoU"] == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
+    logits = np.eye(4)[p].transpose(0, 3, 1, 2)
+    assert metrics.segmentation_scores(logits, t, 4)["mIoU"] == pytest.approx(s["mIoU"])
+    with pytest.raises(ValueError, match="ignore_index"):
+        metrics.segmentation_scores(p, np.full_like(t, 255), 4)
+
+
+def test_depth_scores_hand_computed_and_invalid_pixels():
+    t = np.array([1.0, 2.0, 4.0, 0.0])
+    p = np.array([1.0, 2.5, 4.0, 7.0])
+    s = metrics.depth_scores(p, t)
+    assert s["rmse"] == pytest.approx(np.sqrt(0.25 / 3))
+    assert s["abs_rel"] == pytest.approx(0.25 / 3)
+    assert s["delta1"] == pytest.approx(2 / 3)  # 2.5/2 = 1.25 is not < 1.25
+    assert metrics.depth_scores(np.array([1.0, 1.3]), np.array([1.0, 1.0]))["delta1"] == 0.5
+    with pytest.raises(ValueError, match="no valid"):
+        metrics.depth_scores(p, np.zeros(4))
+
+
+def test_psnr_and_ssim_properties():
+    torch.manual_seed(0)
+    a = torch.rand(2, 3, 16, 16)
+    assert metrics.ssim(a, a) == pytest.approx(1.0)
+    noisy = (a + 0.1 * torch.randn_like(a)).clamp(0, 1)
+    noisier = (a + 0.3 * torch.randn_like(a)).clamp(0, 1)
+    assert 1 > metrics.ssim(noisy, a) > metrics.ssim(noisier, a)
+    assert metrics.psnr(noisy, a) > metrics.psnr(noisier, a)
+    assert metrics.psnr(a * 0 + 0.5, a * 0 + 0.6) == pytest.approx(20.0)
+    with pytest.raises(ValueError, match="smaller than"):
+        metrics.ssim(a[..., :4, :4], a[..., :4, :4])
