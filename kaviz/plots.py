@@ -18,7 +18,7 @@ import base64
 import io
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -193,8 +193,7 @@ def highlight(fig, indices=None, *, dim: float = 0.12):
     of ``fig`` (a ``go.Figure`` or ``go.FigureWidget``, changed in place and returned); the other
     points are dimmed to opacity ``dim``. ``indices=None`` clears the highlight."""
     keep = None if indices is None else set(int(i) for i in np.asarray(list(indices)).ravel())
-    batch = fig.batch_update() if hasattr(fig, "batch_update") else _nullcontext()
-    with batch:
+    with fig.batch_update():  # one message to the browser for a FigureWidget
         for tr in fig.data:
             if getattr(tr, "meta", None) and isinstance(tr.meta, dict) and \
                     tr.meta.get("legend_only"):
@@ -212,14 +211,6 @@ def highlight(fig, indices=None, *, dim: float = 0.12):
                 tr.selected = dict(marker=dict(opacity=1.0))
                 tr.unselected = dict(marker=dict(opacity=dim))
     return fig
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _Nan:

@@ -77,7 +77,8 @@ class EmbeddingExplorer:
     defaults : dict with any of ``model, layer, method, perplexity, n_neighbors, min_dist``
 
     Changing the model, layer or method recomputes at once; changing a method parameter waits
-    for the "recompute" button. The first map is computed on construction.
+    for the "recompute" button. The first map is computed on construction. A selection survives
+    a recompute (the same sample indices are highlighted in the new maps).
     """
 
     def __init__(self, compute: Callable, *, models: Sequence[str], layers,
@@ -259,7 +260,8 @@ class EmbeddingExplorer:
             if "label" in df.columns:
                 for i, lab in zip(df["index"].to_numpy(), df["label"].to_numpy()):
                     self._labels.setdefault(int(i), lab)
-        self.selection = None
+        if self.selection:  # the same images stay highlighted in the new maps
+            self.select(self.selection)
         parts = [f"{name} of {self.model} · {self.layer}: "
                  f"{' + '.join(str(len(df)) for df in dfs)} points in "
                  f"{time.perf_counter() - t0:.1f} s"]

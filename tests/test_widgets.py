@@ -136,6 +136,8 @@ def test_select_highlights_same_indices_in_every_panel_and_source():
         assert n_points == 4                           # both sources show each index
     assert "2 selected" in ex.side_caption.value
     assert ex.side_image.value[:4] == b"\x89PNG"
+    ex.method_dd.value = "pca"                         # new maps, same images highlighted
+    assert all(selected_indices(fw) == {2, 5} for fw in ex.figures)
     ex.select(None)
     assert all(t.selectedpoints is None for fw in ex.figures for t in fw.data)
     assert ex.side_image.value == b""
