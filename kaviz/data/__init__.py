@@ -1,0 +1,37 @@
+"""Embedded datasets (synthetic shapes/scenes, scikit-learn digits), the comprehensive label space
+(union), splits, fingerprints and seeded loaders. Importing this package imports torch and NumPy
+only; scikit-learn and pandas are imported when a dataset is built."""
+from .core import ImageDataset, Splits, Unlabeled, UnionDataset, fingerprint, loader, split, union
+from .digits import digits
+from .synthetic import (
+    ATTRIBUTES,
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    TEXTURES,
+    render_scenes,
+    scenes,
+    shape_attributes,
+    shapes,
+)
+
+__all__ = [
+    "ImageDataset",
+    "Unlabeled",
+    "UnionDataset",
+    "union",
+    "Splits",
+    "split",
+    "fingerprint",
+    "loader",
+    "SHAPES",
+    "TEXTURES",
+    "BACKGROUNDS",
+    "COLOURS",
+    "ATTRIBUTES",
+    "render_scenes",
+    "shapes",
+    "shape_attributes",
+    "scenes",
+    "digits",
+]
