@@ -17,8 +17,10 @@ def run(path: Path, out: Path | None, inplace: bool, timeout: int) -> tuple[bool
     from nbclient.exceptions import CellExecutionError
 
     nb = nbformat.read(path, as_version=4)
+    # Widget state makes the HTML reports interactive, but every plotly FigureWidget stores a copy of
+    # plotly.js (~5 MB): keep it out of the notebooks committed to the repository.
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}},
-                            store_widget_state=True)
+                            store_widget_state=not inplace)
     t0 = time.perf_counter()
     ok, note = True, ""
     try:
@@ -29,6 +31,7 @@ def run(path: Path, out: Path | None, inplace: bool, timeout: int) -> tuple[bool
         note = lines[-1][:200] if lines else "cell failed"
     seconds = time.perf_counter() - t0
     if inplace and ok:
+        nb.metadata.pop("widgets", None)
         nbformat.write(nb, path)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
