@@ -336,7 +336,8 @@ def test_run_two_stages_refits_bias_and_selects_on_validation(data):
     # the baseline has no stage 1 even when asked
     torch.manual_seed(3)
     base = lshfm.run("bce", TinyNet(4), teacher, train, val, epochs=1, stage1_epochs=2, batch_size=8, seed=0)
-    assert base.history["stage"].tolist() == [2]
+    assert base.history["stage"].tolist() == [2] and base.history["epoch"].tolist() == [3]  # aligned on stage 2
+    assert base.history.attrs["best_epoch"] == 3 and base.history.attrs["stage1_epochs"] == 0
     # same seed (and same initial student), same result
     torch.manual_seed(3)
     again = lshfm.run("bce", TinyNet(4), teacher, train, val, epochs=1, stage1_epochs=2, batch_size=8, seed=0)
@@ -418,3 +419,41 @@ def test_primary_labels(data):
 
     plain = ImageDataset(torch.zeros(3, 3, 4, 4, dtype=torch.uint8), torch.tensor([[0, 1.0], [1, 1], [0, 0]]))
     assert lshfm.primary_labels(plain).tolist() == [1, 0, -1]
+
+
+def test_load_data_embedded_and_real_sources_fail_with_the_layout():
+    tr, va, te = lshfm.load_data("embedded", n=40, image_size=16, max_objects=2, seed=0)
+    assert len(tr) + len(va) + len(te) == 40 and tr.targets["labels"].shape[1] == 10
+    table = lshfm.label_summary({"train": tr, "test": te})
+    assert list(table.columns) == ["train", "train difficult", "test", "test difficult"]
+    assert table["train"].sum() == int(tr.targets["labels"].sum())
+    from kaviz.data.real import DatasetLayoutError
+
+    with pytest.raises(DatasetLayoutError, match="JPEGImages"):
+        lshfm.load_data("voc2007", root=None)
+    with pytest.raises(ValueError, match="source must be one of"):
+        lshfm.load_data("voc2012")
+    with pytest.raises(ValueError, match="multi-hot"):
+        lshfm.label_summary({"x": torch.utils.data.TensorDataset(torch.zeros(2, 1))})
+
+
+def test_load_data_voc_fixture_holds_out_val_with_the_evaluation_transform(tmp_path):
+    from fixtures_real import make_voc  # the foundation's fixture trees
+
+    make_voc(tmp_path)
+    tr, va, te = lshfm.load_data("voc2007", root=tmp_path, image_size=32, val=0.34)
+    assert len(va) >= 1 and len(tr) >= 1 and te.split == "test"
+    assert "Random" in repr(tr.transform) and "Random" not in repr(va.transform)
+    teacher = lshfm.adapt(TinyNet(4, num_classes=20), 6)  # any model with a classifier works as a "teacher" here
+    assert lshfm.teacher_outputs(tr, teacher) is tr  # augmented: the teacher must run live
+    assert isinstance(lshfm.teacher_outputs(va, teacher), lshfm.TeacherOutputs)
+
+
+def test_mean_feature_cosine_and_feature_sets(data):
+    train, _, test = data
+    teacher = _teacher()
+    ref = lshfm.mean_feature_cosine(teacher, train, test)
+    assert 0 < ref <= 1
+    students = {"a": lshfm.adapt(TinyNet(4), 6)}
+    feats = lshfm.feature_sets(students, teacher, test)
+    assert list(feats) == ["teacher", "a"] and feats["a"].shape == (len(test), 6) == feats["teacher"].shape

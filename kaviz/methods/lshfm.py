@@ -1,5 +1,5 @@
-"""Distilling knowledge by mimicking features (Wang, Li, Wu & Wu, "Distilling Knowledge by Mimicking
-Features", IEEE TPAMI 2021; SPEC.md §2).
+"""Distilling knowledge by mimicking features (Guo-Hua Wang, Yifan Ge & Jianxin Wu, "Distilling
+Knowledge by Mimicking Features", IEEE TPAMI 2021, arXiv:2011.01424; SPEC.md §2).
 
 The student mimics the teacher's penultimate feature (the global-pooled vector that feeds the
 classifier) instead of its soft logits, so the method also works for teachers without a softmax
@@ -17,7 +17,9 @@ teacher's bits.
   (everything, ``BCE + β·L``).
 - :func:`run` — stage 1 then stage 2 with :func:`kaviz.train.fit` (bias re-fitted before stage 2),
   model selection on the validation split.
-- Analysis: :func:`evaluate_model`, :func:`results_table`, :func:`feature_agreement`,
+- Data and analysis: :func:`load_data` (embedded scenes or VOC2007 / COCO 2014),
+  :func:`teacher_outputs`, :func:`evaluate_model`, :func:`results_table`, :func:`per_class_table`,
+  :func:`feature_agreement`, :func:`mean_feature_cosine`, :func:`feature_sets`,
   :func:`angle_hamming`, :func:`primary_labels`.
 
 Why :func:`adapt` replaces the classifier module instead of wrapping the student: the adapted
@@ -54,13 +56,18 @@ __all__ = [
     "teacher_correct",
     "binary_kd",
     "TeacherOutputs",
+    "teacher_outputs",
     "FeatureMimic",
     "RunResult",
     "run",
+    "load_data",
+    "label_summary",
     "evaluate_model",
     "results_table",
     "per_class_table",
     "feature_agreement",
+    "mean_feature_cosine",
+    "feature_sets",
     "angle_hamming",
     "primary_labels",
 ]
@@ -391,6 +398,21 @@ class TeacherOutputs(torch.utils.data.Dataset):
         return f"TeacherOutputs({self.dataset!r}, layer={self.layer!r})"
 
 
+def _deterministic(data) -> bool:
+    """No transform, or one without random steps (torchvision's random transforms are Random*)."""
+    t = getattr(data, "transform", None)
+    return t is None or "Random" not in repr(t)
+
+
+def teacher_outputs(data, teacher: nn.Module, **kwargs):
+    """``TeacherOutputs(data, teacher)`` when ``data`` returns the same images every time (no
+    transform, or one without ``Random*`` steps), else ``data`` unchanged (the teacher then runs on
+    every augmented batch)."""
+    if data is None or isinstance(data, TeacherOutputs) or not _deterministic(data):
+        return data
+    return TeacherOutputs(data, teacher, **kwargs)
+
+
 def _teacher_features(teacher, data, layer, batch_size=256):
     if isinstance(data, TeacherOutputs) and data.layer == layer:
         return data.features
@@ -608,9 +630,13 @@ def run(variant: str, student: nn.Module | str, teacher: nn.Module, train_data, 
     ``val/accuracy``) — never on a test split. The LSH bias is fitted on the teacher's training
     features before each stage (SPEC §2: re-fitted before stage 2; with cached teacher outputs the
     re-fit gives the same bias, with augmentation a fresh pass). ``cache_teacher``: ``"auto"``
-    caches the teacher's outputs (:class:`TeacherOutputs`) when the training data has no transform
-    (no random augmentation). Other keywords go to :func:`kaviz.train.fit` (``batch_size``,
+    caches the teacher's outputs (:func:`teacher_outputs`) when the data has no random
+    augmentation. Other keywords go to :func:`kaviz.train.fit` (``batch_size``,
     ``optimizer="sgd"``, ``schedule="cosine"``, ``weight_decay``, ``device``...).
+
+    Epoch numbers: stage 1 is epochs ``1..stage1_epochs``, stage 2 starts at
+    ``stage1_epochs + 1`` for *every* variant (also the baselines, which have no stage 1), so the
+    curves of all variants line up on stage 2.
     """
     import pandas as pd
 
@@ -630,17 +656,17 @@ def run(variant: str, student: nn.Module | str, teacher: nn.Module, train_data, 
             raise ValueError("num_classes is not given and the training data does not say (data.num_classes)")
         student = build(student, num_classes, **dict(arch_kwargs or {}))
     if cache_teacher == "auto":
-        cache_teacher = getattr(train_data, "transform", None) is None
-    if cache_teacher and not isinstance(train_data, TeacherOutputs):
-        train_data = TeacherOutputs(train_data, teacher)
-    if cache_teacher and val_data is not None and not isinstance(val_data, TeacherOutputs):
-        val_data = TeacherOutputs(val_data, teacher)
+        train_data, val_data = teacher_outputs(train_data, teacher), teacher_outputs(val_data, teacher)
+    elif cache_teacher:
+        train_data = train_data if isinstance(train_data, TeacherOutputs) else TeacherOutputs(train_data, teacher)
+        if val_data is not None and not isinstance(val_data, TeacherOutputs):
+            val_data = TeacherOutputs(val_data, teacher)
     method = FeatureMimic(student, teacher, variant, beta=beta, beta1=beta1, n_hashes=n_hashes, std=std,
                           bias=bias, kd_weight=kd_weight, T=T, loss=loss, target_key=target_key, lsh_seed=seed)
     t_train = (_teacher_features(method.teacher.module, train_data, method.teacher_layer)
                if method.lsh is not None else None)
     parts = []
-    offset = 0
+    offset = stage1_epochs
     if stage1_epochs and variant in MIMIC_VARIANTS:
         method.stage = 1
         method.fit_bias(t_train)
@@ -648,7 +674,6 @@ def run(variant: str, student: nn.Module | str, teacher: nn.Module, train_data, 
                  monitor="val/loss" if val_data is not None else "train/loss", **fit_kwargs)
         h1.insert(0, "stage", 1)
         parts.append(h1)
-        offset = stage1_epochs
     method.stage = 2
     if t_train is not None and variant in MIMIC_VARIANTS:
         if parts and getattr(train_data, "transform", None) is not None:
@@ -664,10 +689,63 @@ def run(variant: str, student: nn.Module | str, teacher: nn.Module, train_data, 
     history = pd.concat(parts, ignore_index=True)
     history.attrs.update({"best_epoch": None if best is None else best + offset, "monitor": monitor,
                           "best_value": h2.attrs.get("best_value"), "variant": variant, "seed": seed,
-                          "stage1_epochs": offset,
-                          "stage1_best_epoch": parts[0].attrs.get("best_epoch") if offset else None})
+                          "stage1_epochs": offset if len(parts) > 1 else 0,
+                          "stage1_best_epoch": parts[0].attrs.get("best_epoch") if len(parts) > 1 else None})
     student.eval()
     return RunResult(student, method, history)
+
+
+# ------------------------------------------------------------------------------------------ data
+DATA_SOURCES = ("embedded", "voc2007", "coco2014")
+
+
+def load_data(source: str = "embedded", *, root=None, n: int = 2500, image_size: int = 32, max_objects: int = 2,
+              val: float = 0.2, test: float = 0.2, seed: int = 0):
+    """Train / validation / test splits for the LSHFM notebook (``kaviz.data.Splits``).
+
+    - ``"embedded"``: ``kaviz.data.scenes(n, seed, image_size, max_objects)`` (multi-hot labels,
+      VOC-style difficult flags), split ``val``/``test`` of it;
+    - ``"voc2007"``: ``trainval`` (a seeded ``val`` share held out for model selection, shown with
+      the evaluation transform) and ``test`` from :func:`kaviz.data.real.voc2007`;
+    - ``"coco2014"``: ``train`` (``val`` share held out) and COCO's ``val`` as the test split.
+
+    ``root=None`` for a real source raises the loader's error that shows the expected folder
+    layout (no silent fallback to the embedded data).
+    """
+    from ..data import Splits, scenes, split
+
+    if source not in DATA_SOURCES:
+        raise ValueError(f"source must be one of {DATA_SOURCES}, got {source!r}")
+    if source == "embedded":
+        return split(scenes(n, seed=seed, size=image_size, max_objects=max_objects), val=val, test=test, seed=seed)
+    from ..data import real
+
+    if source == "voc2007":
+        full = real.voc2007(root, split="trainval", image_size=image_size)
+        test_ds = real.voc2007(root, split="test", image_size=image_size)
+    else:
+        full = real.coco2014_multilabel(root, split="train", image_size=image_size)
+        test_ds = real.coco2014_multilabel(root, split="val", image_size=image_size)
+    tr, va, _ = split(full, val=val, test=0.0, seed=seed)
+    return Splits(tr, va.with_transform(None), test_ds)
+
+
+def label_summary(splits: Mapping[str, object], *, target_key: str = "labels"):
+    """Images per class in each split (``{"train": ds, ...}``), and how many of them are
+    difficult (ignored by the mAP), from the datasets' ``targets`` (no image is loaded)."""
+    import pandas as pd
+
+    cols = {}
+    classes = None
+    for name, ds in splits.items():
+        t = getattr(ds, "targets", None)
+        if not isinstance(t, Mapping) or target_key not in t:
+            raise ValueError(f"split {name!r} has no multi-hot {target_key!r} targets")
+        classes = classes or list(getattr(ds, "classes", None) or range(t[target_key].shape[1]))
+        cols[name] = np.asarray(t[target_key]).sum(0).astype(np.int64)
+        if "difficult" in t:
+            cols[f"{name} difficult"] = np.asarray(t["difficult"]).sum(0).astype(np.int64)
+    return pd.DataFrame(cols, index=pd.Index(classes, name="class"))
 
 
 # -------------------------------------------------------------------------------------- analysis
@@ -772,6 +850,27 @@ def feature_agreement(student: nn.Module, teacher: nn.Module, test_data, train_d
         w, b = _lstsq_map(s_train, t_train)
         pred = s_test.tensor(s_layers[1]).double() @ w + b
         out["cos_linear"] = float(F.cosine_similarity(pred, t_test.double(), dim=1).mean())
+    return out
+
+
+def mean_feature_cosine(teacher: nn.Module, train_data, test_data, *, layer: str | None = None) -> float:
+    """Reference for ``cos``: the mean cosine between each test feature of the teacher and the
+    teacher's *mean* training feature (a constant "student"). Post-ReLU pooled features share a
+    large common direction, so a cosine must be read against this number, not against 0."""
+    layer = layer or feature_layer(teacher)
+    mean = _teacher_features(teacher, train_data, layer).mean(0, keepdim=True)
+    t_test = _teacher_features(teacher, test_data, layer)
+    return float(F.cosine_similarity(t_test, mean.expand_as(t_test), dim=1).mean())
+
+
+def feature_sets(students: Mapping[str, nn.Module], teacher: nn.Module, data, *,
+                 teacher_name: str = "teacher") -> dict:
+    """``{name: (N, D) array}``: each student's adapted feature and the teacher's pooled feature
+    (``teacher_name`` first) on ``data``, for maps and angle–Hamming pairs."""
+    out = {teacher_name: _teacher_features(teacher, data, feature_layer(teacher)).numpy()}
+    for name, st in students.items():
+        layer = adapted_layer(st)
+        out[name] = extract(st, data, layer, pool="none", progress=False)[layer]
     return out
 
 
