@@ -38,6 +38,7 @@ __all__ = [
     "save_atomic",
     "load_checkpoint",
     "to_device",
+    "summarize",
 ]
 
 CHECKPOINT_FORMAT = "kaviz-checkpoint-1"
@@ -589,3 +590,26 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
         os.replace(tmp, info_file)
     history.attrs["cached"] = False
     return model, history
+
+
+def summarize(models: Mapping[str, nn.Module], histories: Mapping, test_data=None, evaluate=None):
+    """One row per model: architecture, parameters, the best epoch on validation and its
+    validation value, and the test metrics of the restored (best-on-validation) weights.
+
+    ``evaluate(model, data) -> dict`` defaults to :meth:`Supervised.evaluate` (accuracy)."""
+    import pandas as pd
+
+    from .models import param_count, spec
+
+    rows = []
+    for name, model in models.items():
+        h = histories.get(name) if histories is not None else None
+        row = {"model": name, "architecture": spec(model).get("name"), "parameters": param_count(model)}
+        if h is not None:
+            row["best epoch (val)"] = h.attrs.get("best_epoch")
+            row[f"{h.attrs.get('monitor', 'val')} (best)"] = h.attrs.get("best_value")
+        if test_data is not None:
+            res = evaluate(model, test_data) if evaluate is not None else Supervised(model).evaluate(test_data)
+            row.update({f"test {k}": v for k, v in res.items()})
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("model")
