@@ -429,8 +429,10 @@ def test_load_data_embedded_and_real_sources_fail_with_the_layout():
     assert table["train"].sum() == int(tr.targets["labels"].sum())
     from kaviz.data.real import DatasetLayoutError
 
-    with pytest.raises(DatasetLayoutError, match="JPEGImages"):
+    with pytest.raises(TypeError, match="root=None"):  # the loader's own message, no silent fallback
         lshfm.load_data("voc2007", root=None)
+    with pytest.raises(DatasetLayoutError, match="JPEGImages"):
+        lshfm.load_data("voc2007", root="/nonexistent/VOC2007")
     with pytest.raises(ValueError, match="source must be one of"):
         lshfm.load_data("voc2012")
     with pytest.raises(ValueError, match="multi-hot"):
