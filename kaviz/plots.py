@@ -706,85 +706,55 @@ def bar(data, x: str | None = None, y: str | None = None, error: str | None = No
 
 
 # ------------------------------------------------------------------------------------------------
-# dense predictions and metric trade-offs (added with the recombination notebook; generic: used
-# for any dense task — label maps, depth maps, reconstructions — and any "metric vs x" sweep)
+# recombination notebook (§4.3): RGB outputs next to label maps, and metrics against one variable.
+# (The dense-prediction colourings label_image / scalar_image / dense_predictions come with the SBM
+# work; dense_panels only adds what they do not cover: reconstructions (RGB) in the same row as
+# label maps. Once both are merged, dense_panels' label colouring can call label_image.)
 # ------------------------------------------------------------------------------------------------
-__all__ += ["label_rgb", "dense_panels", "metric_curves"]
+__all__ += ["dense_panels", "metric_curves"]
 
 
-def _hex_rgb(h: str) -> tuple[int, int, int]:
-    h = h.lstrip("#")
-    return tuple(int(h[i:i + 2], 16) for i in (0, 2, 4))
-
-
-def label_rgb(labels, num_classes: int | None = None, ignore_index: int = 255,
-              background: int | None = None) -> np.ndarray:
-    """A label map (H, W) of class ids as ``uint8 (H, W, 3)``: class k in ``palette(num_classes)[k]``,
-    ``ignore_index`` pixels white, the ``background`` class (if given) near-black."""
-    if type(labels).__module__.split(".")[0] == "torch":
-        labels = labels.detach().cpu().numpy()
-    a = np.asarray(labels)
-    if a.ndim != 2:
-        raise ValueError(f"a label map must be (H, W), got shape {a.shape}")
-    if a.dtype.kind not in "iu":
-        raise ValueError(f"a label map holds integer class ids, got dtype {a.dtype}")
-    valid = a != ignore_index
-    n = int(num_classes if num_classes is not None else (a[valid].max() + 1 if valid.any() else 1))
-    if valid.any() and (a[valid].min() < 0 or a[valid].max() >= n):
-        raise ValueError(f"class ids must lie in [0, {n}) (or be ignore_index={ignore_index}); got "
-                         f"{a[valid].min()}..{a[valid].max()}")
-    lut = np.array([_hex_rgb(c) for c in palette(n)], dtype=np.uint8)
-    if background is not None and 0 <= background < n:
-        lut[background] = (17, 17, 17)
-    out = np.full(a.shape + (3,), 255, dtype=np.uint8)
-    out[valid] = lut[a[valid]]
-    return out
-
-
-def _viridis_rgb(z: np.ndarray) -> np.ndarray:
-    from plotly.colors import sample_colorscale, unlabel_rgb
-
-    lut = np.array([unlabel_rgb(c) for c in sample_colorscale("Viridis", list(np.linspace(0, 1, 256)))])
-    z = np.asarray(z, dtype=np.float64)
-    finite = np.isfinite(z)
-    lo, hi = (float(z[finite].min()), float(z[finite].max())) if finite.any() else (0.0, 1.0)
-    idx = np.zeros(z.shape, dtype=np.int64)
-    idx[finite] = np.round((z[finite] - lo) / (hi - lo or 1.0) * 255).astype(np.int64)
-    out = lut[idx].round().astype(np.uint8)
-    out[~finite] = 255
-    return out
-
-
-def dense_panels(panels: Mapping, num_classes: int | None = None, cols: int | None = None, cell: int = 110,
+def dense_panels(panels: Mapping, num_classes: int, cols: int | None = None, cell: int = 110,
                  ignore_index: int = 255, background: int | None = None):
-    """A row (or grid) of dense-task panels ``{title: array}``: RGB images (``(H, W, 3)`` or
-    ``(3, H, W)``, float in [0, 1] or uint8) drawn as they are, integer ``(H, W)`` maps as label
-    maps (:func:`label_rgb`, one colour per class), float ``(H, W)`` maps (depth) on Viridis
-    scaled to their own min..max."""
+    """One row (or grid) of dense outputs ``{title: array}`` for one image: RGB images
+    (``(H, W, 3)`` or ``(3, H, W)``, float in [0, 1] or uint8 — inputs, reconstructions) drawn as
+    they are, integer ``(H, W)`` maps as label maps with class k in ``palette(num_classes)[k]``
+    (the same colour in every panel), ``ignore_index`` white, the ``background`` class (if given)
+    near-black."""
+    from plotly.colors import hex_to_rgb
+
     if not isinstance(panels, Mapping) or not panels:
-        raise ValueError("panels must be a non-empty dict {title: image or map}")
+        raise ValueError("panels must be a non-empty dict {title: image or label map}")
+    lut = np.array([hex_to_rgb(c) for c in palette(num_classes)] + [(255, 255, 255)], dtype=np.uint8)
+    if background is not None and 0 <= background < num_classes:
+        lut[background] = (17, 17, 17)
     imgs = []
     for title, a in panels.items():
         if type(a).__module__.split(".")[0] == "torch":
             a = a.detach().cpu().numpy()
         a = np.asarray(a)
         if a.ndim == 2 and a.dtype.kind in "iu":
-            imgs.append(label_rgb(a, num_classes, ignore_index, background))
-        elif a.ndim == 2:
-            imgs.append(_viridis_rgb(a))
+            bad = (a != ignore_index) & ((a < 0) | (a >= num_classes))
+            if bad.any():
+                raise ValueError(f"panel {title!r}: class ids must lie in [0, {num_classes}) or be "
+                                 f"{ignore_index} (ignored), got {np.unique(a[bad])[:5].tolist()}")
+            imgs.append(lut[np.where(a == ignore_index, num_classes, a)])
         elif a.ndim == 3:
             imgs.append(to_rgb_uint8(a))
         else:
-            raise ValueError(f"panel {title!r} has shape {a.shape}; expected (H, W) or an RGB image")
+            raise ValueError(f"panel {title!r} has shape {a.shape} ({a.dtype}); expected an integer (H, W) label "
+                             "map or an RGB image")
     return image_grid(imgs, titles=[str(t) for t in panels], cols=cols or len(imgs), cell=cell)
 
 
 def metric_curves(df: pd.DataFrame, x: str, metrics: Sequence[str], group: str | None = None,
                   reference: pd.DataFrame | None = None, reference_name: str = "name", log_x: bool = False,
-                  title: str | None = None, x_title: str | None = None, height: int = 340):
+                  title: str | None = None, x_title: str | None = None, height: int = 340,
+                  markers_only: Sequence = ()):
     """Metrics against one variable (e.g. PSNR, SSIM, mIoU against the parameter count over pruning
-    rounds): one panel per metric, one line per value of ``group``; rows of ``reference`` (same
-    columns, e.g. the teachers) are drawn as star markers named by ``reference[reference_name]``."""
+    rounds): one panel per metric, one line per value of ``group`` (sorted by ``x``; the groups named
+    in ``markers_only`` as unconnected markers); rows of ``reference`` (same columns, e.g. the
+    teachers) are drawn as star markers named by ``reference[reference_name]``."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -800,13 +770,17 @@ def metric_curves(df: pd.DataFrame, x: str, metrics: Sequence[str], group: str |
     if group is not None and group not in df.columns:
         raise ValueError(f"group={group!r} is not a column; columns: {list(df.columns)}")
     groups = [None] if group is None else list(pd.unique(df[group]))
+    unknown = [g for g in markers_only if g not in groups]
+    if unknown:
+        raise ValueError(f"markers_only names {unknown}, which are not values of {group!r}: {groups}")
     colors = palette(len(groups) + (0 if reference is None else len(reference)))
     fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics, horizontal_spacing=0.08)
     for k, m in enumerate(metrics, start=1):
         for gi, g in enumerate(groups):
             part = (df if g is None else df[df[group] == g]).sort_values(x)
             fig.add_trace(go.Scatter(
-                x=part[x].to_numpy(), y=part[m].to_numpy(dtype=float).round(6), mode="lines+markers",
+                x=part[x].to_numpy(), y=part[m].to_numpy(dtype=float).round(6),
+                mode="markers" if g in markers_only else "lines+markers",
                 name=str(g) if g is not None else m, legendgroup=str(g), showlegend=k == 1,
                 line=dict(color=colors[gi], width=2), marker=dict(size=7),
                 hovertemplate=f"{_esc(str(g) if g is not None else '')}<br>{_esc(x)} %{{x:.4g}}<br>"

@@ -1,4 +1,7 @@
 """kaviz.methods.recombination: block-diagonal combination, quantiser, pruning, retraining (SPEC §4.3)."""
+import base64
+import io
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -488,23 +491,30 @@ def test_camvid_path_on_a_fixture_tree(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # the figure builders added to kaviz.plots for this notebook
 # ------------------------------------------------------------------------------------------------
-def test_label_rgb_and_dense_panels():
+def test_dense_panels_colours_label_maps_consistently_and_draws_rgb_as_is():
     from kaviz import plots
 
-    m = np.array([[0, 1], [2, 255]])
-    rgb = plots.label_rgb(m, num_classes=3, background=0)
-    assert rgb.shape == (2, 2, 3) and rgb.dtype == np.uint8
-    assert tuple(rgb[0, 0]) == (17, 17, 17) and tuple(rgb[1, 1]) == (255, 255, 255)
-    assert tuple(rgb[0, 1]) != tuple(rgb[1, 0])
+    m = np.array([[0, 1], [2, 255]]).repeat(4, 0).repeat(4, 1)
+    rgb = np.random.default_rng(0).random((8, 8, 3))
+    fig = plots.dense_panels({"image": rgb, "truth": m, "prediction": np.full((8, 8), 2)}, num_classes=3,
+                             background=0)
+    assert [a.text for a in fig.layout.annotations] == ["image", "truth", "prediction"]
+
+    def decoded(k):
+        from PIL import Image
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(fig.data[k].source.split(",", 1)[1]))).convert("RGB"))
+
+    assert len(fig.data) == 3 and np.array_equal(decoded(0), plots.to_rgb_uint8(rgb))  # RGB drawn as it is
+    truth, pred = decoded(1), decoded(2)
+    # class 2 has one colour in both label panels; background near-black; ignored pixels white
+    assert tuple(truth[4, 0]) == tuple(pred[0, 0]) and tuple(truth[0, 0]) == (17, 17, 17)
+    assert tuple(truth[4, 4]) == (255, 255, 255) and tuple(truth[0, 4]) != tuple(truth[4, 0])
     with pytest.raises(ValueError, match="class ids"):
-        plots.label_rgb(np.array([[5]]), num_classes=3)
-    with pytest.raises(ValueError, match="integer"):
-        plots.label_rgb(np.zeros((2, 2)))
-    fig = plots.dense_panels({"image": np.random.rand(8, 8, 3), "labels": m.repeat(4, 0).repeat(4, 1),
-                              "depth": np.random.rand(8, 8)}, num_classes=3)
-    assert len(fig.data) == 3 and [a.text for a in fig.layout.annotations] == ["image", "labels", "depth"]
+        plots.dense_panels({"bad": np.array([[5]])}, num_classes=3)
     with pytest.raises(ValueError, match="panel"):
-        plots.dense_panels({"bad": np.zeros((1, 2, 3, 4))})
+        plots.dense_panels({"bad": np.zeros((1, 2, 3, 4))}, num_classes=3)
+    with pytest.raises(ValueError, match="non-empty"):
+        plots.dense_panels({}, num_classes=3)
 
 
 def test_metric_curves():
@@ -516,6 +526,11 @@ def test_metric_curves():
     fig = plots.metric_curves(df, "params", ["psnr"], group="stage", reference=ref)
     assert [t.name for t in fig.data] == ["fine-tuned", "pruned", "retrained", "teachers"]
     assert list(fig.data[1].x) == [6, 8]  # sorted by x
+    assert [t.mode for t in fig.data] == ["lines+markers"] * 3 + ["markers"]
+    fig = plots.metric_curves(df, "params", ["psnr"], group="stage", markers_only=["pruned"])
+    assert [t.mode for t in fig.data] == ["lines+markers", "markers", "lines+markers"]
+    with pytest.raises(ValueError, match="markers_only"):
+        plots.metric_curves(df, "params", ["psnr"], group="stage", markers_only=["teachers"])
     with pytest.raises(ValueError, match="no column"):
         plots.metric_curves(df, "params", ["mIoU"])
     with pytest.raises(ValueError, match="group"):

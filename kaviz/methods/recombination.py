@@ -213,7 +213,8 @@ def train_dense_teacher(kind: str, train_data, val_data=None, *, num_classes: in
         out, arch_kwargs = num_classes, {"widths": list(widths)}
     else:
         out, arch_kwargs = 3, {"widths": list(widths), "output": "sigmoid"}
-    settings = dict(kind=kind, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+    # "losses": bump when Reconstruction/Segmentation change, so no stale cached teacher is reused
+    settings = dict(kind=kind, losses=1, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
                     schedule=schedule, seed=seed, ignore_index=ignore_index, arch_kwargs=arch_kwargs)
     key = teacher_key("segnet_small", out, train_data, val_data, **settings)
     folder = None
