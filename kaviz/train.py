@@ -42,6 +42,10 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "kaviz-checkpoint-1"
+# Part of every cached teacher's key: bump it when a change to the loop changes what training
+# produces (2: the per-epoch permutation comes from a DistributedSampler), so stale teachers are
+# never reused.
+LOOP_VERSION = 2
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -589,7 +593,7 @@ def teacher_key(arch: str, num_classes: int, train_data, val_data, **settings) -
         "train": _fingerprint(train_data),
         "val": _fingerprint(val_data) if val_data is not None else None,
         "settings": settings,
-        "loop": CHECKPOINT_FORMAT,
+        "loop": LOOP_VERSION,
         "torch": torch.__version__.split("+")[0],
     }
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
