@@ -257,6 +257,14 @@ def test_fit_transnet_caches_features_and_reports_variances(tiny_pair, tmp_path)
                                    "consistent, all orders", "inconsistent", "target"]
     va, vb = res.pair_arrays("val")
     assert table.iloc[-1]["variance"] == pytest.approx(kc.component_variance(np.asarray(vb)), rel=1e-6)
+    both = kc.fit_transnet(a, b, sp.train, sp.val, layer_a="layer2.0.merge", epochs=1, batch_size=16,
+                           store_layers=["layer3.0.merge", "layer2.0.merge"])
+    shared = both.features("train")[0]
+    assert shared.layers == ["layer3.0.merge", "layer2.0.merge"] and shared.path != sa.path
+    again2 = kc.fit_transnet(a, b, sp.train, sp.val, layer_a="layer3.0.merge", epochs=1, batch_size=16,
+                             store_layers=["layer3.0.merge", "layer2.0.merge"])
+    assert again2.features("train")[0].path == shared.path  # one extraction pass serves both layers
+    assert both.features("test", sp.test)[1].layers == shared.layers
     wide = kc.compare({"seeds": res, "again": again})
     assert list(wide.index) == ["seeds", "again"] and "share x^Δ" in wide.columns and "p1" in wide.columns
 
@@ -266,6 +274,11 @@ def test_fit_transnet_caches_features_and_reports_variances(tiny_pair, tmp_path)
     assert len(grid["maps"][1]) == 2 + 3 + 1 and view.channel(0) == int(np.argmax(
         view.b.transpose(1, 0, 2, 3).reshape(16, -1).var(1)))
     np.testing.assert_allclose(view.components.sum(0), view.g, rtol=1e-5, atol=1e-5)
+    c, ca = view.channel(0), int(np.argmax(view.a.transpose(1, 0, 2, 3).reshape(16, -1).var(1)))
+    np.testing.assert_array_equal(grid["maps"][1][0], view.b[1, c])
+    np.testing.assert_array_equal(grid["maps"][0][1], view.a[1, ca])  # A's most variable channel
+    np.testing.assert_array_equal(grid["maps"][1][-1], view.b[1, c] - view.g[1, c])
+    np.testing.assert_array_equal(grid["maps"][0][0], sp.val.image_array(2))
     with pytest.raises(ValueError, match="channel rank"):
         view.grid(0, 16)
     with pytest.raises(KeyError, match="no features for split 'test'"):
@@ -284,7 +297,7 @@ def test_trans_classification_rows_and_masks(tiny_pair):
     table, hists = kc.trans_classification(res, sp.test, masks=[(1, 1, 1), (1, 0, 0)], epochs=2, lr=1e-3,
                                            batch_size=16)
     assert list(table["fine_tuned"]) == [False, True, False, True, False, True]
-    assert set(hists) == {"x_B, B's layers fine-tuned (control)", "mask [1, 1, 1]", "mask [1, 0, 0]"}
+    assert set(hists) == {"control", "mask [1, 1, 1]", "mask [1, 0, 0]"}
     from kaviz.train import Supervised
 
     own = Supervised(b).evaluate(sp.test)["accuracy"]
@@ -297,6 +310,12 @@ def test_trans_classification_rows_and_masks(tiny_pair):
         acc = (tail(res.transnet(va)).argmax(1) == torch.as_tensor(np.array(res.features("val")[1].targets))
                ).float().mean().item()
     assert table.iloc[2]["val_accuracy"] == pytest.approx(acc)
+    # computing the masked inputs once or every step trains the same (up to float rounding)
+    slow, _ = kc.trans_classification(res, sp.test, masks=[(1, 0, 0)], epochs=2, lr=1e-3, batch_size=16,
+                                      control=False, precompute=False)
+    np.testing.assert_allclose(slow["val_accuracy"], table["val_accuracy"].iloc[[0, 4, 5]], atol=1.5 / len(sp.val))
+    sub, _ = kc.trans_classification(res, masks=[(1, 1, 1)], epochs=1, batch_size=8, control=False, max_train=10)
+    assert "test_accuracy" not in sub and len(sub) == 3
     with pytest.raises(ValueError, match="3 orders"):
         kc.trans_classification(res, masks=[(1, 0)], epochs=1)
     with pytest.raises(ValueError, match="pass transnet="):
@@ -308,8 +327,8 @@ def test_trans_classification_rows_and_masks(tiny_pair):
 def test_born_again_chain_trains_and_caches_generations(tiny_pair, tmp_path):
     a, _, sp = tiny_pair
     ms, table = kc.born_again_chain(a, sp.train, sp.val, arch="cifar_resnet8", arch_kwargs={"width": 4},
-                                    generations=3, epochs=2, batch_size=16, seed=5)
-    assert len(ms) == 3 and list(table["generation"]) == [0, 1, 2] and list(table["seed"][1:]) == [6, 7]
+                                    generations=3, epochs=2, batch_size=16, seed=5, test_data=sp.test)
+    assert len(ms) == 3 and table["test_accuracy"].between(0, 1).all() and list(table["generation"]) == [0, 1, 2] and list(table["seed"][1:]) == [6, 7]
     assert len(list((tmp_path / "teachers").glob("cifar_resnet8-ba*.pt"))) == 2
     ms2, table2 = kc.born_again_chain(a, sp.train, sp.val, arch="cifar_resnet8", arch_kwargs={"width": 4},
                                       generations=3, epochs=2, batch_size=16, seed=5)
@@ -358,6 +377,25 @@ def test_coarse_task_relabels_the_same_images():
         kc.coarse_task(ds, {"round": ["circle"]})
     with pytest.raises(ValueError, match="two groups"):
         kc.coarse_task(ds, {"a": ["circle"], "b": ["circle"]})
+
+
+def test_halves_and_network_table():
+    ds = data.shapes(60, seed=2, size=16)
+    h1, h2 = kc.halves(ds, seed=0)
+    assert len(h1) + len(h2) == 60 and abs(len(h1) - len(h2)) <= 10
+    images = {bytes(x.numpy()) for x in h1.images} & {bytes(x.numpy()) for x in h2.images}
+    assert not images  # disjoint
+    from kaviz.train import fit, Supervised
+
+    torch.manual_seed(0)
+    m = models.build("cifar_resnet8", 10, width=4)
+    hist = fit(Supervised(m), h1, h2, epochs=2, batch_size=16)
+    m.eval()
+    table = kc.network_table({"m": (m, hist, h2, "first half")})
+    row = table.loc["m"]
+    assert row["trained on"] == "first half" and row["classes"] == 10 and row["best epoch"] == hist.attrs["best_epoch"]
+    assert row["test accuracy"] == pytest.approx(Supervised(m).evaluate(h2)["accuracy"])
+    assert row["val accuracy"] == pytest.approx(row["test accuracy"])  # restored best epoch, evaluated on the same split
 
 
 def test_load_data_embedded_and_cub200(tmp_path):

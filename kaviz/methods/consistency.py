@@ -1,5 +1,5 @@
-"""Knowledge consistency between two networks (Liang, Cheng, Zhang, Zhang & Zhang, "Knowledge
-Consistency between Neural Networks and Beyond", ICLR 2020; SPEC.md §3).
+"""Knowledge consistency between two networks (Liang, Li, Li, Wang & Zhang, "Knowledge Consistency
+between Neural Networks and Beyond", ICLR 2020; SPEC.md §3).
 
 Explain network B's intermediate feature ``x_B`` from network A's feature ``x_A`` with a small
 "Trans-Net" ``g`` whose output splits *exactly* into components of increasing non-linearity
@@ -63,6 +63,8 @@ __all__ = [
     "default_coarse_groups",
     "NotebookData",
     "load_data",
+    "halves",
+    "network_table",
 ]
 
 _SUP = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
@@ -325,12 +327,20 @@ def cached_features(model: nn.Module, data, layers, *, batch_size: int = 256, de
     from ..models import spec, weights_hash
     from ..train import cache_dir
 
+    from .. import default_device
+
     layers = [layers] if isinstance(layers, str) else list(layers)
     key = hashlib.sha1(json.dumps([weights_hash(model), layers, _data_key(data)]).encode()).hexdigest()[:16]
     name = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(spec(model).get("name", "model")))
     folder = cache_dir("features", "consistency") / f"{name}-{key}"
-    return extract(model, data, layers, pool="none", store=folder, batch_size=batch_size, device=device,
-                   progress=progress, clone=True)
+    home = next((p.device for p in model.parameters()), torch.device("cpu"))
+    dev = default_device(device) if device is not None else home
+    try:
+        model.to(dev)  # extract runs where the model is; put it back afterwards
+        return extract(model, data, layers, pool="none", store=folder, batch_size=batch_size, device=dev,
+                       progress=progress, clone=True)
+    finally:
+        model.to(home)
 
 
 def _probe_shapes(model, layer, example):
@@ -380,6 +390,8 @@ class Consistency:
     stores: dict = field(default_factory=dict)
     names: tuple = ("A", "B")
     example: torch.Tensor | None = None  # a few images, to check B's layers after the cut
+    device: object = None  # where the variance pass runs (None: CPU)
+    store_layers: tuple = ((), ())  # the layers held by A's and B's stores (new splits extract the same)
 
     @property
     def gates(self) -> np.ndarray:
@@ -388,8 +400,9 @@ class Consistency:
     def features(self, split: str, data=None):
         """``(store_A, store_B)`` of a split, extracted (once, cached on disk) from ``data``."""
         if data is not None:
-            sa = cached_features(self.model_a, data, self.layer_a, progress=False)
-            sb = cached_features(self.model_b, data, self.layer_b, progress=False)
+            la, lb = (list(ls) or [l] for ls, l in zip(self.store_layers, (self.layer_a, self.layer_b)))
+            sa = cached_features(self.model_a, data, la, device=self.device, progress=False)
+            sb = cached_features(self.model_b, data, lb, device=self.device, progress=False)
             self.stores[split] = (sa, sb)
         if split not in self.stores:
             raise KeyError(f"no features for split {split!r}; have {sorted(self.stores)}: pass data=...")
@@ -402,7 +415,7 @@ class Consistency:
     def variance(self, split: str = "val", batch_size: int = 256):
         """:func:`variance_table` of this Trans-Net on ``split`` (default: validation)."""
         a, b = self.pair_arrays(split)
-        return variance_table(self.transnet, a, b, batch_size=batch_size)
+        return variance_table(self.transnet, a, b, batch_size=batch_size, device=self.device)
 
     def maps(self, indices, split: str = "val") -> dict:
         """For the samples ``indices`` of ``split``: ``a`` (x_A), ``b`` (x_B), ``g`` (g(x_A)),
@@ -421,7 +434,8 @@ class Consistency:
 def fit_transnet(model_a: nn.Module, model_b: nn.Module, train_data, val_data=None, *, layer_a: str,
                  layer_b: str | None = None, orders: int = 3, alpha=0.1, epochs: int = 100, lr: float = 1e-4,
                  batch_size: int = 64, weight_decay: float = 1e-4, schedule="loglinear", max_train: int | None = None,
-                 seed: int = 0, names=("A", "B"), device=None, progress: bool | None = None) -> Consistency:
+                 seed: int = 0, names=("A", "B"), store_layers=None, device=None,
+                 progress: bool | None = None) -> Consistency:
     """Explain B's ``layer_b`` feature from A's ``layer_a`` feature (SPEC §3).
 
     1. Features of both networks are extracted once (``pool="none"``) into on-disk stores for the
@@ -431,6 +445,8 @@ def fit_transnet(model_a: nn.Module, model_b: nn.Module, train_data, val_data=No
        ``seed`` when given) with :class:`TransNetLoss` — ``MSE(g(x_A), x_B) + Σ α p²`` — by
        :func:`kaviz.train.fit`: Adam, weight decay 1e-4, batch 64, lr decaying log-linearly by 100×
        over the epochs (the paper: 1e-4 → 1e-6 over hundreds of epochs), last epoch kept.
+    ``store_layers``: the layers each network's store holds (default: just the one used), so that
+    Trans-Nets at several layers share one extraction pass per network and split.
     Returns a :class:`Consistency`; ``.variance()`` is the variance table on the validation split.
     """
     from .. import seed_everything
@@ -439,11 +455,14 @@ def fit_transnet(model_a: nn.Module, model_b: nn.Module, train_data, val_data=No
     layer_b = layer_a if layer_b is None else layer_b
     example = _first_images(train_data)
     shape = check_pair(model_a, model_b, layer_a, layer_b, example)
+    store_layers = [store_layers] if isinstance(store_layers, str) else list(store_layers or [])
+    layers_a = list(dict.fromkeys(store_layers + [layer_a]))
+    layers_b = list(dict.fromkeys(store_layers + [layer_b]))
     stores = {}
     for split, data in (("train", train_data), ("val", val_data)):
         if data is not None:
-            stores[split] = (cached_features(model_a, data, layer_a, progress=progress),
-                             cached_features(model_b, data, layer_b, progress=progress))
+            stores[split] = (cached_features(model_a, data, layers_a, device=device, progress=progress),
+                             cached_features(model_b, data, layers_b, device=device, progress=progress))
     a, b = stores["train"][0][layer_a], stores["train"][1][layer_b]
     indices = None
     if max_train is not None and max_train < len(a):
@@ -459,7 +478,8 @@ def fit_transnet(model_a: nn.Module, model_b: nn.Module, train_data, val_data=No
                   weight_decay=weight_decay, schedule=schedule, restore="last", seed=seed, device=device,
                   progress=progress)
     transnet.cpu().eval()
-    return Consistency(transnet, history, model_a, model_b, layer_a, layer_b, stores, tuple(names), example)
+    return Consistency(transnet, history, model_a, model_b, layer_a, layer_b, stores, tuple(names), example, device,
+                       (layers_a, layers_b))
 
 
 def _first_images(data, n: int = 2) -> torch.Tensor:
@@ -488,7 +508,7 @@ class _Moments:
 
     def add(self, t: torch.Tensor):
         t = t.double().transpose(0, 1).reshape(t.shape[1], -1)  # (C, samples·positions)
-        s, ss = t.sum(1), t.pow(2).sum(1)
+        s, ss = t.sum(1).cpu(), t.pow(2).sum(1).cpu()
         self.s = s if self.s is None else self.s + s
         self.ss = ss if self.ss is None else self.ss + ss
         self.n += t.shape[1]
@@ -498,7 +518,7 @@ class _Moments:
         return float((self.ss / self.n - mean * mean).clamp_min(0).mean())
 
 
-def variance_table(transnet: TransNet, xa, xb, *, batch_size: int = 256):
+def variance_table(transnet: TransNet, xa, xb, *, batch_size: int = 256, device=None):
     """The variance analysis of SPEC §3 over paired features ``(x_A, x_B)`` (use the validation split).
 
     Rows: each order's component ``x⁽ᵏ⁾``, their sum ``g(x_A)`` (all consistent knowledge), the
@@ -513,13 +533,18 @@ def variance_table(transnet: TransNet, xa, xb, *, batch_size: int = 256):
         raise ValueError(f"x_A has {len(xa)} samples and x_B {len(xb)}; they must be aligned")
     if len(xa) < 2:
         raise ValueError("the variance analysis needs at least 2 samples")
+    from .. import default_device
+
     K = transnet.orders
     acc = {k: _Moments() for k in range(K)}
     acc_g, acc_d, acc_b = _Moments(), _Moments(), _Moments()
+    dev = default_device(device) if device is not None else next(transnet.parameters()).device
+    home = next(transnet.parameters()).device
+    transnet.to(dev)
     with torch.no_grad():
         for i in range(0, len(xa), batch_size):
-            a = _batch(xa, i, batch_size)
-            b = _batch(xb, i, batch_size)
+            a = _batch(xa, i, batch_size).to(dev)
+            b = _batch(xb, i, batch_size).to(dev)
             comps = transnet.decompose(a)
             if comps.shape[1:] != b.shape:
                 raise ValueError(f"g(x_A) has shape {tuple(comps.shape[1:])} but x_B has {tuple(b.shape)}")
@@ -529,6 +554,7 @@ def variance_table(transnet: TransNet, xa, xb, *, batch_size: int = 256):
             acc_g.add(g)
             acc_d.add(b - g)
             acc_b.add(b)
+    transnet.to(home)
     var_b = acc_b.variance()
     rows = [(order_name(k), f"consistent, order {k}", acc[k].variance()) for k in range(K)]
     rows += [("g(x_A) = Σ x⁽ᵏ⁾", "consistent, all orders", acc_g.variance()),
@@ -700,7 +726,8 @@ class TransClassifier(nn.Module):
 
 def trans_classification(cons: Consistency, test_data=None, *, masks=((1, 1, 1), (1, 0, 0)), epochs: int = 10,
                          lr: float = 1e-5, batch_size: int = 64, schedule="loglinear", weight_decay: float = 0.0,
-                         control: bool = True, seed: int = 0, device=None, progress: bool | None = None):
+                         control: bool = True, max_train: int | None = None, precompute: bool = True,
+                         tail: nn.Module | None = None, seed: int = 0, device=None, progress: bool | None = None):
     """Feature refinement (SPEC §3): feed A's consistent components chosen by each order mask into B's
     layers after the cut and fine-tune those layers (Adam, lr decaying log-linearly by 100×: the
     paper's 1e-5 → 1e-7); compare with B alone.
@@ -709,30 +736,42 @@ def trans_classification(cons: Consistency, test_data=None, *, masks=((1, 1, 1),
     same schedule (``control``: any gain that is only due to the extra fine-tuning shows here); for
     each mask, the masked components before and after fine-tuning. Accuracies on the validation
     split (best epoch, which also selects the test number) and, when ``test_data`` is given, on the
-    test split. Returns ``(table, histories)``.
+    test split. ``max_train`` fine-tunes on a seeded subset of the training split; ``precompute``
+    computes each split's masked inputs once (in memory: N·C·H·W floats per split) instead of every
+    epoch; ``tail`` replaces :func:`tail_after` for architectures it does not know.
+    Returns ``(table, histories)``.
     """
     import pandas as pd
 
     from ..train import fit
 
-    train_a, train_b = cons.features("train")
-    val_a, val_b = cons.features("val")
-    la, lb = cons.layer_a, cons.layer_b
-    test = cons.features("test", test_data) if test_data is not None else None
-    base_tail = tail_after(cons.model_b, lb)
-    if cons.example is not None:
-        _check_tail(cons.model_b, lb, base_tail, cons.example)
     for mask in masks:
         if len(mask) != cons.transnet.orders:
             raise ValueError(f"mask {list(mask)} has {len(mask)} entries for a Trans-Net with "
                              f"{cons.transnet.orders} orders")
+    splits = {"train": cons.features("train"), "val": cons.features("val")}
+    if test_data is not None:
+        splits["test"] = cons.features("test", test_data)
+    la, lb = cons.layer_a, cons.layer_b
+    base_tail = tail if tail is not None else tail_after(cons.model_b, lb)
+    if cons.example is not None:
+        _check_tail(cons.model_b, lb, base_tail, cons.example)
+    n_train = len(splits["train"][1])
+    keep = {"train": None if max_train is None or max_train >= n_train else
+            np.sort(np.random.default_rng(seed).choice(n_train, size=int(max_train), replace=False))}
 
-    def datasets(use_a: bool):
-        pick = (lambda s: s[0][la]) if use_a else (lambda s: s[1][lb])
-        out = {"train": FeatureLabels(pick((train_a, train_b)), train_b.targets),
-               "val": FeatureLabels(pick((val_a, val_b)), val_b.targets)}
-        if test is not None:
-            out["test"] = FeatureLabels(pick(test), test[1].targets)
+    def datasets(mask):
+        out = {}
+        for name, (sa, sb) in splits.items():
+            idx = keep.get(name)
+            if mask is None:
+                out[name] = FeatureLabels(sb[lb], sb.targets, idx)
+            elif precompute:
+                feats = sa[la] if idx is None else sa[la][idx]
+                out[name] = FeatureLabels(_masked(cons.transnet, feats, mask, device=device), np.asarray(sb.targets)[
+                    slice(None) if idx is None else idx])
+            else:
+                out[name] = FeatureLabels(sa[la], sb.targets, idx)
         return out
 
     rows, histories = [], {}
@@ -745,25 +784,49 @@ def trans_classification(cons: Consistency, test_data=None, *, masks=((1, 1, 1),
         row["epoch"] = best_epoch
         rows.append(row)
 
-    plain = datasets(False)
-    record("B alone: x_B", TransClassifier(copy.deepcopy(base_tail)), plain, None, False, 0)
+    def classifier(mask):
+        if mask is None or precompute:
+            return TransClassifier(copy.deepcopy(base_tail))
+        return TransClassifier(copy.deepcopy(base_tail), cons.transnet, mask)
+
+    plain = datasets(None)
+    record("B alone: x_B", classifier(None), plain, None, False, 0)
     runs = ([("x_B, B's layers fine-tuned (control)", None)] if control else []) + \
-        [(f"Σ mask·x⁽ᵏ⁾(x_A)", tuple(m)) for m in masks]
+        [("Σ mask·x⁽ᵏ⁾(x_A)", tuple(m)) for m in masks]
     for label, mask in runs:
-        data = plain if mask is None else datasets(True)
+        data = plain if mask is None else datasets(mask)
         if mask is not None:
-            record(label, TransClassifier(copy.deepcopy(base_tail), cons.transnet, mask), data, mask, False, 0)
-        method = TransClassifier(copy.deepcopy(base_tail), None if mask is None else cons.transnet, mask)
+            record(label, classifier(mask), data, mask, False, 0)
+        method = classifier(mask)
         hist = fit(method, data["train"], data["val"], epochs=epochs, lr=lr, batch_size=batch_size,
                    optimizer="adam", weight_decay=weight_decay, schedule=schedule, monitor="val/accuracy",
                    restore="best", seed=seed, device=device, progress=progress, val_losses=False)
         method.cpu()
         record(label, method, data, mask, True, int(hist.attrs["best_epoch"]))
-        histories[label if mask is None else f"mask {list(mask)}"] = hist
+        histories["control" if mask is None else f"mask {list(mask)}"] = hist
     table = pd.DataFrame(rows)
     table.attrs["note"] = ("accuracy = top-1 on the split; epoch = best on validation (0: no fine-tuning); "
                            "the test number is at that epoch")
     return table, histories
+
+
+def _masked(transnet: TransNet, feats, mask, batch_size: int = 256, device=None) -> torch.Tensor:
+    """``Σ_k mask_k · x⁽ᵏ⁾`` for every row of ``feats``, computed once (on ``device``; kept on the CPU)."""
+    from .. import default_device
+
+    dev = default_device(device) if device is not None else torch.device("cpu")
+    home = next(transnet.parameters()).device
+    transnet.to(dev)
+    m = torch.tensor(list(mask), dtype=torch.float32, device=dev)
+    out = []
+    try:
+        with torch.no_grad():
+            for i in range(0, len(feats), batch_size):
+                comps = transnet.decompose(_batch(feats, i, batch_size).to(dev))
+                out.append((comps * m.view(-1, *([1] * (comps.dim() - 1)))).sum(0).cpu())
+    finally:
+        transnet.to(home)
+    return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------------- Born-Again
@@ -797,14 +860,15 @@ class BornAgain(nn.Module):
 def born_again_chain(gen0: nn.Module, train_data, val_data, *, arch: str, generations: int = 3,
                      lam: float = 0.5, tau: float = 1.0, epochs: int = 10, lr: float = 1e-3, seed: int = 0,
                      num_classes: int | None = None, arch_kwargs: Mapping | None = None, cache: bool = True,
-                     device=None, progress: bool | None = None, **fit_kwargs):
+                     test_data=None, device=None, progress: bool | None = None, **fit_kwargs):
     """A Born-Again chain: generation 0 is ``gen0`` (trained with labels alone); generation g+1 is a
     fresh ``arch`` (seed ``seed + g + 1``) trained by :class:`BornAgain` against generation g.
     Each generation is cached under ``cache_dir("teachers")`` by a key of everything that
     determines it (previous generation's weights, data, settings, seed).
 
     Returns ``(models, table)``: the ``generations`` models (generation 0 first) and one row per
-    generation with its seed, best epoch and best validation accuracy.
+    generation with its seed, best epoch, best validation accuracy (and test accuracy of the same
+    weights when ``test_data`` is given).
     """
     import pandas as pd
 
@@ -852,7 +916,10 @@ def born_again_chain(gen0: nn.Module, train_data, val_data, *, arch: str, genera
         models.append(student.eval())
         rows.append({"generation": g, "seed": s, "best_epoch": best_epoch, "val_accuracy": best})
     table = pd.DataFrame(rows)
-    table.attrs["note"] = "val_accuracy: top-1 on the validation split at the best-on-validation epoch"
+    if test_data is not None:
+        table["test_accuracy"] = [Supervised(m).evaluate(test_data)["accuracy"] for m in models]
+    table.attrs["note"] = ("top-1 accuracy; val_accuracy at the best-on-validation epoch (generation 0: its "
+                           "weights as given), test_accuracy of the same weights")
     return models, table
 
 
@@ -861,8 +928,9 @@ def born_again_chain(gen0: nn.Module, train_data, val_data, *, arch: str, genera
 class ContractView:
     """What the visual contract shows for a few images of one pair and layer (precomputed, so a
     widget callback only indexes arrays): ``images`` (n, H, W, 3) uint8, ``a``, ``b``, ``g``,
-    ``delta`` (n, C, h, w), ``components`` (K, n, C, h, w), ``gates`` and ``channel_order`` (B's
-    channels by decreasing variance over these images)."""
+    ``delta`` (n, C, h, w), ``components`` (K, n, C, h, w), ``gates``, and ``channel_order`` /
+    ``channel_order_a`` (B's / A's channels by decreasing variance over these images: A's channels
+    do not correspond to B's, so the input panel shows A's channel of the same variance rank)."""
 
     images: np.ndarray
     a: np.ndarray
@@ -872,6 +940,7 @@ class ContractView:
     delta: np.ndarray
     gates: np.ndarray
     channel_order: np.ndarray
+    channel_order_a: np.ndarray
     indices: np.ndarray
     title: str = ""
 
@@ -888,7 +957,7 @@ class ContractView:
         if not 0 <= image < len(self.images):
             raise ValueError(f"image must be in 0..{len(self.images) - 1}, got {image}")
         c = self.channel(rank)
-        ca = min(c, self.a.shape[1] - 1)
+        ca = int(self.channel_order_a[min(rank, len(self.channel_order_a) - 1)])
         K = self.components.shape[0]
         row2 = [self.b[image, c], self.g[image, c]] + [self.components[k, image, c] for k in range(K)] + \
             [self.delta[image, c]]
@@ -912,9 +981,11 @@ def contract_view(cons: Consistency, data, indices, *, split: str = "val", title
         from ..plots import to_rgb_uint8  # pragma: no cover - only for datasets without image_array
 
         images = np.stack([to_rgb_uint8(data[int(i)][0]) for i in idx])
-    var = m["b"].transpose(1, 0, 2, 3).reshape(m["b"].shape[1], -1).var(axis=1)
-    order = np.argsort(-var, kind="stable")
-    return ContractView(images, m["a"], m["b"], m["g"], m["components"], m["delta"], cons.gates, order, idx, title)
+    def by_variance(x):
+        return np.argsort(-x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1).var(axis=1), kind="stable")
+
+    return ContractView(images, m["a"], m["b"], m["g"], m["components"], m["delta"], cons.gates, by_variance(m["b"]),
+                        by_variance(m["a"]), idx, title)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -1037,3 +1108,32 @@ def load_data(source: str = "embedded", *, root=None, n: int = 3000, seed: int =
         test_ds = real.cub200(root, split="test", image_size=image_size, augment=False)
         return NotebookData(train, sp.train, sp.val, test_ds, plain.num_classes, "cub200")
     raise ValueError(f"source must be 'embedded' or 'cub200', got {source!r}")
+
+
+def halves(dataset, seed: int = 0):
+    """Two disjoint halves of ``dataset`` (stratified by class when the targets are class ids), for
+    the "same architecture, different data" pair."""
+    from .. import data as kdata
+
+    sp = kdata.split(dataset, val=0.5, test=0.0, seed=seed)
+    return sp.train, sp.val
+
+
+def network_table(entries: Mapping[str, tuple]):
+    """One row per network: ``entries[name] = (model, history, test_data, note)`` where ``history``
+    comes from :func:`kaviz.train.train_teacher` / ``fit`` (best epoch on validation, whose
+    weights the model holds). Columns: ``trained on`` (the note), ``classes``, ``best epoch``,
+    ``val accuracy`` (at that epoch) and ``test accuracy`` (top-1, the same weights)."""
+    import pandas as pd
+
+    from ..train import Supervised
+
+    rows = []
+    for name, (model, history, test_data, note) in entries.items():
+        rows.append({"network": name, "trained on": note, "classes": getattr(test_data, "num_classes", None),
+                     "best epoch": history.attrs.get("best_epoch"),
+                     "val accuracy": history.attrs.get("best_value"),
+                     "test accuracy": Supervised(model).evaluate(test_data)["accuracy"]})
+    table = pd.DataFrame(rows).set_index("network")
+    table.attrs["note"] = "top-1 accuracy; epoch chosen on the validation split, test at that epoch"
+    return table
