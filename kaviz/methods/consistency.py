@@ -49,6 +49,7 @@ __all__ = [
     "fit_transnet",
     "Consistency",
     "component_variance",
+    "component_correlation",
     "variance_table",
     "compare",
     "tail_after",
@@ -64,7 +65,6 @@ __all__ = [
     "NotebookData",
     "load_data",
     "halves",
-    "network_table",
 ]
 
 _SUP = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
@@ -417,6 +417,10 @@ class Consistency:
         a, b = self.pair_arrays(split)
         return variance_table(self.transnet, a, b, batch_size=batch_size, device=self.device)
 
+    def correlation(self, split: str = "val", batch_size: int = 256):
+        """:func:`component_correlation` of this Trans-Net's components on ``split``."""
+        return component_correlation(self.transnet, self.pair_arrays(split)[0], batch_size=batch_size)
+
     def maps(self, indices, split: str = "val") -> dict:
         """For the samples ``indices`` of ``split``: ``a`` (x_A), ``b`` (x_B), ``g`` (g(x_A)),
         ``components`` (K, n, ...) and ``delta`` (x_B − g(x_A)), as float32 NumPy arrays."""
@@ -572,6 +576,29 @@ def _batch(x, i, n):
     if torch.is_tensor(part):
         return part.float()
     return torch.from_numpy(np.array(part, dtype=np.float32))
+
+
+def component_correlation(transnet: TransNet, xa, *, batch_size: int = 256):
+    """Correlation between the components ``x⁽ᵏ⁾`` over ``xa`` (each centred per channel, as in the
+    variance analysis; then pooled over samples, channels and positions): a K×K DataFrame. Strongly
+    negative off-diagonal values mean that one order cancels another, so their variances overlap."""
+    import pandas as pd
+
+    K = transnet.orders
+    n, s, gram = 0, None, None
+    with torch.no_grad():
+        for i in range(0, len(xa), batch_size):
+            comps = transnet.decompose(_batch(xa, i, batch_size)).double()
+            flat = comps.transpose(1, 2).reshape(K, comps.shape[2], -1)  # (K, C, samples·positions)
+            s = flat.sum(2) if s is None else s + flat.sum(2)
+            g = torch.einsum("kcn,lcn->klc", flat, flat)
+            gram = g if gram is None else gram + g
+            n += flat.shape[2]
+    mean = s / n
+    cov = (gram / n - mean[:, None, :] * mean[None, :, :]).mean(2)  # per-channel centred, averaged over channels
+    d = cov.diagonal().clamp_min(1e-300).sqrt()
+    names = [order_name(k) for k in range(K)]
+    return pd.DataFrame((cov / d[:, None] / d[None, :]).numpy(), index=names, columns=names)
 
 
 def compare(results: Mapping[str, Consistency], split: str = "val"):
@@ -952,8 +979,9 @@ class ContractView:
 
     def grid(self, image: int, rank: int) -> dict:
         """Keyword arguments for :func:`kaviz.plots.feature_grid` (``symmetric="row"``): row 1 the
-        image and A's feature ("in"); row 2, on one colour range symmetric about 0, B's feature
-        ("target"), g(x_A) ("output"), each component, and target − output."""
+        image and A's feature ("in"), its last cell left empty (titled "gates") for a bar chart of the
+        gates; row 2, on one colour range symmetric about 0, B's feature ("target"), g(x_A)
+        ("output"), each component, and target − output."""
         if not 0 <= image < len(self.images):
             raise ValueError(f"image must be in 0..{len(self.images) - 1}, got {image}")
         c = self.channel(rank)
@@ -963,7 +991,7 @@ class ContractView:
             [self.delta[image, c]]
         row1 = [self.images[image], self.a[image, ca]] + [None] * (len(row2) - 2)
         t2 = ["x_B (target)", "g(x_A) (output)"] + [order_name(k) for k in range(K)] + ["target − output"]
-        t1 = [f"image {int(self.indices[image])}", f"x_A (in), ch {ca}"] + [""] * (len(row2) - 2)
+        t1 = [f"image {int(self.indices[image])}", f"x_A (in), ch {ca}"] + [""] * (len(row2) - 3) + ["gates"]
         return {"maps": [row1, row2], "titles": [t1, t2], "row_titles": ["A", f"B, channel {c}"],
                 "symmetric": "row"}
 
@@ -977,10 +1005,10 @@ def contract_view(cons: Consistency, data, indices, *, split: str = "val", title
         raise ValueError("the visual contract shows feature maps (C, H, W); this layer gives vectors")
     if hasattr(data, "image_array"):
         images = np.stack([data.image_array(int(i)) for i in idx])
-    else:
-        from ..plots import to_rgb_uint8  # pragma: no cover - only for datasets without image_array
-
-        images = np.stack([to_rgb_uint8(data[int(i)][0]) for i in idx])
+    else:  # a dataset of float (C, H, W) images in [0, 1] (methods do not import plots)
+        chw = [torch.as_tensor(data[int(i)][0]).float().clamp(0, 1) for i in idx]
+        images = np.stack([(x.expand(3, -1, -1) if x.shape[0] == 1 else x[:3]).permute(1, 2, 0).mul(255).round()
+                           .to(torch.uint8).numpy() for x in chw])
     def by_variance(x):
         return np.argsort(-x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1).var(axis=1), kind="stable")
 
@@ -1104,7 +1132,7 @@ def load_data(source: str = "embedded", *, root=None, n: int = 3000, seed: int =
 
         plain = real.cub200(root, split="train", image_size=image_size, augment=False)
         sp = kdata.split(plain, val=0.1, test=0.0, seed=seed)
-        train = sp.train.with_transform(real.default_transform(real.base._size2(image_size), train=True))
+        train = sp.train.with_transform(real.default_transform(image_size, train=True))
         test_ds = real.cub200(root, split="test", image_size=image_size, augment=False)
         return NotebookData(train, sp.train, sp.val, test_ds, plain.num_classes, "cub200")
     raise ValueError(f"source must be 'embedded' or 'cub200', got {source!r}")
@@ -1118,22 +1146,3 @@ def halves(dataset, seed: int = 0):
     sp = kdata.split(dataset, val=0.5, test=0.0, seed=seed)
     return sp.train, sp.val
 
-
-def network_table(entries: Mapping[str, tuple]):
-    """One row per network: ``entries[name] = (model, history, test_data, note)`` where ``history``
-    comes from :func:`kaviz.train.train_teacher` / ``fit`` (best epoch on validation, whose
-    weights the model holds). Columns: ``trained on`` (the note), ``classes``, ``best epoch``,
-    ``val accuracy`` (at that epoch) and ``test accuracy`` (top-1, the same weights)."""
-    import pandas as pd
-
-    from ..train import Supervised
-
-    rows = []
-    for name, (model, history, test_data, note) in entries.items():
-        rows.append({"network": name, "trained on": note, "classes": getattr(test_data, "num_classes", None),
-                     "best epoch": history.attrs.get("best_epoch"),
-                     "val accuracy": history.attrs.get("best_value"),
-                     "test accuracy": Supervised(model).evaluate(test_data)["accuracy"]})
-    table = pd.DataFrame(rows).set_index("network")
-    table.attrs["note"] = "top-1 accuracy; epoch chosen on the validation split, test at that epoch"
-    return table
