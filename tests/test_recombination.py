@@ -422,6 +422,14 @@ def test_teachers_are_trained_and_cached(tiny_scenes, tiny_teachers):
     other, h = R.train_dense_teacher("reconstruction", d["train"], d["val"], widths=(4, 4, 8), epochs=1,
                                      batch_size=8, cache=cache)
     assert not h.attrs["cached"]  # another setting, another key
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        _, h = R.train_dense_teacher("reconstruction", d["train"], d["val"], widths=(4, 4, 8), epochs=2,
+                                     batch_size=8, cache=cache)
+    finally:
+        torch.set_num_threads(threads)
+    assert not h.attrs["cached"]  # another thread count sums in another order: another teacher
     with pytest.raises(ValueError, match="kind must be"):
         R.train_dense_teacher("depth", d["train"])
     with pytest.raises(ValueError, match="num_classes"):

@@ -195,11 +195,11 @@ def train_dense_teacher(kind: str, train_data, val_data=None, *, num_classes: in
     :class:`Reconstruction` (best epoch on ``val/loss``); ``kind="segmentation"``: a
     ``segnet_small(num_classes)`` trained with :class:`Segmentation` (best epoch on ``val/mIoU``).
     Cached like :func:`kaviz.train.train_teacher` (same key function, same folder ``data/teachers``,
-    a state dict plus a JSON history), keyed by the kind, the data fingerprints and every setting.
+    a state dict plus a JSON history), keyed by the kind, the data fingerprints, every setting, the device type and the CPU thread count.
     """
     import pandas as pd
 
-    from .. import seed_everything
+    from .. import default_device, seed_everything
     from ..models import build, load_weights
     from ..train import cache_dir, fit, save_atomic, teacher_key
 
@@ -215,7 +215,8 @@ def train_dense_teacher(kind: str, train_data, val_data=None, *, num_classes: in
         out, arch_kwargs = 3, {"widths": list(widths), "output": "sigmoid"}
     # "losses": bump when Reconstruction/Segmentation change, so no stale cached teacher is reused
     settings = dict(kind=kind, losses=1, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-                    schedule=schedule, seed=seed, ignore_index=ignore_index, arch_kwargs=arch_kwargs)
+                    schedule=schedule, seed=seed, ignore_index=ignore_index, arch_kwargs=arch_kwargs,
+                    device=default_device(device).type)  # like train_teacher: the device changes the weights' bits
     key = teacher_key("segnet_small", out, train_data, val_data, **settings)
     folder = None
     if cache:
