@@ -332,8 +332,19 @@ def test_run_students_same_budget_and_tables(runs):
     table = cfl.results_table(out)
     assert list(table["method"]) == ["KD", "CFL"] and (table["seeds"] == 2).all()
     kd_rows = per[per.method == "KD"]["test task-agnostic"]
-    assert table.loc[0, "test task-agnostic (mean)"] == pytest.approx(round(kd_rows.mean(), 3))
     assert table.loc[0, "test task-agnostic"] == f"{kd_rows.mean():.3f} ± {kd_rows.std(ddof=1):.3f}"
+    num = cfl.results_table(out, as_text=False)
+    assert num.loc[0, "test task-agnostic mean"] == pytest.approx(kd_rows.mean())
+    assert num.loc[0, "test task-agnostic std"] == pytest.approx(kd_rows.std(ddof=1))
+    # initial() rebuilds the method as it was before training: KD and CFL students of a seed start equal
+    kd0, cfl0 = out[0].initial(), out[1].initial()
+    assert isinstance(kd0, cfl.KDBaseline) and isinstance(cfl0, cfl.CommonFeatureLearning)
+    assert all(torch.equal(p, q) for p, q in zip(kd0.student.state_dict().values(), cfl0.student.state_dict().values()))
+    assert not all(torch.equal(p, q) for p, q in zip(cfl0.student.state_dict().values(),
+                                                     out[1].student.state_dict().values()))
+    tagged = cfl.run_students(lambda: conv_net(5, 4, stride=2), teachers, "relu", ["relu", "relu"], u, u, u, seeds=[0],
+                              methods=["CFL"], epochs=1, hidden=4, batch_size=8, tag=" (ablation)")
+    assert tagged[0].method == "CFL (ablation)" and tagged[0].name.startswith("CFL (ablation) · ")
     with pytest.raises(ValueError, match="'KD' and/or 'CFL'"):
         cfl.run_students("x", teachers, "relu", ["relu", "relu"], u, u, u, methods=["FitNet"])
 
@@ -346,6 +357,53 @@ def test_run_students_is_deterministic_per_seed():
     a = cfl.run_students(lambda: conv_net(5, 4, stride=2), teachers, "relu", ["relu", "relu"], u, u, u, **kw)[0]
     b = cfl.run_students(lambda: conv_net(5, 4, stride=2), teachers, "relu", ["relu", "relu"], u, u, u, **kw)[0]
     assert all(torch.equal(p, q) for p, q in zip(a.student.state_dict().values(), b.student.state_dict().values()))
+
+
+def test_without_the_mmd_term_the_cfl_student_trains_exactly_like_kd():
+    # the student receives gradients only from kd and mmd (recon reaches the block alone), and KD
+    # and CFL students start from the same weights: with mmd weight 0 the runs must coincide
+    torch.manual_seed(0)
+    u = tiny_union(n_a=12, n_b=8)
+    teachers = [conv_net(3, 4), conv_net(2, 4, stride=2)]
+    out = cfl.run_students(lambda: conv_net(5, 4, stride=2), teachers, "relu", ["relu", "relu"], u, u, u, seeds=[0],
+                           epochs=2, lr=1e-2, hidden=4, batch_size=8, weights={"kd": 1, "mmd": 0, "recon": 10},
+                           cache_teachers=True)
+    kd_run, cfl_run = out
+    assert all(torch.equal(p, q) for p, q in zip(kd_run.student.state_dict().values(),
+                                                 cfl_run.student.state_dict().values()))
+    assert cfl_run.history["train/recon"].iloc[-1] != 0
+
+
+def test_term_gradients_per_group_and_no_side_effects():
+    u, teachers, student, method = make_method()
+    x = batch_of(u, 8)
+    method.eval()
+    bn = student.bn.running_mean.clone()
+    g = cfl.term_gradients(method, x)
+    assert list(g["term"]) == ["kd", "mmd", "recon"] and {"backbone", "head", "block"} <= set(g.columns)
+    rows = g.set_index("term")
+    assert rows.loc["recon", "backbone"] == 0 and rows.loc["recon", "head"] == 0  # recon reaches the block only
+    assert rows.loc["kd", "block"] == 0 and rows.loc["mmd", "head"] == 0
+    assert rows.loc["mmd", "backbone"] > 0 and rows.loc["kd", "head"] > 0
+    assert rows.loc["mmd", "weight"] == 10.0
+    assert torch.equal(student.bn.running_mean, bn) and not method.training  # buffers and mode restored
+    assert all(p.grad is None for p in method.parameters())
+
+
+def test_train_teachers_specs(tmp_path, monkeypatch):
+    monkeypatch.setenv("KAVIZ_DATA", str(tmp_path))
+    d = cfl.load_data("embedded", n_shapes=60, image_size=16)
+    specs = {"shapes": dict(arch="vgg8_small", layer="features", arch_kwargs={"width": 1}, epochs=1),
+             "digits": dict(arch="cifar_resnet8", layer="layer3", arch_kwargs={"width": 2}, epochs=1)}
+    teachers, layers, hist = cfl.train_teachers(specs, d)
+    assert layers == ["features", "layer3"] and list(hist) == ["shapes", "digits"]
+    assert [t.fc.out_features for t in teachers] == [10, 10]
+    _, _, again = cfl.train_teachers(specs, d)
+    assert again["shapes"].attrs["cached"]
+    with pytest.raises(ValueError, match="union's order"):
+        cfl.train_teachers({"digits": specs["digits"], "shapes": specs["shapes"]}, d)
+    with pytest.raises(ValueError, match="lacks"):
+        cfl.train_teachers({"shapes": {"arch": "vgg8_small"}, "digits": specs["digits"]}, d)
 
 
 def test_spaces_feature_and_common_maps(runs):
@@ -364,6 +422,10 @@ def test_spaces_feature_and_common_maps(runs):
     assert len(df_f) == 45 and set(df_c["source"]) == set(common) and (df_f["index"].unique() == idx).all()
     r = spaces.pairing("CFL")
     assert set(r) == {"feature space", "common space"} and all(np.isfinite(v) for v in r.values())
+    table = spaces.pairing_table("relu")
+    assert list(table["model"]) == ["KD", "CFL"]
+    assert list(table["second panel"]) == ["output space (softmax)", "common space h"]
+    assert table.loc[1, "second-panel ratio"] == pytest.approx(r["common space"])
     # a student layer whose channel count differs from the teachers': the student's map alone
     tiny = cfl.Spaces({"CFL": out[1]}, teachers, u, idx, {"relu": ["relu", "relu"], "conv": ["bn", "conv"]})
     assert list(tiny.feature_space("CFL", "conv")) == ["student", "teacher: a", "teacher: b"]

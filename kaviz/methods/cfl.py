@@ -518,9 +518,10 @@ class KDBaseline(MultiTeacherKD):
 # --------------------------------------------------------------------------- KD vs CFL over seeds
 @dataclasses.dataclass
 class Run:
-    """One trained student: ``method`` ("KD" or "CFL"), architecture, seed, the trained
-    ``student``, the CFL method (``cfl``, None for KD), the training history and its accuracies on
-    the evaluation split at the best-on-validation epoch (``scores``)."""
+    """One trained student: ``method`` ("KD" or "CFL", plus any ``tag``), architecture, seed, the
+    trained ``student``, the CFL method (``cfl``, None for KD), the training history and its
+    accuracies on the evaluation split at the best-on-validation epoch (``scores``).
+    ``initial()`` rebuilds the method as it was before training (same seed, same weights)."""
 
     method: str
     arch: str
@@ -529,6 +530,7 @@ class Run:
     cfl: CommonFeatureLearning | None
     history: object
     scores: dict
+    initial: Callable[[], nn.Module] | None = dataclasses.field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -541,13 +543,15 @@ def run_students(student: str | Callable[[], nn.Module], teachers: Sequence[nn.M
                  hidden: int = 128, T: float = 1.0, weights: Mapping[str, float] | None = None,
                  head_lr_mult: float = 10.0, block_lr_mult: float = 5.0, optimizer: str = "adam",
                  weight_decay: float = 1e-4, schedule="step", arch_kwargs: Mapping | None = None,
-                 cache_teachers: bool = False, device=None, **fit_kwargs) -> list[Run]:
+                 cache_teachers: bool = False, tag: str = "", device=None, **fit_kwargs) -> list[Run]:
     """Train a KD student and a CFL student per seed with the same budget (epochs, batch, data,
     optimiser, learning rates of the backbone and the head), select each on the validation split by
     task-agnostic accuracy, and score it on ``test_data``. ``student`` is an architecture name for
     :func:`kaviz.models.build` (with ``arch_kwargs``, e.g. ``weights_path``) or a callable returning
     a fresh student. With ``cache_teachers`` the teachers' outputs are computed once
-    (:func:`precompute_teachers`; only without random augmentation). Returns a list of :class:`Run`.
+    (:func:`precompute_teachers`; only without random augmentation). ``tag`` is appended to the
+    method's name in the runs (e.g. ``" (mmd weight 1)"`` for an ablation). KD and CFL students of
+    one seed start from the same weights. Returns a list of :class:`Run`.
     """
     from .. import seed_everything
     from ..data import Unlabeled
@@ -576,22 +580,25 @@ def run_students(student: str | Callable[[], nn.Module], teachers: Sequence[nn.M
     common = dict(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay,
                   schedule=schedule, device=device, **fit_kwargs)
     common.setdefault("monitor", "val/task_agnostic")
+    example = _first_images(train)
+
+    def initial(m, seed):
+        seed_everything(int(seed))
+        net = make()
+        if m == "KD":
+            return KDBaseline(net, teachers, T=T, head_lr_mult=head_lr_mult)
+        return CommonFeatureLearning(net, teachers, student_layer, teacher_layers, example=example, hidden=hidden,
+                                     T=T, head_lr_mult=head_lr_mult, block_lr_mult=block_lr_mult, weights=weights)
+
     for seed in seeds:
         for m in methods:
-            seed_everything(int(seed))
-            net = make()
-            name = arch or type(net).__name__
-            if m == "KD":
-                method = KDBaseline(net, teachers, T=T, head_lr_mult=head_lr_mult)
-                cfl = None
-            else:
-                method = cfl = CommonFeatureLearning(net, teachers, student_layer, teacher_layers,
-                                                     example=_first_images(train), hidden=hidden, T=T,
-                                                     head_lr_mult=head_lr_mult, block_lr_mult=block_lr_mult,
-                                                     weights=weights)
+            method = initial(m, seed)
+            net = method.student
             history = fit(method, train, val_data, seed=int(seed), **common)
             scores = union_accuracy(net, test_data) if test_data is not None else {}
-            runs.append(Run(m, name, int(seed), net.eval(), cfl, history, scores))
+            runs.append(Run(m + tag, arch or type(net).__name__, int(seed), net.eval(),
+                            method if m == "CFL" else None, history, scores,
+                            initial=(lambda m=m, seed=seed: initial(m, seed))))
     return runs
 
 
@@ -612,9 +619,10 @@ def per_seed_table(runs: Sequence[Run]):
     return pd.DataFrame(rows)
 
 
-def results_table(runs: Sequence[Run], decimals: int = 3):
+def results_table(runs: Sequence[Run], decimals: int = 3, as_text: bool = True):
     """Mean ± std over seeds of the test accuracies (task-agnostic and task-aware), each student
-    taken at its best epoch on validation; one row per (student, method)."""
+    taken at its best epoch on validation; one row per (student, method). ``as_text``: the cells
+    read ``"0.812 ± 0.010"``; else numeric ``<accuracy> mean`` / ``<accuracy> std`` columns."""
     import pandas as pd
 
     df = per_seed_table(runs)
@@ -623,9 +631,11 @@ def results_table(runs: Sequence[Run], decimals: int = 3):
         row = {"student": arch, "method": method, "seeds": len(g)}
         for col in ("test task-agnostic", "test task-aware"):
             v = g[col].to_numpy(dtype=float)
-            sd = v.std(ddof=1) if len(v) > 1 else 0.0
-            row[col] = f"{v.mean():.{decimals}f} ± {sd:.{decimals}f}"
-            row[f"{col} (mean)"] = round(float(v.mean()), decimals)
+            sd = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+            if as_text:
+                row[col] = f"{v.mean():.{decimals}f} ± {sd:.{decimals}f}"
+            else:
+                row[f"{col} mean"], row[f"{col} std"] = float(v.mean()), sd
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -641,8 +651,11 @@ def term_gradients(method: nn.Module, batch, weights: Mapping[str, float] | None
     """
     import pandas as pd
 
+    from ..train import to_device
+
     weights = dict(weights if weights is not None else getattr(method, "loss_weights", {}) or {})
     groups = [g for g in method.param_groups(1.0) if g["params"]]
+    batch = to_device(batch, next(method.parameters()).device)
     rows = []
     flags = {m: m.training for m in method.modules()}
     buffers = {n: b.detach().clone() for n, b in method.named_buffers()}  # batch-norm statistics
