@@ -744,10 +744,14 @@ def side_by_side(figures: Sequence, titles: Sequence[str] | None = None, *, pane
     last = figures[-1].layout
     height = max((f.layout.height or 520) for f in figures)
     margin = dict(last.margin.to_plotly_json()) if last.margin else {}
-    margin["t"] = max(margin.get("t", 40) or 40, 60)
+    has_legend2 = last.legend2 is not None and bool(last.legend2.to_plotly_json())
+    # room above the panels for the panel titles and, above them, the sources' legend
+    margin["t"] = max(margin.get("t", 40) or 40, 100 if has_legend2 else 60)
     fig.update_layout(template="plotly_white", height=height, width=panel_width * n + 60,
                       legend=last.legend, margin=margin, dragmode=last.dragmode,
                       hoverlabel=dict(namelength=-1))
-    if last.legend2 is not None and last.legend2.to_plotly_json():
+    if has_legend2:
+        plot_h = max(height - margin["t"] - (margin.get("b") or 0), 100)
         fig.update_layout(legend2=last.legend2)
+        fig.update_layout(legend2=dict(y=1 + 34 / plot_h, yanchor="bottom", x=1, xanchor="right"))
     return fig

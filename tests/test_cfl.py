@@ -435,6 +435,23 @@ def test_spaces_feature_and_common_maps(runs):
         cfl.Spaces({"CFL": out[1]}, teachers, u, idx, {"relu": ["relu"]})
 
 
+def test_spaces_drive_the_embedding_explorer(runs):
+    from kaviz.widgets import EmbeddingExplorer
+
+    u, teachers, out = runs
+    idx = cfl.pick_per_class(u, 2, seed=1)
+    spaces = cfl.Spaces({"CFL": out[1], "KD": out[0]}, teachers, u, idx, {"relu": ["relu", "relu"], "conv": ["conv", "conv"]})
+    ex = EmbeddingExplorer(spaces.compute, models=spaces.models, layers=list(spaces.layers), methods=("pca", "tsne"),
+                           images=u.image_array, class_names=u.classes)
+    assert ex.status.value and not ex.status.value.startswith("⚠") and len(ex.results) == 2
+    assert set(ex.results[1]["source"]) == {"student", "teacher: a", "teacher: b"}
+    ex.select([int(idx[0])])
+    ex.model_dd.value = "KD"  # recomputes: the KD student's second panel is its output space
+    assert set(ex.results[1]["source"]) == {"student", "teachers (concatenated)"} and ex.selection == [int(idx[0])]
+    ex.layer_dd.value = "conv"
+    assert not ex.status.value.startswith("⚠") and set(ex.results[0]["source"]) == {"student", "teacher: a", "teacher: b"}
+
+
 def test_paired_distance_ratio():
     g = np.random.default_rng(0)
     a = g.normal(size=(50, 16))
