@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["embedding_scatter", "highlight", "training_curves", "feature_grid", "image_grid",
-           "bar", "palette", "SYMBOLS", "to_rgb_uint8", "png_bytes"]
+           "bar", "palette", "SYMBOLS", "to_rgb_uint8", "png_bytes", "side_by_side"]
 
 # Readable on white, distinct for up to ~30 classes: tab10 for few classes, Dark24 beyond, then the
 # darker half of Light24 (its pale colours vanish on white); cycles after 38.
@@ -797,4 +797,56 @@ def metric_curves(df: pd.DataFrame, x: str, metrics: Sequence[str], group: str |
     fig.update_xaxes(title_text=x_title or x, type="log" if log_x else None)
     fig.update_layout(template="plotly_white", height=height, width=max(420, 330 * len(metrics) + 160), title=title,
                       legend=dict(font=dict(size=11)), margin=dict(l=50, r=10, t=70 if title else 40, b=50))
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# panels side by side (added with the CFL notebook: "feature space | common space" as one static
+# figure, readable in a stored notebook where the linked widget is not rendered)
+# ------------------------------------------------------------------------------------------------
+def side_by_side(figures: Sequence, titles: Sequence[str] | None = None, *, panel_width: int = 440,
+                 spacing: float = 0.04):
+    """Several figures (e.g. two :func:`embedding_scatter` maps) as the panels of one row.
+
+    Traces keep their legend groups, so clicking a class in the legend hides it in every panel;
+    only the last figure's legend entries are shown (the panels share classes and sources), and
+    its legends (``legend``, ``legend2``) are kept. Axes keep equal x/y scale per panel (as in
+    :func:`embedding_scatter`), without tick labels. ``titles`` default to the figures' titles.
+    """
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    figures = list(figures)
+    if not figures or not all(isinstance(f, go.Figure) for f in figures):
+        raise TypeError("side_by_side takes a non-empty list of plotly go.Figure objects")
+    n = len(figures)
+    if titles is None:
+        titles = [f.layout.title.text or "" for f in figures]
+    if len(titles) != n:
+        raise ValueError(f"got {len(titles)} titles for {n} figures")
+    fig = make_subplots(rows=1, cols=n, subplot_titles=list(titles), horizontal_spacing=spacing)
+    for k, f in enumerate(figures, start=1):
+        for tr in f.data:
+            tr = go.Figure(data=[tr]).data[0]  # a copy: the source figures stay as they are
+            if k < n:
+                tr.showlegend = False
+            fig.add_trace(tr, row=1, col=k)
+        x_name = "x" if k == 1 else f"x{k}"
+        fig.update_xaxes(showticklabels=False, zeroline=False, showgrid=True, row=1, col=k,
+                         title_text=f.layout.xaxis.title.text)
+        fig.update_yaxes(showticklabels=False, zeroline=False, scaleanchor=x_name, scaleratio=1,
+                         row=1, col=k, title_text=f.layout.yaxis.title.text)
+    last = figures[-1].layout
+    height = max((f.layout.height or 520) for f in figures)
+    margin = dict(last.margin.to_plotly_json()) if last.margin else {}
+    has_legend2 = last.legend2 is not None and bool(last.legend2.to_plotly_json())
+    # room above the panels for the panel titles and, above them, the sources' legend
+    margin["t"] = max(margin.get("t", 40) or 40, 100 if has_legend2 else 60)
+    fig.update_layout(template="plotly_white", height=height, width=panel_width * n + 60,
+                      legend=last.legend, margin=margin, dragmode=last.dragmode,
+                      hoverlabel=dict(namelength=-1))
+    if has_legend2:
+        plot_h = max(height - margin["t"] - (margin.get("b") or 0), 100)
+        fig.update_layout(legend2=last.legend2)
+        fig.update_layout(legend2=dict(y=1 + 34 / plot_h, yanchor="bottom", x=1, xanchor="right"))
     return fig
