@@ -51,7 +51,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=8)
     args = p.parse_args()
     os.environ["CI"] = "1"
     kaviz.seed_everything(0, threads=args.threads)
