@@ -247,3 +247,176 @@ def ssim(images, references, data_range: float = 1.0, window: int = 7, sigma: fl
     cov = blur(a * b) - mu_a * mu_b
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
     return float(s.mean())
+
+
+# ------------------------------------------------------------------------------------ multi-label
+# Multi-label classification metrics (SPEC §2, LSHFM): VOC-style mean average precision with
+# "difficult" image–class pairs ignored, and the COCO-style precision / recall / F1 at a threshold.
+# Scores are (N, K) logits or probabilities, targets (N, K) multi-hot in {0, 1}, difficult (N, K)
+# bool (optional). Tied scores form one threshold (a block of the ranking), so AP never depends on
+# the order of the input rows.
+
+__all__ += ["average_precision", "multilabel_map", "multilabel_prf", "multilabel_report",
+            "MissingPositivesWarning"]
+
+
+class MissingPositivesWarning(UserWarning):
+    """A class has no positive (non-difficult) example: its AP is undefined and left out of mAP."""
+
+
+def _multilabel_inputs(scores, targets, difficult=None):
+    s = _np(scores)
+    t = _np(targets)
+    if s.ndim == 1:
+        s = s[:, None]
+    if t.ndim == 1:
+        t = t[:, None]
+    if s.ndim != 2 or s.shape != t.shape:
+        raise ValueError(f"scores {s.shape} and targets {t.shape} must both be (N, K) arrays of one shape "
+                         "(one row per image, one column per class)")
+    if s.shape[0] == 0:
+        raise ValueError("multi-label metrics of an empty set are undefined (no rows)")
+    s = s.astype(np.float64)
+    if not np.all(np.isfinite(s)):
+        bad = np.argwhere(~np.isfinite(s))[0]
+        raise ValueError(f"scores must be finite; row {bad[0]}, class {bad[1]} is {s[tuple(bad)]} "
+                         "(a diverged model? check the training loss)")
+    if t.dtype == bool:
+        t = t.astype(np.int64)
+    if not np.all((t == 0) | (t == 1)):
+        vals = np.unique(t)[:6]
+        raise ValueError(f"targets must be multi-hot (0 or 1), found values {vals.tolist()}; pass VOC's "
+                         "'difficult' flags through difficult=..., not as a third target value")
+    t = t.astype(bool)
+    if difficult is None:
+        d = np.zeros_like(t)
+    else:
+        d = _np(difficult)
+        if d.ndim == 1:
+            d = d[:, None]
+        if d.shape != t.shape:
+            raise ValueError(f"difficult {d.shape} must have the shape of targets {t.shape}")
+        if d.dtype != bool:
+            if not np.all((d == 0) | (d == 1)):
+                raise ValueError("difficult must be boolean flags (0/1)")
+            d = d.astype(bool)
+    return s, t, d
+
+
+def _ap_one(s: np.ndarray, t: np.ndarray) -> float:
+    """All-point interpolated AP of one class (VOC2010+ devkit): the area under the precision
+    envelope ``p̂(r) = max_{r' >= r} p(r')``, with tied scores taken together as one threshold."""
+    npos = int(t.sum())
+    if npos == 0:
+        return float("nan")
+    order = np.argsort(-s, kind="stable")
+    s, t = s[order], t[order]
+    tp = np.cumsum(t)
+    fp = np.cumsum(~t)
+    # one (recall, precision) point per distinct score: the last row of each block of ties
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]
+    rec = tp[last] / npos
+    prec = tp[last] / (tp[last] + fp[last])
+    mrec = np.r_[0.0, rec, 1.0]
+    mpre = np.r_[0.0, prec, 0.0]
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]  # precision envelope
+    step = np.flatnonzero(mrec[1:] != mrec[:-1])
+    return float(np.sum((mrec[step + 1] - mrec[step]) * mpre[step + 1]))
+
+
+def average_precision(scores, targets, difficult=None) -> np.ndarray:
+    """Per-class VOC average precision (all-point interpolation), an array (K,) in [0, 1].
+
+    For class k, the images are ranked by score; ``difficult`` image–class pairs are removed
+    from the ranking (neither true nor false positives: VOC's "0" label); precision p and recall r
+    are taken at every distinct score (tied scores form one threshold), and
+    ``AP_k = Σ_i (r_{i+1} − r_i) · max_{r >= r_{i+1}} p(r)``.
+    A class without any non-difficult positive gets NaN (its AP is undefined).
+    """
+    s, t, d = _multilabel_inputs(scores, targets, difficult)
+    out = np.empty(s.shape[1], dtype=np.float64)
+    for k in range(s.shape[1]):
+        keep = ~d[:, k]
+        out[k] = _ap_one(s[keep, k], t[keep, k])
+    return out
+
+
+def _no_positive_message(missing, class_names=None) -> str:
+    names = [str(class_names[k]) if class_names is not None else str(k) for k in missing]
+    return (f"{len(missing)} class(es) have no positive (non-difficult) example: {', '.join(names[:10])}"
+            f"{' ...' if len(names) > 10 else ''}; their AP is undefined and they are left out of the mAP. "
+            "Use a larger evaluation split to cover every class.")
+
+
+def multilabel_map(scores, targets, difficult=None) -> float:
+    """Mean over classes of :func:`average_precision` (VOC all-point AP, difficult pairs ignored),
+    a float in [0, 1].
+
+    Classes without a positive are left out of the mean and reported with a
+    :class:`MissingPositivesWarning` naming them; if no class has a positive, ``ValueError``.
+    """
+    ap = average_precision(scores, targets, difficult)
+    missing = np.flatnonzero(np.isnan(ap))
+    if len(missing) == len(ap):
+        raise ValueError("no class has a positive (non-difficult) example: mAP is undefined")
+    if len(missing):
+        import warnings
+
+        warnings.warn(_no_positive_message(missing), MissingPositivesWarning, stacklevel=2)
+    return float(np.nanmean(ap))
+
+
+def multilabel_prf(scores, targets, threshold: float = 0.5, difficult=None, logits: bool = True) -> dict:
+    """COCO-convention precision, recall and F1 at a threshold (Chen et al., ML-GCN, CVPR 2019).
+
+    A class is predicted when its probability is >= ``threshold`` (``logits=True``: probability
+    = sigmoid(score); ``logits=False``: the scores are probabilities in [0, 1]). ``difficult``
+    pairs are left out of every count. With N^c_p predicted, N^c_g ground-truth and N^c_c correct
+    images of class c:
+
+    - per class: ``CP = mean_c N^c_c / N^c_p``, ``CR = mean_c N^c_c / N^c_g``, ``CF1 = 2·CP·CR / (CP + CR)``
+      (a class never predicted counts precision 0; a class without positives is left out of CR);
+    - overall: ``OP = Σ N_c / Σ N_p``, ``OR = Σ N_c / Σ N_g``, ``OF1 = 2·OP·OR / (OP + OR)``.
+    """
+    s, t, d = _multilabel_inputs(scores, targets, difficult)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating)) or not 0 < threshold < 1:
+        raise ValueError(f"threshold must be a probability in (0, 1), got {threshold!r}")
+    if logits:
+        prob = 1.0 / (1.0 + np.exp(-np.clip(s, -60, 60)))
+    else:
+        if s.min() < 0 or s.max() > 1:
+            raise ValueError(f"logits=False expects probabilities in [0, 1], got scores in [{s.min():.3g}, "
+                             f"{s.max():.3g}]; pass logits=True for raw model outputs")
+        prob = s
+    keep = ~d
+    pred = (prob >= threshold) & keep
+    gt = t & keep
+    n_c = (pred & gt).sum(0).astype(np.float64)
+    n_p = pred.sum(0).astype(np.float64)
+    n_g = gt.sum(0).astype(np.float64)
+    has_pos = n_g > 0
+    if not has_pos.any():
+        raise ValueError("no class has a positive (non-difficult) example: recall is undefined")
+    cp = float(np.mean(np.where(n_p > 0, n_c / np.maximum(n_p, 1), 0.0)))
+    cr = float(np.mean(n_c[has_pos] / n_g[has_pos]))
+    op = float(n_c.sum() / n_p.sum()) if n_p.sum() > 0 else 0.0
+    orc = float(n_c.sum() / n_g.sum())
+
+    def f1(p, r):
+        return 2 * p * r / (p + r) if p + r > 0 else 0.0
+
+    return {"CP": cp, "CR": cr, "CF1": f1(cp, cr), "OP": op, "OR": orc, "OF1": f1(op, orc)}
+
+
+def multilabel_report(scores, targets, difficult=None, threshold: float = 0.5, logits: bool = True,
+                      class_names=None) -> dict:
+    """Everything at once, without warnings: ``mAP``, ``ap`` (per class, NaN where undefined),
+    ``missing`` (names of the classes without positives), and the six numbers of
+    :func:`multilabel_prf`."""
+    ap = average_precision(scores, targets, difficult)
+    missing = np.flatnonzero(np.isnan(ap))
+    if len(missing) == len(ap):
+        raise ValueError("no class has a positive (non-difficult) example: mAP is undefined")
+    names = [str(class_names[k]) if class_names is not None else int(k) for k in missing]
+    return {"mAP": float(np.nanmean(ap)), "ap": ap, "missing": names,
+            **multilabel_prf(scores, targets, threshold=threshold, difficult=difficult, logits=logits)}
