@@ -362,6 +362,12 @@ def test_one_stage_terms_and_gradient_paths():
     assert all(g is not None for g in g_recon[:-1]) and g_recon[-1] is None
     with pytest.raises(ValueError, match="plan is for 2 teachers, 1 were given"):
         lw.OneStageAmalgamation(student, teachers[:1], plan)
+    some = lw.OneStageAmalgamation(student, teachers, plan, layers=[2, 6])
+    assert [tuple(e.weight.shape) for e in some.encoders] == [(4, 16), (16, 64)]  # 8 + 8 -> 4, 32 + 32 -> 16
+    assert set(some(example(u, 8))) == {"kd", "feat", "recon"}
+    for bad in ([], [0], [7], [2, 2]):
+        with pytest.raises(ValueError, match=r"distinct feature layers of the plan, in 1..6"):
+            lw.OneStageAmalgamation(student, teachers, plan, layers=bad)
 
 
 class Bomb:

@@ -632,27 +632,34 @@ class LogitMatching(nn.Module):
 class OneStageAmalgamation(nn.Module):
     """The one-stage variant (ablation): autoencoders, student feature maps and the student trained
     together, ``{"kd": soft_ce(s, z; T), "feat": Σ_l MSE(M_l(S^l), E_l(F^l).detach()),
-    "recon": Σ_l MSE(D_l(E_l(F^l)), F^l)}`` with ``S^l`` the student's pre-activation feature of
-    layer l (tapped with gradients) and ``z`` the concatenated teacher logits."""
+    "recon": Σ_l MSE(D_l(E_l(F^l)), F^l)}`` over the hooked layers l, with ``S^l`` the student's
+    pre-activation feature of layer l (tapped with gradients) and ``z`` the concatenated teacher
+    logits. ``layers``: the hooked layers (1-based plan layers; default all L−1 feature layers)."""
 
-    def __init__(self, student: nn.Module, teachers: Sequence[nn.Module], plan: LayerPlan, T: float = 1.0):
+    def __init__(self, student: nn.Module, teachers: Sequence[nn.Module], plan: LayerPlan, T: float = 1.0,
+                 layers: Sequence[int] | None = None):
         super().__init__()
         _check_plan(plan, teachers)
+        L = plan.depth
+        layers = list(range(1, L)) if layers is None else [int(l) for l in layers]
+        if not layers or any(not 1 <= l <= L - 1 for l in layers) or len(set(layers)) != len(layers):
+            raise ValueError(f"layers must be distinct feature layers of the plan, in 1..{L - 1}; got {layers}")
+        self.layers = layers
         self.student = student
         self.teachers = nn.ModuleList([freeze(t) for t in teachers])
         self.plan = plan
         self.T = T
-        L = plan.depth
-        total = [sum(tc[l] for tc in plan.teacher_channels) for l in range(L - 1)]
-        cs = plan.student_channels
-        self.encoders = nn.ModuleList([ChannelLinear(total[l], cs[l]) for l in range(L - 1)])
-        self.decoders = nn.ModuleList([ChannelLinear(cs[l], total[l]) for l in range(L - 1)])
-        self.maps = nn.ModuleList([ChannelLinear(cs[l], cs[l]) for l in range(L - 1)])
-        self._names = [s.name for s in plan.segments[:-1]]
+        total = [sum(tc[l - 1] for tc in plan.teacher_channels) for l in layers]
+        cs = [plan.student_channels[l - 1] for l in layers]
+        self.encoders = nn.ModuleList([ChannelLinear(t, c) for t, c in zip(total, cs)])
+        self.decoders = nn.ModuleList([ChannelLinear(c, t) for t, c in zip(total, cs)])
+        self.maps = nn.ModuleList([ChannelLinear(c, c) for c in cs])
+        self._names = [plan.segments[l - 1].name for l in layers]
 
     def forward(self, batch):
         x = images_of(batch)
         feats, logits = teacher_features(self.teachers, self.plan, x)
+        feats = [feats[l - 1] for l in self.layers]
         with FeatureTap(self.student, self._names, detach=False) as tap:
             out = self.student(x)
             s_feats = [tap[n] for n in self._names]
@@ -743,11 +750,12 @@ def run_layerwise(teachers: Sequence[nn.Module], student: nn.Module, train_data,
 
 
 def run_one_stage(teachers: Sequence[nn.Module], student: nn.Module, train_data, val_data=None, *, epochs: int = 8,
-                  lr: float = 1e-3, T: float = 1.0, weights: Mapping[str, float] | None = None, batch_size: int = 64,
+                  lr: float = 1e-3, T: float = 1.0, layers: Sequence[int] | None = None,
+                  weights: Mapping[str, float] | None = None, batch_size: int = 64,
                   seed: int = 0, plan: LayerPlan | None = None, segments=None, teacher_layers=None, device=None,
                   progress: bool | None = None, **fit_kwargs):
-    """The one-stage variant (:class:`OneStageAmalgamation`) with :func:`kaviz.train.fit`; returns
-    ``(method, history)``; ``method.student`` is the trained student."""
+    """The one-stage variant (:class:`OneStageAmalgamation`, hooking ``layers``) with
+    :func:`kaviz.train.fit`; returns ``(method, history)``; ``method.student`` is the trained student."""
     from .. import seed_everything
     from ..data import Unlabeled
     from ..train import fit
@@ -755,7 +763,7 @@ def run_one_stage(teachers: Sequence[nn.Module], student: nn.Module, train_data,
     if plan is None:
         plan = plan_layers(teachers, student, _example(train_data), segments=segments, teacher_layers=teacher_layers)
     seed_everything(seed)
-    method = OneStageAmalgamation(student, teachers, plan, T=T)
+    method = OneStageAmalgamation(student, teachers, plan, T=T, layers=layers)
     history = fit(method, Unlabeled(train_data), val_data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                   weights=weights, monitor=_monitor(val_data), device=device, progress=progress, **fit_kwargs)
     method.cpu()
