@@ -444,6 +444,7 @@ def test_feature_maps_and_param_table():
     assert len(rows) == 2 and titles[0][:2] == ["image", titles[0][1]] and titles[0][3] == "amalgamated ch 0"
     assert titles[1][3] == "amalgamated ch 1"  # channel 5 modulo the 4 channels of layer 2
     assert rows[0][0].shape == (16, 16, 3) and all(m.shape == (8, 8) for m in rows[0][1:])
+    assert rows[1][0] is None and titles[1][0] is None  # the image is shown once
     # the teacher map shown is the teacher channel with the largest encoder weight
     E = res.amalgamation.encoders[1].weight.detach()
     j = int(E[0, :8].abs().argmax())

@@ -209,6 +209,16 @@ class Segment:
         return self.norm or self.linear
 
 
+def _device_of(module: nn.Module) -> torch.device:
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+def _target_device(device):
+    from .. import default_device
+
+    return default_device(device)
+
+
 def _leaf_calls(model: nn.Module, example: torch.Tensor):
     """(name, input, output) of every leaf module in call order during one eval-mode forward."""
     calls, handles = [], []
@@ -239,6 +249,7 @@ def infer_segments(model: nn.Module, example: torch.Tensor) -> list[Segment]:
     functional op, a skip connection, a reused module) the error names the place — pass the
     :class:`Segment` list yourself there.
     """
+    example = example.to(_device_of(model))
     calls, out = _leaf_calls(model, example)
     modules = dict(model.named_modules())
     mname = type(model).__name__
@@ -377,12 +388,12 @@ def plan_layers(teachers: Sequence[nn.Module], student: nn.Module, example: torc
                              f"({[s.name for s in segments[:-1]]}) before its classifier")
     s_names = [s.name for s in segments]
     with eval_mode(student), torch.no_grad(), FeatureTap(student, s_names) as tap:
-        s_out = student(example)
+        s_out = student(example.to(_device_of(student)))
         s_shapes = [_feature_shape(tap[n]) for n in s_names[:-1]]
     t_shapes, n_out = [], []
     for t, names in zip(teachers, teacher_layers):
         with eval_mode(t), torch.no_grad(), FeatureTap(t, names) as tap:
-            out = t(example)
+            out = t(example.to(_device_of(t)))
             t_shapes.append([_feature_shape(tap[n]) for n in names])
         n_out.append(int(out.shape[1]))
     for l in range(L - 1):
@@ -600,7 +611,7 @@ def fold_check(method: LayerwiseLearning, x: torch.Tensor) -> dict:
     folded = method.folded()
     out = {}
     for mode in ("eval", "train"):
-        a_model, b_model = copy.deepcopy(method), copy.deepcopy(folded)
+        a_model, b_model = copy.deepcopy(method).to(x.device), copy.deepcopy(folded).to(x.device)
         a_model.train(mode == "train")
         b_model.train(mode == "train")
         with torch.no_grad():
@@ -782,11 +793,12 @@ class _Concat(nn.Module):
         return torch.cat([t(x) for t in self.teachers], 1)
 
 
-def accuracy_table(models: Mapping[str, nn.Module], data, teachers: Sequence[nn.Module] | None = None):
+def accuracy_table(models: Mapping[str, nn.Module], data, teachers: Sequence[nn.Module] | None = None, device=None):
     """Test accuracies of comprehensive-space classifiers on a union split ``data``: one column per
     part (task-aware: argmax over that part's classes, on that part's images), ``task-aware (all)``
     and ``whole`` (task-agnostic: argmax over all classes, SPEC §0.1). With ``teachers``, first a row
-    per teacher (its own part only) and one for the concatenated teachers."""
+    per teacher (its own part only) and one for the concatenated teachers. The models are moved to
+    ``device`` (default: CUDA when available, else CPU)."""
     import pandas as pd
 
     if not hasattr(data, "slices"):
@@ -804,12 +816,12 @@ def accuracy_table(models: Mapping[str, nn.Module], data, teachers: Sequence[nn.
     if teachers is not None:
         if len(teachers) != len(data.sources):
             raise ValueError(f"{len(teachers)} teachers for {len(data.sources)} parts")
-        res = union_accuracy(_Concat(teachers).eval(), data)
+        res = union_accuracy(_Concat(teachers).to(_target_device(device)).eval(), data)
         for k in range(len(teachers)):
             rows.append(row(f"teacher {k + 1}", res, only=k))
         rows.append(row("concatenated teachers", res))
     for name, m in models.items():
-        rows.append(row(name, union_accuracy(m, data)))
+        rows.append(row(name, union_accuracy(m.to(_target_device(device)), data)))
     return pd.DataFrame(rows)
 
 
@@ -889,10 +901,11 @@ def _pca_floor(cov_sum, mean_sum, n, k):
     return float(ev[k:].sum() / ev.sum().clamp_min(1e-30))
 
 
-def reconstruction_errors(amalgamation: FeatureAmalgamation, data, batch_size: int = 256):
+def reconstruction_errors(amalgamation: FeatureAmalgamation, data, batch_size: int = 256, device=None):
     """Per layer, how well the stage-1 autoencoder reconstructs the concatenated teacher features
     on ``data``: the fraction of unexplained variance ``Σ(D(E(F)) − F)² / Σ(F − mean F)²``, next to
-    the smallest value any rank-C_s linear autoencoder can reach (the PCA bound)."""
+    the smallest value any rank-C_s linear autoencoder can reach (the PCA bound). The autoencoders
+    (and the teachers inside) are moved to ``device`` (default: CUDA when available, else CPU)."""
     import pandas as pd
 
     plan = amalgamation.plan
@@ -902,7 +915,8 @@ def reconstruction_errors(amalgamation: FeatureAmalgamation, data, batch_size: i
     cov = [torch.zeros(d, d, dtype=torch.float64) for d in dims]
     mean = [torch.zeros(d, dtype=torch.float64) for d in dims]
     count = [0] * (L - 1)
-    device = next(amalgamation.encoders.parameters()).device
+    device = _target_device(device)
+    amalgamation.to(device)
     with eval_mode(amalgamation), torch.no_grad():
         for x in _batches(data, batch_size):
             feats, _ = amalgamation.features(x.to(device))
@@ -922,7 +936,7 @@ def reconstruction_errors(amalgamation: FeatureAmalgamation, data, batch_size: i
 
 
 def layer_errors(result: LayerwiseResult, data, students: Mapping[str, nn.Module] | None = None,
-                 batch_size: int = 256):
+                 batch_size: int = 256, device=None):
     """Per student layer, the fraction of unexplained variance of the amalgamated feature (the last
     layer: of the concatenated logits) on ``data``:
 
@@ -930,11 +944,16 @@ def layer_errors(result: LayerwiseResult, data, students: Mapping[str, nn.Module
     - one column per student in ``students`` (default: ``result.students``): that network run end
       to end, its own layer-l feature against ``F_a^l`` — how the layers' errors compound, and how
       far fine-tuning moves the features away from the amalgamated ones.
+
+    The networks are moved to ``device`` (default: CUDA when available, else CPU).
     """
     import pandas as pd
 
     students = dict(result.students if students is None else students)
-    method = result.layerwise
+    device = _target_device(device)
+    method = result.layerwise.to(device)  # with the stage-1 autoencoders and the teachers inside
+    for s in students.values():
+        s.to(device)
     plan = result.plan
     L = plan.depth
     names = [s.name for s in plan.segments]
@@ -943,6 +962,7 @@ def layer_errors(result: LayerwiseResult, data, students: Mapping[str, nn.Module
     amalg = result.amalgamation
     with eval_mode(method), torch.no_grad():
         for x in _batches(data, batch_size):
+            x = x.to(device)
             targets = amalg.targets(x)
             inputs = [x] + targets[:-1]
             for l in range(L):
@@ -964,36 +984,38 @@ def layer_errors(result: LayerwiseResult, data, students: Mapping[str, nn.Module
 
 
 def feature_maps(result: LayerwiseResult, data, index: int, layer: int, channels: Sequence[int] = (0,),
-                 students: Mapping[str, nn.Module] | None = None):
+                 students: Mapping[str, nn.Module] | None = None, device=None):
     """Maps of image ``index`` at student layer ``layer`` (1-based, a conv layer), for
-    :func:`kaviz.plots.feature_grid`: one row per student channel c with the image, each teacher's
+    :func:`kaviz.plots.feature_grid`: one row per student channel c with the image (first row only), each teacher's
     channel with the largest encoder weight |E[c, ·]| into code channel c, the amalgamated map
     ``F_a[c]`` and each student's own map c (end to end). Channels are taken modulo the layer's
-    width. Returns ``(rows, titles)``."""
+    width. Returns ``(rows, titles)`` (NumPy arrays); the networks are moved to ``device``."""
     plan = result.plan
     if not 1 <= layer <= plan.depth - 1 or not plan.sizes[layer - 1]:
         convs = [l + 1 for l in range(plan.depth - 1) if plan.sizes[l]]
         raise ValueError(f"layer must be a spatial (conv) layer, one of {convs}; got {layer}")
     l = layer - 1
     students = dict(result.students if students is None else students)
-    x = torch.stack([data.get_image(index) if hasattr(data, "get_image") else data[index][0]])
-    amalg = result.amalgamation
+    device = _target_device(device)
+    x = torch.stack([data.get_image(index) if hasattr(data, "get_image") else data[index][0]]).to(device)
+    amalg = result.amalgamation.to(device)
     with eval_mode(amalg), torch.no_grad():
         feats, _ = amalg.features(x)
-        code = amalg.encoders[l](feats[l])[0]
+        code = amalg.encoders[l](feats[l])[0].cpu()
+        feats = [f.cpu() for f in feats]
     s_maps = {}
     for k, s in students.items():
-        with eval_mode(s), torch.no_grad(), FeatureTap(s, plan.segments[l].name) as tap:
+        with eval_mode(s.to(device)), torch.no_grad(), FeatureTap(s, plan.segments[l].name) as tap:
             s(x)
-            s_maps[k] = tap[plan.segments[l].name][0]
-    image = data.image_array(index) if hasattr(data, "image_array") else x[0]
-    E = amalg.encoders[l].weight.detach()
+            s_maps[k] = tap[plan.segments[l].name][0].cpu()
+    image = data.image_array(index) if hasattr(data, "image_array") else x[0].cpu()
+    E = amalg.encoders[l].weight.detach().cpu()
     offsets = np.cumsum([0] + [tc[l] for tc in plan.teacher_channels])
     rows, titles = [], []
     C = plan.student_channels[l]
-    for c in channels:
+    for r, c in enumerate(channels):
         c = int(c) % C
-        row, title = [image], ["image"]
+        row, title = ([image], ["image"]) if r == 0 else ([None], [None])
         for t in range(len(plan.teacher_channels)):
             w = E[c, offsets[t]:offsets[t + 1]].abs()
             j = int(w.argmax())
