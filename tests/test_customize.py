@@ -177,9 +177,10 @@ def test_component_weights_the_sources_by_their_share_of_the_batch():
     x = torch.rand(4, 3, 8, 8)
     # batch norm in train mode sees other batch statistics; compare in eval mode
     method.eval()
-    both = method((x, torch.tensor([0, 0, 1, 1])))
-    first = method((x[:2], torch.tensor([0, 0])))
-    second = method((x[2:], torch.tensor([1, 1])))
+    with torch.no_grad():
+        both = method((x, torch.tensor([0, 0, 1, 1])))
+        first = method((x[:2], torch.tensor([0, 0])))
+        second = method((x[2:], torch.tensor([1, 1])))
     for k in ("feat", "logit"):
         assert float(both[k]) == pytest.approx(0.5 * float(first[k]) + 0.5 * float(second[k]), rel=1e-5)
 
@@ -285,7 +286,8 @@ def test_target_terms_training_and_bad_inputs():
     ds = tiny_attributes(n=32)
     comps = {a: head([a]).eval() for a in ("red", "bright")}
     method = cz.TargetAmalgamation(head(["red", "bright"], width=8), comps, image_shape=(3, 8, 8))
-    assert method.proj["red"][3].weight.shape[:2] == (16, 32)  # target layer3 (32) -> component (16)
+    assert method.proj[3].weight.shape[:2] == (32, 32)  # target layer3 (32) -> both components (16 + 16)
+    assert method.projection("bright", 3).shape[:2] == (16, 32)
     terms = method(torch.rand(4, 3, 8, 8))
     assert set(terms) == {"feat", "logit"}
     sum(terms.values()).backward()
@@ -330,7 +332,7 @@ def test_multihead_supervised_reads_the_right_columns():
     x, y = torch.stack([ds[i][0] for i in range(8)]), ds.targets
     logits = m(x)
     expected = nn.functional.cross_entropy(logits.reshape(-1, 2), y[:, [3, 0]].reshape(-1))
-    assert float(method((x, y))["ce"]) == pytest.approx(float(expected), rel=1e-6)
+    assert float(method((x, y))["ce"].detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
     with pytest.raises(TypeError, match=r"\(B, A\)"):
         method((x, y[:, 0]))
 
@@ -413,6 +415,16 @@ def test_run_and_summary_on_tiny_data():
     comp = t[t["model"] == "component"]
     assert s.loc["component", ("red", "mean")] == pytest.approx(comp[comp.attribute == "red"]["accuracy"].mean(), abs=1e-3)
     assert np.isnan(s.loc["C", ("red", "mean")])
+    # a group mean only for models with every attribute: source A covers both, B only "red"
+    assert np.isnan(s.loc["B", ("group mean", "mean")]) and not np.isnan(s.loc["A", ("group mean", "mean")])
+    assert s.loc["target", ("group mean", "mean")] == pytest.approx(
+        t[t.model == "target"].groupby("seed")["accuracy"].mean().mean(), abs=1e-3)
+    c = cz.comparison(t, ["red", "bright"], majority={"red": 0.5, "bright": 0.6})
+    src = t[(t.seed < 0) & (t.attribute == "red")].set_index("model")["accuracy"]
+    assert c.loc["red", "best source name"] == src.idxmax() and c.loc["red", "best source"] == src.max()
+    assert c.loc["red", "component − best source"] == pytest.approx(c.loc["red", "component"] - src.max())
+    assert c.loc["bright", "target − component"] == pytest.approx(c.loc["bright", "target"] - c.loc["bright", "component"])
+    assert c.loc["bright", "majority"] == 0.6 and c.loc["red", "component std"] >= 0
 
 
 # ------------------------------------------------------------------------------------ analysis helpers
@@ -434,7 +446,7 @@ def test_selection_table_counts_against_the_labels():
     assert idx.tolist() == [0, 0, 1, 1]  # a where it is confident, b elsewhere
     assert t.loc["red", "selected"] == 1.0 and t.loc["red", "any source right"] == 1.0
     images, titles = cz.example_images(asg, ds, "a", k=4)
-    assert len(images) == 2 and images[0].shape == (8, 8, 3) and titles[0].startswith("#0 H=0.")
+    assert len(images) == 2 and images[0].shape == (8, 8, 3) and titles[0].startswith("H=0.")
     assert titles[1].endswith(f"y={int(y[1])}")
 
 
