@@ -33,9 +33,10 @@ $(STAMP): pyproject.toml
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
 
-# Execute every notebook headless; executed copies and HTML reports go to reports/.
+# Execute every notebook headless; executed copies and HTML reports go to reports/ (the reports embed
+# plotly.js so that they open offline).
 demo: setup
-	CI=1 $(PY) scripts/run_notebooks.py --out reports notebooks/*.ipynb
+	CI=1 KAVIZ_PLOTLY_RENDERER=plotly_mimetype+notebook $(PY) scripts/run_notebooks.py --out reports notebooks/*.ipynb
 
 unit: setup
 	CI=1 $(PY) -m pytest -q tests

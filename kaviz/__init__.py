@@ -11,6 +11,18 @@ import random
 __version__ = "0.1.0"
 __all__ = ["seed_everything", "default_device", "__version__"]
 
+_SUBMODULES = ("data", "models", "features", "train", "losses", "metrics", "methods", "embed", "plots",
+               "widgets", "notebook")
+
+
+def __getattr__(name):
+    # `kaviz.train`, `kaviz.plots`, ... import on first use, so `import kaviz` stays cheap
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'kaviz' has no attribute {name!r}")
+
 
 def seed_everything(seed: int, threads: int | None = None):
     """Seed Python, NumPy and torch (and fix torch's thread count if ``threads`` is given).

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-__all__ = ["embed", "pairing_distance", "quality", "cache_info", "clear_cache", "METHODS"]
+__all__ = ["embed", "embed_models", "pairing_distance", "quality", "cache_info", "clear_cache", "METHODS"]
 
 #: Parameters each method accepts, with their defaults. ``embed(..., **params)`` may override any
 #: of them; anything else is an error that lists these names.
@@ -207,6 +207,34 @@ def embed(features, labels=None, *, method="tsne", mode="joint", reference=None,
             while len(_cache) > _CACHE_MAXSIZE:
                 _cache.popitem(last=False)
     return df
+
+
+def embed_models(models: Mapping, data, *, method: str = "tsne", mode: str = "joint", reference=None,
+                 pool: str = "avg", labels=None, seed: int = 0, batch_size: int = 256, **params) -> pd.DataFrame:
+    """Extract one named layer of each model on the same images and embed them (one call of
+    :func:`kaviz.features.extract` per model, then :func:`embed`).
+
+    ``models``: ``name -> (model, layer)``; ``data``: a dataset (subsample it first: t-SNE of a
+    few thousand points is what a figure can show). ``labels`` default to the data's targets.
+    Joint mode needs the layers to have the same width after pooling (else :func:`embed` says so).
+    """
+    from .features import extract
+
+    if not isinstance(models, Mapping) or not models:
+        raise ValueError("models must be a non-empty mapping name -> (model, layer)")
+    feats = {}
+    targets = None
+    for name, pair in models.items():
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[1], str)):
+            raise ValueError(f"models[{name!r}] must be a (model, layer name) pair, got {type(pair).__name__}")
+        model, layer = pair
+        store = extract(model, data, layer, pool=pool, batch_size=batch_size, progress=False)
+        feats[name] = store[layer]
+        if targets is None:
+            targets = store.targets
+    if labels is None and targets is not None and not isinstance(targets, Mapping):
+        labels = targets
+    return embed(feats, labels, method=method, mode=mode, reference=reference, seed=seed, **params)
 
 
 def quality(X, Y, *, k=QUALITY_K, max_rows=QUALITY_MAX_ROWS, seed=0) -> dict:

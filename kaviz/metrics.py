@@ -17,6 +17,7 @@ __all__ = [
     "union_accuracies",
     "confusion_matrix",
     "per_class_accuracy",
+    "knn_accuracy",
     "segmentation_scores",
     "depth_scores",
     "psnr",
@@ -131,6 +132,36 @@ def per_class_accuracy(predictions, targets, num_classes: int | None = None) -> 
     support = cm.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(support > 0, np.diag(cm) / np.maximum(support, 1), np.nan)
+
+
+def knn_accuracy(features, labels, k: int = 5, metric: str = "cosine") -> float:
+    """Leave-one-out k-nearest-neighbour accuracy of features (N, D) (flattened per sample): how
+    well a layer separates the classes without training anything on it. Majority vote, ties to
+    the nearest neighbour's class."""
+    x = _np(features).reshape(len(_np(features)), -1).astype(np.float64)
+    y = _labels(labels)
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} feature rows but {len(y)} labels")
+    if not 1 <= k < len(y):
+        raise ValueError(f"k must be in [1, {len(y) - 1}] for {len(y)} samples, got {k}")
+    if metric == "cosine":
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        d = -x @ x.T
+    elif metric == "euclidean":
+        sq = (x * x).sum(1)
+        d = sq[:, None] + sq[None, :] - 2 * x @ x.T
+    else:
+        raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
+    np.fill_diagonal(d, np.inf)
+    nn_idx = np.argsort(d, axis=1, kind="stable")[:, :k]
+    votes = y[nn_idx]
+    correct = 0
+    for row, v in zip(range(len(y)), votes):
+        counts = np.bincount(v)
+        best = np.flatnonzero(counts == counts.max())
+        pred = best[0] if len(best) == 1 else next(c for c in v if c in best)
+        correct += pred == y[row]
+    return float(correct / len(y))
 
 
 # ----------------------------------------------------------------------------------------- dense

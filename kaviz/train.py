@@ -38,9 +38,14 @@ __all__ = [
     "save_atomic",
     "load_checkpoint",
     "to_device",
+    "summarize",
 ]
 
 CHECKPOINT_FORMAT = "kaviz-checkpoint-1"
+# Part of every cached teacher's key: bump it when a change to the loop changes what training
+# produces (2: the per-epoch permutation comes from a DistributedSampler), so stale teachers are
+# never reused.
+LOOP_VERSION = 2
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -241,6 +246,56 @@ def _make_loader(data, batch_size, shuffle, generator, drop_last, num_workers, c
                       num_workers=num_workers, collate_fn=collate_fn)
 
 
+def _distributed() -> tuple[int, int]:
+    """(world size, rank) when torch.distributed is initialised (e.g. under torchrun), else (1, 0)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _train_loader(data, batch_size, world, rank, seed, drop_last, num_workers, collate_fn):
+    """Shuffled batches from a permutation seeded with ``seed·1000003 + epoch``. Under
+    torch.distributed each rank takes every world-th sample of that same permutation, so global
+    batch k (the union of the ranks' k-th batches) is exactly one process's batch k.
+    A DataLoader passed by the caller is used as it is (one process only)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    if isinstance(data, DataLoader):
+        if world > 1:
+            raise ValueError("under torch.distributed, pass a Dataset (kaviz builds the distributed loader)")
+        return data, None
+    if batch_size % world:
+        raise ValueError(f"batch_size is the global batch: {batch_size} must be divisible by the world size {world}")
+    sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=seed * 1_000_003,
+                                 drop_last=True)
+    loader = DataLoader(data, batch_size=batch_size // world, sampler=sampler, drop_last=drop_last,
+                        num_workers=num_workers, collate_fn=collate_fn)
+    return loader, sampler
+
+
+def _ddp_wrap(method, device):
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    # methods may leave parameters unused in a step (a term with weight 0, a frozen branch)
+    return DistributedDataParallel(method, device_ids=ids, find_unused_parameters=True)
+
+
+def _all_finite(loss, world) -> bool:
+    ok = torch.isfinite(loss.detach()).to(torch.int32)
+    if world > 1:  # one rank's NaN stops every rank (none would wait forever in the next all-reduce)
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok)
+
+
+def _reduce_sums(total_sum, count, sums):
+    keys = sorted(sums)
+    vec = torch.tensor([total_sum, float(count)] + [float(sums[k]) for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(vec)
+    return float(vec[0]), int(vec[1]), {k: vec[2 + i] for i, k in enumerate(keys)}
+
+
 def _weighted_total(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
     total = None
     for k, v in terms.items():
@@ -332,15 +387,18 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
     weights = dict(weights if weights is not None else getattr(method, "loss_weights", {}) or {})
     n_train = len(train_data.dataset) if hasattr(train_data, "dataset") and hasattr(train_data, "batch_size") else len(train_data)
     drop_last = drop_last and n_train > batch_size
-    generator = torch.Generator()
-    loader = _make_loader(train_data, batch_size, True, generator, drop_last, num_workers, collate_fn)
+    world, rank = _distributed()
+    loader, sampler = _train_loader(train_data, batch_size, world, rank, seed, drop_last, num_workers, collate_fn)
     steps_per_epoch = len(loader)
     groups = _param_groups(method, lr)
     opt = _make_optimizer(optimizer, groups, lr, weight_decay, momentum)
     sched, sched_unit = _make_schedule(schedule, opt, epochs, steps_per_epoch)
+    core = method  # the method itself; `method` becomes its DDP wrapper under torch.distributed
+    if world > 1:
+        method = _ddp_wrap(core, device)
 
     config = {
-        "method": type(method).__name__, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+        "method": type(core).__name__, "epochs": epochs, "batch_size": batch_size, "lr": lr,
         "optimizer": optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "callable"),
         "weight_decay": weight_decay, "schedule": schedule if (schedule is None or isinstance(schedule, str)) else "callable",
         "weights": weights, "seed": seed, "n_train": n_train,
@@ -367,7 +425,7 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
                     f"{last} was written with other settings {diff} (checkpoint value, this call); resuming would "
                     "not reproduce a single run. Use the same settings, another checkpoint_dir, or resume=False."
                 )
-            load_trainable_state(method, ck["model"], source=str(last))
+            load_trainable_state(core, ck["model"], source=str(last))
             opt.load_state_dict(ck["optimizer"])
             if sched is not None and ck.get("scheduler") is not None:
                 sched.load_state_dict(ck["scheduler"])
@@ -378,13 +436,14 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
             if (ckpt_dir / "best.pt").exists():
                 best["state"] = load_checkpoint(ckpt_dir / "best.pt")["model"]
 
-    show = progress if progress is not None else not os.environ.get("CI")
-    bar = tqdm(total=epochs, initial=start_epoch, desc=type(method).__name__, disable=not show, leave=False)
+    show = (progress if progress is not None else not os.environ.get("CI")) and rank == 0
+    bar = tqdm(total=epochs, initial=start_epoch, desc=type(core).__name__, disable=not show, leave=False)
     mon_name, mon_mode = (monitor if isinstance(monitor, tuple) else (monitor, None))
     try:
         for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
-            generator.manual_seed(seed * 1_000_003 + epoch)
+            if sampler is not None:
+                sampler.set_epoch(epoch)  # permutation seeded with seed·1000003 + epoch, for any world size
             method.train()
             sums: dict[str, torch.Tensor] = {}
             total_sum = 0.0
@@ -394,7 +453,7 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
                 terms = method(batch)
                 _check_terms(terms, epoch + 1, step)
                 loss = _weighted_total(terms, weights)
-                if not torch.isfinite(loss):
+                if not _all_finite(loss, world):
                     bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["loss (weighted sum)"]
                     saved = f"; the last good checkpoint (epoch {epoch}) in {ckpt_dir} is intact" if (ckpt_dir and epoch > 0) else ""
                     raise NonFiniteLossError(
@@ -415,13 +474,15 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
                     sums[k] = sums[k] + d if k in sums else d
                 total_sum += float(loss.detach()) * b
                 count += b
+            if world > 1:  # exact global means over all ranks' samples
+                total_sum, count, sums = _reduce_sums(total_sum, count, sums)
             row = {"epoch": epoch + 1, "train/loss": total_sum / count}
             row.update({f"train/{k}": float(v) / count for k, v in sums.items()})
             row["lr"] = opt.param_groups[0]["lr"]
             if sched is not None and sched_unit == "epoch":
                 sched.step()
-            if val_data is not None:
-                row.update(_evaluate(method, val_data, batch_size, device, weights, val_losses, collate_fn))
+            if val_data is not None:  # every rank evaluates all of val_data: identical decisions everywhere
+                row.update(_evaluate(core, val_data, batch_size, device, weights, val_losses, collate_fn))
             row["seconds"] = time.perf_counter() - t0
             history.append(row)
 
@@ -435,15 +496,15 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
             improved = best["value"] is None or (value > best["value"] if mon_mode == "max" else value < best["value"])
             if improved and math.isfinite(value):
                 best["epoch"], best["value"] = epoch + 1, value
-                best["state"] = {k: v.detach().cpu().clone() for k, v in trainable_state(method).items()}
-                if ckpt_dir is not None:
+                best["state"] = {k: v.detach().cpu().clone() for k, v in trainable_state(core).items()}
+                if ckpt_dir is not None and rank == 0:
                     save_atomic({"format": CHECKPOINT_FORMAT, "model": best["state"], "epoch": epoch + 1}, ckpt_dir / "best.pt")
-            if ckpt_dir is not None:
+            if ckpt_dir is not None and rank == 0:
                 save_atomic({
                     "format": CHECKPOINT_FORMAT,
                     "config": json.dumps(config, sort_keys=True, default=str),
                     "epoch": epoch + 1,
-                    "model": trainable_state(method),
+                    "model": trainable_state(core),
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict() if sched is not None else None,
                     "rng": _rng_state(),
@@ -454,12 +515,14 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
             bar.update(1)
             bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in row.items() if k in ("train/loss", mon_name)})
             for cb in callbacks:
-                cb(epoch + 1, row, method)
+                cb(epoch + 1, row, core)
+            if world > 1 and ckpt_dir is not None:
+                torch.distributed.barrier()  # no rank runs ahead of rank 0's checkpoint
     finally:
         bar.close()
 
     if restore == "best" and best["state"] is not None:
-        load_trainable_state(method, best["state"], source="best epoch")
+        load_trainable_state(core, best["state"], source="best epoch")
     frame = pd.DataFrame(history)
     frame.attrs.update({"best_epoch": best["epoch"], "monitor": mon_name, "best_value": best["value"],
                         "restored": restore if best["state"] is not None else "last"})
@@ -530,7 +593,7 @@ def teacher_key(arch: str, num_classes: int, train_data, val_data, **settings) -
         "train": _fingerprint(train_data),
         "val": _fingerprint(val_data) if val_data is not None else None,
         "settings": settings,
-        "loop": CHECKPOINT_FORMAT,
+        "loop": LOOP_VERSION,
         "torch": torch.__version__.split("+")[0],
     }
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -621,3 +684,26 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
         os.replace(tmp, info_file)
     history.attrs["cached"] = False
     return model, history
+
+
+def summarize(models: Mapping[str, nn.Module], histories: Mapping, test_data=None, evaluate=None):
+    """One row per model: architecture, parameters, the best epoch on validation and its
+    validation value, and the test metrics of the restored (best-on-validation) weights.
+
+    ``evaluate(model, data) -> dict`` defaults to :meth:`Supervised.evaluate` (accuracy)."""
+    import pandas as pd
+
+    from .models import param_count, spec
+
+    rows = []
+    for name, model in models.items():
+        h = histories.get(name) if histories is not None else None
+        row = {"model": name, "architecture": spec(model).get("name"), "parameters": param_count(model)}
+        if h is not None:
+            row["best epoch (val)"] = h.attrs.get("best_epoch")
+            row[f"{h.attrs.get('monitor', 'val')} (best)"] = h.attrs.get("best_value")
+        if test_data is not None:
+            res = evaluate(model, test_data) if evaluate is not None else Supervised(model).evaluate(test_data)
+            row.update({f"test {k}": v for k, v in res.items()})
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("model")

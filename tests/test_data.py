@@ -192,7 +192,13 @@ def test_difficult_flags(scene_render):
     np.testing.assert_array_equal(r["difficult"], r["present"] & (tiny | hidden))
     assert (r["difficult"] & tiny & ~hidden).any() and (r["difficult"] & hidden & ~tiny).any()
     assert 0.01 < r["difficult"][r["present"]].mean() < 0.3
-    np.testing.assert_array_equal(r["visible"], (r["instance"][:, None] == np.arange(4)[None, :, None, None]).sum((2, 3)))
+    # visible pixel counts: never more than the footprint, all of it for the nearest object, and
+    # together exactly the non-background pixels
+    assert (r["visible"] <= r["footprint"]).all()
+    nearest = r["order"][np.arange(len(r["order"])), r["n_objects"] - 1]
+    rows = np.arange(len(nearest))
+    np.testing.assert_array_equal(r["visible"][rows, nearest], r["footprint"][rows, nearest])
+    np.testing.assert_array_equal(r["visible"].sum(1), (r["mask"] > 0).sum((1, 2)))
 
 
 def test_dataset_difficult_means_every_instance_is_difficult():
@@ -226,9 +232,10 @@ def test_digits_match_the_synthetic_format(digits_ds, shapes_ds):
     grey = D.digits(size=32, colour=False)
     assert torch.equal(grey.images[:, 0], grey.images[:, 1]) and torch.equal(grey.images[:, 0], grey.images[:, 2])
     assert torch.equal(grey.targets, ds.targets) and grey.fingerprint != ds.fingerprint
-    # smooth upsampling: neighbouring pixels differ by little compared with the ink range
+    # smooth upsampling: many grey levels (the originals have 17) and small steps between pixels
     g = grey.images[:, 0].float()
-    assert (g[:, :, 1:] - g[:, :, :-1]).abs().mean() < 20 and g.max() > 200
+    assert len(g.unique()) > 100 and g.max() > 200
+    assert (g[:, :, 1:] - g[:, :, :-1]).abs().max() < 0.5 * 255
     assert torch.equal(D.digits(size=32, seed=0).images, ds.images)
     assert not torch.equal(D.digits(size=32, seed=1).images, ds.images)
     assert D.digits(size=16).images.shape == (1797, 3, 16, 16)

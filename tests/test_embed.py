@@ -270,3 +270,20 @@ def test_pairing_distance_separates_paired_from_shuffled():
         E.pairing_distance(dup)
     with pytest.raises(ValueError, match="missing"):
         E.pairing_distance(frame(pts).drop(columns="index"))
+
+
+def test_embed_models_extracts_each_layer_and_embeds_jointly():
+    import torch
+
+    from kaviz import models as kmodels
+
+    torch.manual_seed(0)
+    a = kmodels.build("cifar_resnet8", 3, width=8)
+    b = kmodels.build("vgg8_small", 3, width=4)
+    x = torch.rand(40, 3, 32, 32)
+    ds = torch.utils.data.TensorDataset(x, torch.arange(40) % 3)
+    df = E.embed_models({"a": (a, "fc:in"), "b": (b, "fc:in")}, ds, method="pca")
+    assert list(df.source.unique()) == ["a", "b"] and len(df) == 80
+    assert list(df["label"][:3]) == [0, 1, 2] and list(df["index"][:3]) == [0, 1, 2]
+    with pytest.raises(ValueError, match="pair"):
+        E.embed_models({"a": a}, ds, method="pca")

@@ -52,3 +52,18 @@ def test_confusion_matrix_many_classes_no_small_int_aliasing():
 def test_per_class_accuracy_nan_for_missing_class():
     acc = metrics.per_class_accuracy([0, 1, 1], [0, 1, 0], num_classes=3)
     assert acc[0] == 0.5 and acc[1] == 1.0 and np.isnan(acc[2])
+
+
+def test_knn_accuracy_separated_vs_shuffled_and_hand_example():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 20)
+    x = np.eye(3)[y] * 5 + rng.normal(size=(60, 3)) * 0.1
+    assert metrics.knn_accuracy(x, y, k=5) == 1.0
+    assert metrics.knn_accuracy(x, rng.permutation(y), k=5) < 0.6
+    # 1-D hand example, euclidean, k=1: nearest neighbour of each point
+    x1 = np.array([[0.0], [0.1], [1.0], [1.05]])
+    assert metrics.knn_accuracy(x1, [0, 0, 1, 0], k=1, metric="euclidean") == 0.5
+    with pytest.raises(ValueError, match="k must be"):
+        metrics.knn_accuracy(x, y, k=60)
+    with pytest.raises(ValueError, match="metric"):
+        metrics.knn_accuracy(x, y, metric="l1")

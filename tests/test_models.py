@@ -83,3 +83,16 @@ def test_weights_hash_changes_with_weights():
     with torch.no_grad():
         m.fc.bias += 1
     assert models.weights_hash(m) != h
+
+
+def test_stages_shallow_to_deep_and_tappable():
+    from kaviz.features import FeatureTap
+
+    for name in SMALL + ["resnet18", "densenet121"]:
+        m = models.build(name, 3).eval()
+        st = models.stages(m)
+        assert st[-1].endswith(":in") and len(st) >= 3, (name, st)
+        with FeatureTap(m, st) as tap:
+            m(torch.randn(1, 3, 32, 32))
+        widths = [tap[s].shape[-1] * tap[s].shape[-2] if tap[s].dim() == 4 else 1 for s in st]
+        assert widths == sorted(widths, reverse=True), (name, widths)  # resolution only shrinks

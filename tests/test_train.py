@@ -201,3 +201,17 @@ def test_train_teacher_caches_by_everything_that_determines_it(tmp_path, tiny):
     assert len(list(tmp_path.glob("*.pt"))) == 3, "another seed or other data -> another teacher"
     info = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert info["settings"]["epochs"] == 1
+
+
+def test_summarize_reports_best_epoch_and_test_metrics(tiny):
+    from kaviz.train import summarize
+
+    kaviz.seed_everything(0)
+    m = small_net()
+    h = fit(Supervised(m), tiny, TinyImages(n=30, seed=1), epochs=2, batch_size=16)
+    table = summarize({"net": m}, {"net": h}, TinyImages(n=30, seed=2))
+    row = table.loc["net"]
+    assert row["best epoch (val)"] == h.attrs["best_epoch"]
+    assert row["val/accuracy (best)"] == h.attrs["best_value"]
+    assert row["test accuracy"] == Supervised(m).evaluate(TinyImages(n=30, seed=2))["accuracy"]
+    assert row["parameters"] == sum(p.numel() for p in m.parameters())

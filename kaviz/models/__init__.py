@@ -30,6 +30,7 @@ __all__ = [
     "weights_hash",
     "classifier_name",
     "param_count",
+    "stages",
     "ArchitectureMismatchError",
 ]
 
@@ -169,6 +170,37 @@ def classifier_name(model: nn.Module) -> str:
     if last is None:
         raise ValueError(f"{type(model).__name__} has no nn.Linear classifier; name the layer explicitly")
     return last
+
+
+def stages(model: nn.Module, penultimate: bool = True) -> list[str]:
+    """The layers worth looking at first, shallow to deep: the output of each stage, then the
+    classifier's input (the pooled penultimate feature) when ``penultimate``.
+
+    kaviz's small nets declare them (``model.kaviz_stages``); torchvision ResNets give
+    ``layer1..layer4``, DenseNets their dense blocks, VGGs their pooling layers; other models
+    their top-level children except the classifier.
+    """
+    names = list(getattr(model, "kaviz_stages", []) or [])
+    if not names:
+        children = dict(model.named_children())
+        if all(f"layer{i}" in children for i in (1, 2, 3)):
+            names = [n for n in children if n.startswith("layer")]
+        elif "features" in children:
+            feats = dict(model.features.named_children())
+            names = [f"features.{n}" for n, m in feats.items()
+                     if n.startswith("denseblock") or isinstance(m, nn.MaxPool2d)]
+        if not names:
+            try:
+                head = classifier_name(model).split(".")[0]
+            except ValueError:
+                head = None
+            names = [n for n in children if n != head]
+    if penultimate:
+        try:
+            names.append(classifier_name(model) + ":in")
+        except ValueError:
+            pass
+    return names
 
 
 def load_weights(model: nn.Module, path, *, skip_mismatched_head: bool = False, strict: bool = True) -> nn.Module:

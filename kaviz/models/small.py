@@ -78,6 +78,7 @@ class CifarResNet(nn.Module):
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(cin, num_classes)
         self.out_channels = cin
+        self.kaviz_stages = ["layer1", "layer2", "layer3"]
         _init(self)
 
     def forward(self, x):
@@ -118,6 +119,10 @@ class SmallVGG(nn.Module):
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(cin, num_classes)
         self.out_channels = cin
+        # the output of each resolution: every pooling layer, and the last ReLU
+        self.kaviz_stages = [f"features.{i}" for i, m in enumerate(layers) if isinstance(m, nn.MaxPool2d)]
+        if not isinstance(layers[-1], nn.MaxPool2d):
+            self.kaviz_stages.append(f"features.{len(layers) - 1}")
         _init(self)
 
     def forward(self, x):
@@ -176,7 +181,15 @@ class SmallMobileNet(nn.Module):
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(head_width, num_classes)
         self.out_channels = head_width
+        self.kaviz_stages = ["stem"] + [f"blocks.{i}" for i in self._stage_ends()] + ["head"]
         _init(self)
+
+    def _stage_ends(self):
+        ends, i = [], -1
+        for _t, _m, reps, _s in self.SETTING:
+            i += reps
+            ends.append(i)
+        return ends
 
     def forward(self, x):
         return self.fc(self.flatten(self.avgpool(self.head(self.blocks(self.stem(x))))))
