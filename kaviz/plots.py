@@ -8,6 +8,8 @@
 * :func:`feature_grid` — a grid of 2-D maps on a diverging colour scale symmetric about 0, with
   optional RGB image panels (the Knowledge-Consistency component figure).
 * :func:`image_grid`, :func:`bar` — small helpers the notebooks would otherwise re-write.
+* :func:`dense_predictions` — input, ground truth and models' class maps and depth maps side by
+  side (the dense papers); :func:`label_image` / :func:`scalar_image` colour one map as an image.
 
 Stored outputs stay small: coordinates are rounded to 3 decimals, heatmaps are float32, images are
 embedded as PNG at their own resolution.

@@ -364,6 +364,39 @@ def test_run_end_to_end_on_tiny_scenes(tiny_scenes):
     assert "val/seg@dec2/mIoU" in res.search_history.columns and "val/seg/mIoU" in res.finetune_history.columns
     assert all(p.requires_grad for p in res.student.parameters())
     assert sbm.check_tails(res.search_student, teachers)["equal"].all()
+    summary = sbm.branch_summary(res)
+    assert list(summary.columns) == ["task", "point", "train loss", "chosen", "val mIoU", "val rmse"]
+    assert summary["chosen"].sum() == 2 and summary["val mIoU"].notna().sum() == 2 and summary["val rmse"].notna().sum() == 2
+    best = res.search_history.attrs["best_epoch"]
+    assert summary["val mIoU"].iloc[0] == pytest.approx(res.search_history.loc[best - 1, "val/seg@dec2/mIoU"])
+
+
+def test_constant_predictor_is_the_majority_class_and_mean_depth():
+    x = torch.zeros(3, 3, 8, 8)
+    mask = torch.zeros(3, 8, 8, dtype=torch.int64)
+    mask[0] = 2
+    mask[1, :6] = 2  # class 2 covers 64 + 48 pixels, class 0 the other 80
+    mask[2, 0] = 255
+    depth = torch.full((3, 8, 8), 2.0)
+    depth[2] = 0.0  # not measured
+    depth[1, 0] = 8.0
+    data = [(x[i], {"mask": mask[i], "depth": depth[i]}) for i in range(3)]
+    c = sbm.constant_predictor(data, KINDS, 4, batch_size=2)
+    assert c.majority == 2 and c.mean_depth == pytest.approx((2.0 * 120 + 8.0 * 8) / 128)
+    out = c(torch.zeros(2, 3, 8, 16))
+    assert out["seg"].argmax(1).eq(2).all() and out["seg"].shape == (2, 4, 8, 16)
+    assert out["depth"].shape == (2, 1, 8, 16)
+    res = sbm.score(c, data, kinds=KINDS)
+    assert res["seg/pixel_accuracy"] == pytest.approx(112 / (192 - 8))
+
+
+def test_embedded_scene_splits():
+    parts, info = sbm.scene_splits(n=20, image_size=16, seed=1)
+    assert sum(map(len, parts)) == 20 and info["num_classes"] == 11 and info["class_names"][0] == "background"
+    x, y = parts.train[0]
+    assert x.shape == (3, 16, 16) and y["mask"].shape == (16, 16) and y["depth"].dtype == torch.float32
+    with pytest.raises(ValueError, match="square"):
+        sbm.scene_splits(n=20, image_size=(16, 24))
 
 
 # ----------------------------------------------------------------------------------- real data

@@ -63,12 +63,15 @@ __all__ = [
     "check_tails",
     "branch_losses",
     "select_branches",
+    "branch_summary",
     "SBMResult",
     "run",
     "train_teachers",
     "scene_splits",
     "score",
     "score_table",
+    "ConstantPredictor",
+    "constant_predictor",
     "predict",
 ]
 
@@ -690,6 +693,27 @@ def select_branches(losses) -> dict[str, str]:
     return out
 
 
+def branch_summary(result: "SBMResult"):
+    """One row per (task, branch point): the loss against the teacher on the training data (what
+    branch-out ranks by), ``chosen``, and for reading only the ground-truth score of that branch on
+    the validation split at the block phase's best epoch (``val mIoU`` for segmentation, ``val rmse``
+    for depth) — labels never enter the choice."""
+    h = result.search_history
+    best = h.attrs.get("best_epoch") or int(h["epoch"].iloc[-1])
+    row = h[h["epoch"] == best].iloc[0]
+    df = result.branch_losses.rename(columns={"loss": "train loss"}).drop(columns=["best"])
+    df["chosen"] = [result.points.get(t) == p for t, p in zip(df["task"], df["point"])]
+    kinds = result.search_student.kinds
+
+    def val_metric(t, p, metric):
+        name = f"val/{t}@{p}/{metric}" if len(result.search_student.branches[t]) > 1 else f"val/{t}/{metric}"
+        return float(row[name]) if name in row.index else float("nan")
+
+    df["val mIoU"] = [val_metric(t, p, "mIoU") if kinds[t] == "segmentation" else np.nan for t, p in zip(df["task"], df["point"])]
+    df["val rmse"] = [val_metric(t, p, "rmse") if kinds[t] == "depth" else np.nan for t, p in zip(df["task"], df["point"])]
+    return df
+
+
 @dataclass
 class SBMResult:
     """What :func:`run` returns: the final student (one branch per task, fine-tuned), the search
@@ -745,27 +769,31 @@ def run(teachers: Mapping[str, nn.Module], train_data, val_data=None, *, points:
 
 
 # ----------------------------------------------------------------------------------- data, teachers
-def scene_splits(data: str = "embedded", *, root=None, n: int = 1500, size: int = 32, max_objects: int = 4,
-                 seed: int = 0, val: float = 0.15, test: float = 0.15, image_size=(288, 384), augment: bool = False):
+def scene_splits(data: str = "embedded", *, root=None, image_size=32, n: int = 1500, max_objects: int = 4,
+                 seed: int = 0, val: float = 0.15, test: float = 0.15, augment: bool = False):
     """Train / validation / test data and what the notebook needs to know about it.
 
-    ``data="embedded"``: :func:`kaviz.data.scenes` (``n`` images of ``size`` px, classes =
-    background + the shapes, depth 1..10) split at random into ``val``/``test`` fractions.
-    ``data="nyuv2"``: :func:`kaviz.data.real.nyuv2` from ``root`` (13 classes, depth in metres):
-    validation = a ``val`` fraction of the train split (never augmented), test = the test split;
-    ``augment=True`` keeps the random crops/flips on the training part (then the teachers'
-    predictions are computed on the fly). Returns ``(Splits(train, val, test), info)`` with
-    ``info = {"num_classes", "class_names", "kinds", "size"}``.
+    ``data="embedded"``: :func:`kaviz.data.scenes` (``n`` square images of side ``image_size``,
+    classes = background + the shapes, depth 1..10) split at random into ``val``/``test`` fractions.
+    ``data="nyuv2"``: :func:`kaviz.data.real.nyuv2` from ``root`` (13 classes, depth in metres) at
+    ``image_size`` (an int or ``(height, width)``, e.g. ``(288, 384)``): validation = a ``val``
+    fraction of the train split (never augmented), test = the test split; ``augment=True`` keeps
+    the random crops and flips on the training part (the teachers' predictions are then computed
+    on the fly). Returns ``(Splits(train, val, test), info)`` with ``info = {"num_classes",
+    "class_names", "size", "source"}``.
     """
     from ..data import Splits, split
 
     if data == "embedded":
         from ..data import scenes
 
-        ds = scenes(n=n, seed=seed, size=size, max_objects=max_objects)
+        if isinstance(image_size, bool) or not isinstance(image_size, int):
+            raise ValueError(f"the embedded scenes are square: image_size must be an int, got {image_size!r}")
+        ds = scenes(n=n, seed=seed, size=image_size, max_objects=max_objects)
         parts = split(ds, val=val, test=test, seed=seed)
         names = list(ds.info["mask_classes"])
-        return parts, {"num_classes": len(names), "class_names": names, "size": (size, size), "source": "scenes"}
+        return parts, {"num_classes": len(names), "class_names": names, "size": (image_size, image_size),
+                       "source": "scenes"}
     if data == "nyuv2":
         from ..data.real import nyuv2
 
@@ -778,8 +806,8 @@ def scene_splits(data: str = "embedded", *, root=None, n: int = 1500, size: int 
         parts = Splits(train_src.subset(train_idx), fixed.subset(val_idx),
                        nyuv2(root, "test", image_size=image_size, augment=False))
         names = list(fixed.classes)
-        size2 = tuple(image_size) if not isinstance(image_size, int) else (image_size, image_size)
-        return parts, {"num_classes": len(names), "class_names": names, "size": size2, "source": "nyuv2"}
+        return parts, {"num_classes": len(names), "class_names": names, "size": tuple(fixed.image_size),
+                       "source": "nyuv2"}
     raise ValueError(f"data must be 'embedded' (synthetic scenes) or 'nyuv2' (with root=...), got {data!r}")
 
 
@@ -812,6 +840,44 @@ def _outputs(model, x, task=None) -> dict[str, torch.Tensor]:
     if task is None:
         raise ValueError("this model returns one map: say which task it solves (task=...)")
     return {task: out}
+
+
+class ConstantPredictor(nn.Module):
+    """The trivial baseline a dense model must beat: the same class (``majority``) at every pixel
+    and the same depth (``mean_depth``) everywhere. ``forward(x)`` → ``{task: output}``."""
+
+    def __init__(self, tasks: Mapping[str, str], num_classes: int, majority: int, mean_depth: float):
+        super().__init__()
+        self.tasks = {t: _check_kind(k) for t, k in tasks.items()}
+        self.num_classes, self.majority, self.mean_depth = int(num_classes), int(majority), float(mean_depth)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        out = {}
+        for t, k in self.tasks.items():
+            if k == "segmentation":
+                logits = x.new_zeros(b, self.num_classes, h, w)
+                logits[:, self.majority] = 1.0
+                out[t] = logits
+            else:
+                out[t] = x.new_full((b, 1, h, w), self.mean_depth)
+        return out
+
+
+def constant_predictor(train_data, tasks: Mapping[str, str], num_classes: int, *, ignore_index: int = IGNORE_INDEX,
+                       min_depth: float = 1e-3, batch_size: int = 128) -> ConstantPredictor:
+    """:class:`ConstantPredictor` fitted on ``train_data``: its most frequent class (void pixels left
+    out) and its mean depth over valid pixels."""
+    counts = np.zeros(num_classes, dtype=np.int64)
+    depth_sum, depth_n = 0.0, 0
+    for _, y in torch.utils.data.DataLoader(train_data, batch_size=batch_size, shuffle=False):
+        m = y[TARGET_KEYS["segmentation"]]
+        m = m[m != ignore_index]
+        counts += np.bincount(m.numpy().ravel(), minlength=num_classes)[:num_classes]
+        d = y[TARGET_KEYS["depth"]].double()
+        v = _depth_valid(d, min_depth)
+        depth_sum, depth_n = depth_sum + float(d[v].sum()), depth_n + int(v.sum())
+    return ConstantPredictor(tasks, num_classes, int(counts.argmax()), depth_sum / max(depth_n, 1))
 
 
 def score(model, data, *, kinds: Mapping[str, str], task: str | None = None, target_keys: Mapping[str, str] | None = None,
