@@ -346,7 +346,7 @@ def training_curves(history, terms: Sequence[str] | None = None,
                     hovertemplate=f"{_esc(label)}<br>epoch %{{x}}: %{{y:.4g}}<extra></extra>"),
                     row=1, col=pi)
             if pname in ("loss terms", "learning rate") and _wants_log(values):
-                fig.update_yaxes(type="log", dtick="D2", row=1, col=pi)
+                fig.update_yaxes(type="log", dtick="D2", tickformat=".2~g", row=1, col=pi)
             if pname == "learning rate":
                 fig.update_yaxes(exponentformat="e", row=1, col=pi)
         best = h.attrs.get("best_epoch") if hasattr(h, "attrs") else None
@@ -398,7 +398,7 @@ def training_curves(history, terms: Sequence[str] | None = None,
                 fig.add_vline(x=best, line=dict(color=run_colors[run], dash="dot", width=1.2),
                               row=r + 1, col=c + 1)
         if name in terms and _wants_log(values):
-            fig.update_yaxes(type="log", dtick="D2", row=r + 1, col=c + 1)
+            fig.update_yaxes(type="log", dtick="D2", tickformat=".2~g", row=r + 1, col=c + 1)
     fig.update_layout(template="plotly_white", height=300 * rows + 60, width=330 * cols + 220,
                       title=title, legend=dict(font=dict(size=11)),
                       margin=dict(l=50, r=10, t=70 if title else 40, b=40))
