@@ -23,11 +23,16 @@ class RandomImages(torch.utils.data.Dataset):
 
 
 def alternate(runs: dict, repeats: int = 5) -> dict:
-    """Run each callable ``repeats`` times, interleaved (A B A B ...), and return median seconds."""
+    """Run each callable once to warm up, then ``repeats`` times in ABBA order (A B, B A, A B ...),
+    and return the median seconds of each. The order alternates because whichever runs first after
+    the other pays for caches and allocator state the other left (measured: up to 15 % either way)."""
     times = {k: [] for k in runs}
-    for _ in range(repeats):
-        for k, fn in runs.items():
+    for fn in runs.values():
+        fn()
+    names = list(runs)
+    for r in range(repeats):
+        for k in (names if r % 2 == 0 else names[::-1]):
             t0 = time.perf_counter()
-            fn()
+            runs[k]()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}

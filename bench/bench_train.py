@@ -21,7 +21,7 @@ from kaviz.train import Supervised, fit  # noqa: E402
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=8)
     p.add_argument("--n", type=int, default=1024)
     p.add_argument("--arch", default="vgg8_small")
     args = p.parse_args()

@@ -55,10 +55,20 @@ def list_layers(model: nn.Module, leaves_only: bool = False) -> list[str]:
     return names
 
 
-def layer_table(model: nn.Module, example: torch.Tensor | None = None):
-    """A DataFrame of the model's layers: name, type, parameters; with ``example`` (a batch), also
-    each layer's output shape and how many times it fires per forward pass."""
+def layer_table(model: nn.Module, example: torch.Tensor | tuple | None = None):
+    """A DataFrame of the model's layers: name, type, parameters; with ``example`` (a batch, or the
+    shape of one input such as ``(3, 32, 32)``), also each layer's output shape and how many times
+    it fires per forward pass."""
     import pandas as pd
+
+    if isinstance(example, (tuple, list, torch.Size)):
+        if not all(isinstance(d, int) and d > 0 for d in example):
+            raise ValueError(f"example shape {tuple(example)} must be positive integers, e.g. (3, 32, 32)")
+        param = next(model.parameters(), None)
+        example = torch.zeros((1, *example), device=param.device if param is not None else "cpu")
+    elif example is not None and not torch.is_tensor(example):
+        raise TypeError(f"example must be a batch tensor or an input shape like (3, 32, 32), "
+                        f"got {type(example).__name__}")
 
     rows = []
     modules = dict(model.named_modules())
@@ -440,6 +450,34 @@ def _targets_to_numpy(target) -> dict[str, np.ndarray] | None:
     return None
 
 
+class _NpyWriter:
+    """Writes an ``.npy`` file row block by row block, in order, with plain file writes.
+
+    A writable memmap would do the same, but every page written through it stays mapped and counts
+    in the process's resident memory until the kernel evicts it, so peak memory would grow with the
+    dataset; written with ``write()`` the data only passes through the page cache."""
+
+    def __init__(self, file: Path, shape: tuple, dtype):
+        self.shape, self.dtype, self.row = tuple(shape), np.dtype(dtype), 0
+        self._f = open(file, "wb")
+        np.lib.format.write_array_header_1_0(
+            self._f, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape})
+
+    def __setitem__(self, rows: slice, values):
+        if rows.start != self.row:
+            raise RuntimeError(f"rows must be written in order: expected row {self.row}, got {rows.start}")
+        block = np.ascontiguousarray(values, dtype=self.dtype)
+        if block.shape[1:] != self.shape[1:]:
+            raise ValueError(f"block of shape {block.shape} does not fit an array of shape {self.shape}")
+        self._f.write(block.tobytes())
+        self.row += block.shape[0]
+
+    def close(self):
+        self._f.close()
+        if self.row != self.shape[0]:
+            raise RuntimeError(f"wrote {self.row} of {self.shape[0]} rows")
+
+
 def extract(model: nn.Module, data, layers: str | Iterable[str], *, pool: str | Mapping[str, str] = "avg",
             batch_size: int = 256, store: str | os.PathLike | None = None, dtype: str = "float32",
             device=None, progress: bool | None = None, clone: bool = False, on_repeat: str = "error",
@@ -507,7 +545,7 @@ def extract(model: nn.Module, data, layers: str | Iterable[str], *, pool: str | 
     def allocate(key, shape, dt):
         if path is None:
             return np.empty(shape, dtype=dt)
-        return np.lib.format.open_memmap(path / f"{key}.npy", mode="w+", dtype=dt, shape=shape)
+        return _NpyWriter(path / f"{key}.npy", shape, dt)
 
     from tqdm.auto import tqdm
 
@@ -546,7 +584,7 @@ def extract(model: nn.Module, data, layers: str | Iterable[str], *, pool: str | 
     meta["complete"] = True
     if path is not None:
         for a in arrays.values():
-            a.flush()
+            a.close()
         tmp = path / (FeatureStore.META + ".tmp")
         tmp.write_text(json.dumps(meta, indent=1, default=str))
         os.replace(tmp, path / FeatureStore.META)

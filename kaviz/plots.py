@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["embedding_scatter", "highlight", "training_curves", "feature_grid", "image_grid",
-           "bar", "palette", "SYMBOLS", "to_rgb_uint8", "png_bytes", "label_image", "scalar_image",
-           "dense_predictions"]
+           "bar", "palette", "SYMBOLS", "to_rgb_uint8", "png_bytes", "side_by_side", "label_image",
+           "scalar_image", "dense_predictions"]
 
 # Readable on white, distinct for up to ~30 classes: tab10 for few classes, Dark24 beyond, then the
 # darker half of Light24 (its pale colours vanish on white); cycles after 38.
@@ -837,4 +837,151 @@ def dense_predictions(image, rows: Mapping[str, Mapping[str, object]], kinds: Ma
     fig.update_layout(title=title, showlegend=bool(present),
                       legend=dict(x=1.0 + 0.16, y=1.0, font=dict(size=10), title=dict(text="class")),
                       width=int(cell * (len(columns) + 1) + 330), margin=dict(r=240, t=60 if title else 40))
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# recombination notebook (§4.3): RGB outputs next to label maps, and metrics against one variable.
+# (The dense-prediction colourings label_image / scalar_image / dense_predictions come with the SBM
+# work; dense_panels only adds what they do not cover: reconstructions (RGB) in the same row as
+# label maps. Once both are merged, dense_panels' label colouring can call label_image.)
+# ------------------------------------------------------------------------------------------------
+__all__ += ["dense_panels", "metric_curves"]
+
+
+def dense_panels(panels: Mapping, num_classes: int, cols: int | None = None, cell: int = 110,
+                 ignore_index: int = 255, background: int | None = None):
+    """One row (or grid) of dense outputs ``{title: array}`` for one image: RGB images
+    (``(H, W, 3)`` or ``(3, H, W)``, float in [0, 1] or uint8 — inputs, reconstructions) drawn as
+    they are, integer ``(H, W)`` maps as label maps with class k in ``palette(num_classes)[k]``
+    (the same colour in every panel), ``ignore_index`` white, the ``background`` class (if given)
+    near-black."""
+    from plotly.colors import hex_to_rgb
+
+    if not isinstance(panels, Mapping) or not panels:
+        raise ValueError("panels must be a non-empty dict {title: image or label map}")
+    lut = np.array([hex_to_rgb(c) for c in palette(num_classes)] + [(255, 255, 255)], dtype=np.uint8)
+    if background is not None and 0 <= background < num_classes:
+        lut[background] = (17, 17, 17)
+    imgs = []
+    for title, a in panels.items():
+        if type(a).__module__.split(".")[0] == "torch":
+            a = a.detach().cpu().numpy()
+        a = np.asarray(a)
+        if a.ndim == 2 and a.dtype.kind in "iu":
+            bad = (a != ignore_index) & ((a < 0) | (a >= num_classes))
+            if bad.any():
+                raise ValueError(f"panel {title!r}: class ids must lie in [0, {num_classes}) or be "
+                                 f"{ignore_index} (ignored), got {np.unique(a[bad])[:5].tolist()}")
+            imgs.append(lut[np.where(a == ignore_index, num_classes, a)])
+        elif a.ndim == 3:
+            imgs.append(to_rgb_uint8(a))
+        else:
+            raise ValueError(f"panel {title!r} has shape {a.shape} ({a.dtype}); expected an integer (H, W) label "
+                             "map or an RGB image")
+    return image_grid(imgs, titles=[str(t) for t in panels], cols=cols or len(imgs), cell=cell)
+
+
+def metric_curves(df: pd.DataFrame, x: str, metrics: Sequence[str], group: str | None = None,
+                  reference: pd.DataFrame | None = None, reference_name: str = "name", log_x: bool = False,
+                  title: str | None = None, x_title: str | None = None, height: int = 340,
+                  markers_only: Sequence = ()):
+    """Metrics against one variable (e.g. PSNR, SSIM, mIoU against the parameter count over pruning
+    rounds): one panel per metric, one line per value of ``group`` (sorted by ``x``; the groups named
+    in ``markers_only`` as unconnected markers); rows of ``reference`` (same columns, e.g. the
+    teachers) are drawn as star markers named by ``reference[reference_name]``."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    if not metrics:
+        raise ValueError("give at least one metric column")
+    for name, frame in (("df", df), ("reference", reference)):
+        if frame is None:
+            continue
+        missing = [c for c in [x, *metrics] if c not in frame.columns]
+        if missing:
+            raise ValueError(f"{name} has no column(s) {missing}; columns: {list(frame.columns)}")
+    if group is not None and group not in df.columns:
+        raise ValueError(f"group={group!r} is not a column; columns: {list(df.columns)}")
+    groups = [None] if group is None else list(pd.unique(df[group]))
+    unknown = [g for g in markers_only if g not in groups]
+    if unknown:
+        raise ValueError(f"markers_only names {unknown}, which are not values of {group!r}: {groups}")
+    colors = palette(len(groups) + (0 if reference is None else len(reference)))
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics, horizontal_spacing=0.08)
+    for k, m in enumerate(metrics, start=1):
+        for gi, g in enumerate(groups):
+            part = (df if g is None else df[df[group] == g]).sort_values(x)
+            fig.add_trace(go.Scatter(
+                x=part[x].to_numpy(), y=part[m].to_numpy(dtype=float).round(6),
+                mode="markers" if g in markers_only else "lines+markers",
+                name=str(g) if g is not None else m, legendgroup=str(g), showlegend=k == 1,
+                line=dict(color=colors[gi], width=2), marker=dict(size=7),
+                hovertemplate=f"{_esc(str(g) if g is not None else '')}<br>{_esc(x)} %{{x:.4g}}<br>"
+                              f"{_esc(m)} %{{y:.4g}}<extra></extra>"), row=1, col=k)
+        if reference is not None:
+            for ri, (_, row) in enumerate(reference.iterrows()):
+                name = str(row[reference_name]) if reference_name in reference.columns else f"reference {ri + 1}"
+                fig.add_trace(go.Scatter(
+                    x=[row[x]], y=[round(float(row[m]), 6)], mode="markers", name=name, legendgroup=f"ref{ri}",
+                    showlegend=k == 1, marker=dict(symbol="star", size=13, color=colors[len(groups) + ri],
+                                                   line=dict(width=1, color="#333333")),
+                    hovertemplate=f"{_esc(name)}<br>{_esc(x)} %{{x:.4g}}<br>{_esc(m)} %{{y:.4g}}<extra></extra>"),
+                    row=1, col=k)
+    fig.update_xaxes(title_text=x_title or x, type="log" if log_x else None)
+    fig.update_layout(template="plotly_white", height=height, width=max(420, 330 * len(metrics) + 160), title=title,
+                      legend=dict(font=dict(size=11)), margin=dict(l=50, r=10, t=70 if title else 40, b=50))
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# panels side by side (added with the CFL notebook: "feature space | common space" as one static
+# figure, readable in a stored notebook where the linked widget is not rendered)
+# ------------------------------------------------------------------------------------------------
+def side_by_side(figures: Sequence, titles: Sequence[str] | None = None, *, panel_width: int = 440,
+                 spacing: float = 0.04):
+    """Several figures (e.g. two :func:`embedding_scatter` maps) as the panels of one row.
+
+    Traces keep their legend groups, so clicking a class in the legend hides it in every panel;
+    only the last figure's legend entries are shown (the panels share classes and sources), and
+    its legends (``legend``, ``legend2``) are kept. Axes keep equal x/y scale per panel (as in
+    :func:`embedding_scatter`), without tick labels. ``titles`` default to the figures' titles.
+    """
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    figures = list(figures)
+    if not figures or not all(isinstance(f, go.Figure) for f in figures):
+        raise TypeError("side_by_side takes a non-empty list of plotly go.Figure objects")
+    n = len(figures)
+    if titles is None:
+        titles = [f.layout.title.text or "" for f in figures]
+    if len(titles) != n:
+        raise ValueError(f"got {len(titles)} titles for {n} figures")
+    fig = make_subplots(rows=1, cols=n, subplot_titles=list(titles), horizontal_spacing=spacing)
+    for k, f in enumerate(figures, start=1):
+        for tr in f.data:
+            tr = go.Figure(data=[tr]).data[0]  # a copy: the source figures stay as they are
+            if k < n:
+                tr.showlegend = False
+            fig.add_trace(tr, row=1, col=k)
+        x_name = "x" if k == 1 else f"x{k}"
+        fig.update_xaxes(showticklabels=False, zeroline=False, showgrid=True, row=1, col=k,
+                         title_text=f.layout.xaxis.title.text)
+        fig.update_yaxes(showticklabels=False, zeroline=False, scaleanchor=x_name, scaleratio=1,
+                         row=1, col=k, title_text=f.layout.yaxis.title.text)
+    last = figures[-1].layout
+    height = max((f.layout.height or 520) for f in figures)
+    margin = dict(last.margin.to_plotly_json()) if last.margin else {}
+    has_legend2 = last.legend2 is not None and bool(last.legend2.to_plotly_json())
+    # room above the panels for the panel titles and, above them, the sources' legend
+    margin["t"] = max(margin.get("t", 40) or 40, 100 if has_legend2 else 60)
+    fig.update_layout(template="plotly_white", height=height, width=panel_width * n + 60,
+                      legend=last.legend, margin=margin, dragmode=last.dragmode,
+                      hoverlabel=dict(namelength=-1))
+    if has_legend2:
+        plot_h = max(height - margin["t"] - (margin.get("b") or 0), 100)
+        fig.update_layout(legend2=last.legend2)
+        fig.update_layout(legend2=dict(y=1 + 34 / plot_h, yanchor="bottom", x=1, xanchor="right"))
     return fig

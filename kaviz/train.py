@@ -586,8 +586,10 @@ def _fingerprint(data) -> str:
 
 
 def teacher_key(arch: str, num_classes: int, train_data, val_data, **settings) -> str:
-    """Cache key of a teacher: everything that determines its weights."""
+    """Cache key of a teacher: everything that determines its weights, including the CPU thread count
+    (a different count sums in a different order, so the weights differ in their last bits)."""
     payload = {
+        "threads": torch.get_num_threads(),
         "arch": arch,
         "num_classes": num_classes,
         "train": _fingerprint(train_data),
@@ -643,7 +645,7 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
     """
     import pandas as pd
 
-    from . import seed_everything
+    from . import default_device, seed_everything
     from .models import build, load_weights
 
     arch_kwargs = dict(arch_kwargs or {})
@@ -652,7 +654,8 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
         if num_classes is None:
             raise ValueError("num_classes is not given and the training data does not say (data.num_classes)")
     settings = dict(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay,
-                    schedule=schedule, seed=seed, loss=loss, target_key=target_key, arch_kwargs=arch_kwargs)
+                    schedule=schedule, seed=seed, loss=loss, target_key=target_key, arch_kwargs=arch_kwargs,
+                    device=default_device(device).type)
     if method is not None:  # only then, so that the keys of teachers trained with Supervised stay the same
         settings["method"] = _callable_key(method)
     key = teacher_key(arch, num_classes, train_data, val_data, **settings)

@@ -108,6 +108,12 @@ def test_list_layers_and_table():
     table = layer_table(m, torch.randn(1, 3, 32, 32))
     row = table.set_index("name").loc["layer3"]
     assert row["shape"] == "(64, 8, 8)" and row["calls"] == 1
+    by_shape = layer_table(m, (3, 32, 32))  # the shape of one input is enough
+    assert by_shape["shape"].tolist() == table["shape"].tolist()
+    with pytest.raises(ValueError, match="positive integers"):
+        layer_table(m, (3, 0, 32))
+    with pytest.raises(TypeError, match="input shape"):
+        layer_table(m, "3x32x32")
 
 
 def test_pooling_modes():
@@ -187,3 +193,22 @@ def test_extract_inputs_and_bad_inputs(tmp_path):
     (tmp_path / "broken" / "meta.json").write_text('{"complete": false}')
     with pytest.raises(FileNotFoundError, match="incomplete"):
         FeatureStore.open(tmp_path / "broken")
+
+
+def test_npy_writer_streams_in_order(tmp_path):
+    from kaviz.features import _NpyWriter
+
+    w = _NpyWriter(tmp_path / "a.npy", (5, 2), np.float16)
+    w[0:3] = np.arange(6, dtype=np.float32).reshape(3, 2)
+    with pytest.raises(RuntimeError, match="in order"):
+        w[4:5] = np.zeros((1, 2))
+    with pytest.raises(ValueError, match="does not fit"):
+        w[3:4] = np.zeros((1, 3))
+    w[3:5] = np.ones((2, 2))
+    w.close()
+    a = np.load(tmp_path / "a.npy")
+    assert a.dtype == np.float16 and a.shape == (5, 2) and a[2, 1] == 5 and a[4, 0] == 1
+    short = _NpyWriter(tmp_path / "b.npy", (3, 1), np.float32)
+    short[0:1] = np.zeros((1, 1))
+    with pytest.raises(RuntimeError, match="wrote 1 of 3"):
+        short.close()

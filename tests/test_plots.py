@@ -260,3 +260,23 @@ def test_bar():
     assert len(fig.data) == 2 and list(fig.data[1].error_y.array) == [0.01, 0.03]
     with pytest.raises(ValueError, match="error='sd' is not a column"):
         P.bar(df, x="student", y="acc", error="sd")
+
+
+def test_side_by_side_panels_share_legend_and_keep_equal_axes():
+    rng = np.random.default_rng(0)
+    dfs = [pd.DataFrame({"x": rng.normal(size=12), "y": rng.normal(size=12), "source": ["a", "b"] * 6,
+                         "label": np.repeat([0, 1, 2], 4), "index": np.tile(np.arange(6), 2)}) for _ in range(2)]
+    figs = [P.embedding_scatter(df, title=t) for df, t in zip(dfs, ["feature space", "common space"])]
+    n0 = len(figs[0].data)
+    fig = P.side_by_side(figs)
+    assert len(fig.data) == n0 + len(figs[1].data)
+    assert [a.text for a in fig.layout.annotations][:2] == ["feature space", "common space"]
+    assert not any(tr.showlegend for tr in fig.data[:n0])  # one legend: the last panel's
+    assert any(tr.showlegend for tr in fig.data[n0:])
+    assert fig.layout.yaxis.scaleanchor == "x" and fig.layout.yaxis2.scaleanchor == "x2"
+    assert {tr.xaxis for tr in fig.data[n0:]} == {"x2"}
+    assert figs[0].data[0].showlegend in (True, None)  # the inputs are left unchanged
+    with pytest.raises(ValueError, match="titles"):
+        P.side_by_side(figs, titles=["one"])
+    with pytest.raises(TypeError, match="go.Figure"):
+        P.side_by_side([])

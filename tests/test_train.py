@@ -199,6 +199,13 @@ def test_train_teacher_caches_by_everything_that_determines_it(tmp_path, tiny):
     train_teacher("vgg8_small", tiny, val, epochs=1, batch_size=32, cache=tmp_path, arch_kwargs={"width": 4}, seed=1)
     train_teacher("vgg8_small", TinyImages(seed=7), val, epochs=1, batch_size=32, cache=tmp_path, arch_kwargs={"width": 4})
     assert len(list(tmp_path.glob("*.pt"))) == 3, "another seed or other data -> another teacher"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        _, h3 = train_teacher("vgg8_small", tiny, val, epochs=1, batch_size=32, cache=tmp_path, arch_kwargs={"width": 4})
+    finally:
+        torch.set_num_threads(threads)
+    assert h3.attrs["cached"] is False, "another thread count sums in another order -> another teacher"
     info = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert info["settings"]["epochs"] == 1
 
