@@ -8,6 +8,8 @@
 * :func:`feature_grid` — a grid of 2-D maps on a diverging colour scale symmetric about 0, with
   optional RGB image panels (the Knowledge-Consistency component figure).
 * :func:`image_grid`, :func:`bar` — small helpers the notebooks would otherwise re-write.
+* :func:`dense_predictions` — input, ground truth and models' class maps and depth maps side by
+  side (the dense papers); :func:`label_image` / :func:`scalar_image` colour one map as an image.
 
 Stored outputs stay small: coordinates are rounded to 3 decimals, heatmaps are float32, images are
 embedded as PNG at their own resolution.
@@ -24,7 +26,8 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["embedding_scatter", "highlight", "training_curves", "feature_grid", "image_grid",
-           "bar", "palette", "SYMBOLS", "to_rgb_uint8", "png_bytes", "side_by_side"]
+           "bar", "palette", "SYMBOLS", "to_rgb_uint8", "png_bytes", "side_by_side", "label_image",
+           "scalar_image", "dense_predictions"]
 
 # Readable on white, distinct for up to ~30 classes: tab10 for few classes, Dark24 beyond, then the
 # darker half of Light24 (its pale colours vanish on white); cycles after 38.
@@ -702,6 +705,138 @@ def bar(data, x: str | None = None, y: str | None = None, error: str | None = No
     fig.update_layout(template="plotly_white", title=title, barmode="group", height=360,
                       yaxis_title=ylabel or (y if y not in (None, "y") else None),
                       margin=dict(l=50, r=10, t=60 if title else 30, b=40))
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# dense predictions (segmentation masks, depth maps) — added for the dense papers (SBM, §4.2)
+# ------------------------------------------------------------------------------------------------
+def _hex_rgb(c: str) -> tuple[int, int, int]:
+    c = c.lstrip("#")
+    return int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16)
+
+
+def _color_rgb(c) -> tuple[int, int, int]:
+    if isinstance(c, str) and c.startswith("#") and len(c) == 7:
+        return _hex_rgb(c)
+    if isinstance(c, str) and c.startswith("rgb"):
+        vals = re.findall(r"[\d.]+", c)[:3]
+        return tuple(int(round(float(v))) for v in vals)
+    if isinstance(c, (tuple, list)) and len(c) == 3:
+        return tuple(int(v) for v in c)
+    raise ValueError(f"colours must be '#RRGGBB', 'rgb(r, g, b)' or (r, g, b), got {c!r}")
+
+
+def label_image(labels, num_classes: int, colors=None, ignore_index: int = 255,
+                ignore_color="#FFFFFF") -> np.ndarray:
+    """A class-id map ``(H, W)`` as an RGB image ``uint8 (H, W, 3)``: class k in ``colors[k]``
+    (default :func:`palette`), ``ignore_index`` pixels in ``ignore_color``."""
+    if type(labels).__module__.split(".")[0] == "torch":
+        labels = labels.detach().cpu().numpy()
+    a = np.asarray(labels)
+    if a.ndim != 2:
+        raise ValueError(f"label_image takes one (H, W) map of class ids, got shape {a.shape}")
+    colors = list(colors) if colors is not None else palette(num_classes)
+    if len(colors) < num_classes:
+        raise ValueError(f"{len(colors)} colours for {num_classes} classes")
+    lut = np.array([_color_rgb(c) for c in colors[:num_classes]] + [_color_rgb(ignore_color)], dtype=np.uint8)
+    a = a.astype(np.int64)
+    bad = (a != ignore_index) & ((a < 0) | (a >= num_classes))
+    if bad.any():
+        raise ValueError(f"class ids must lie in [0, {num_classes}) or be {ignore_index} (ignored), "
+                         f"got {np.unique(a[bad])[:5].tolist()}")
+    return lut[np.where(a == ignore_index, num_classes, a)]
+
+
+def scalar_image(values, vmin: float | None = None, vmax: float | None = None,
+                 colorscale: str = "Viridis") -> np.ndarray:
+    """A scalar map ``(H, W)`` (depth, error) as an RGB image ``uint8 (H, W, 3)`` on a plotly
+    colour scale over ``[vmin, vmax]`` (default: the map's finite range); NaN pixels are white."""
+    from plotly.colors import sample_colorscale
+
+    if type(values).__module__.split(".")[0] == "torch":
+        values = values.detach().cpu().numpy()
+    a = np.asarray(values, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"scalar_image takes one (H, W) map, got shape {a.shape}")
+    finite = np.isfinite(a)
+    lo = float(np.min(a[finite])) if vmin is None and finite.any() else (vmin if vmin is not None else 0.0)
+    hi = float(np.max(a[finite])) if vmax is None and finite.any() else (vmax if vmax is not None else 1.0)
+    lut = np.array([_color_rgb(c) for c in sample_colorscale(colorscale, list(np.linspace(0, 1, 256)))],
+                   dtype=np.uint8)
+    t = np.clip((a - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
+    out = lut[np.round(np.nan_to_num(t) * 255).astype(np.int64)]
+    out[~finite] = 255
+    return out
+
+
+def dense_predictions(image, rows: Mapping[str, Mapping[str, object]], kinds: Mapping[str, str],
+                      class_names: Sequence[str] | None = None, class_colors=None,
+                      value_range: tuple[float, float] | None = None, value_title: str = "depth",
+                      colorscale: str = "Viridis", ignore_index: int = 255, cell: int = 120,
+                      title: str | None = None):
+    """Input image and dense maps side by side: one row per task, one column per source.
+
+    ``rows``: ``{task: {column: (H, W) map}}`` (e.g. ``{"segmentation": {"ground truth": m,
+    "teacher": t, "student": s}, "depth": {...}}``); ``kinds``: ``{task: "labels" | "scalar"}``.
+    The input image opens the first row. Label maps use one colour per class (``class_colors``,
+    default :func:`palette`) with a legend of the classes that appear; scalar maps share one range
+    per row (``value_range``, default the row's finite min..max) with a colour bar.
+    """
+    import plotly.graph_objects as go
+
+    if not rows:
+        raise ValueError("rows is empty: give {task: {column: map}}")
+    unknown = [t for t in rows if kinds.get(t) not in ("labels", "scalar")]
+    if unknown:
+        raise ValueError(f"kinds must say 'labels' or 'scalar' for every row; missing/invalid for {unknown}")
+    columns = list(dict.fromkeys(c for r in rows.values() for c in r))
+    n_classes = len(class_names) if class_names is not None else None
+    grid, titles, present, ranges = [], [], set(), {}
+    for ri, (task, maps) in enumerate(rows.items()):
+        arrays = {c: (m.detach().cpu().numpy() if type(m).__module__.split(".")[0] == "torch" else np.asarray(m))
+                  for c, m in maps.items()}
+        row = [to_rgb_uint8(image) if ri == 0 else None]
+        row_titles = ["input" if ri == 0 else None]
+        if kinds[task] == "labels":
+            k = n_classes or int(max(int(a[a != ignore_index].max(initial=0)) for a in arrays.values()) + 1)
+            for a in arrays.values():
+                present.update(int(v) for v in np.unique(a) if v != ignore_index)
+        else:
+            vals = np.concatenate([a[np.isfinite(a)].ravel() for a in arrays.values()])
+            lo, hi = value_range if value_range is not None else (float(vals.min()), float(vals.max()))
+            ranges[ri] = (lo, hi)
+        for c in columns:
+            a = arrays.get(c)
+            if a is None:
+                row.append(None)
+            elif kinds[task] == "labels":
+                row.append(label_image(a, k, class_colors, ignore_index))
+            else:
+                row.append(scalar_image(a, *ranges[ri], colorscale=colorscale))
+            row_titles.append(f"{c}" if a is not None else None)
+        grid.append(row)
+        titles.append(row_titles)
+    fig = feature_grid(grid, titles=titles, row_titles=list(rows), symmetric=None, cell=cell)
+    if present:
+        k = n_classes or (max(present) + 1)
+        colors = list(class_colors) if class_colors is not None else palette(k)
+        for c in sorted(present):
+            name = class_names[c] if class_names is not None and c < len(class_names) else str(c)
+            fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name, showlegend=True,
+                                     marker=dict(symbol="square", size=11, color=colors[c])), row=1, col=1)
+    for ri, (lo, hi) in ranges.items():
+        dom = fig.get_subplot(ri + 1, 1).yaxis.domain
+        col = next(c for c, a in enumerate(grid[ri]) if a is not None) + 1  # an axis already hidden
+        fig.add_trace(go.Scatter(
+            x=[None], y=[None], mode="markers", showlegend=False, hoverinfo="skip",
+            marker=dict(colorscale=colorscale, cmin=lo, cmax=hi, color=[lo], showscale=True,
+                        colorbar=dict(title=dict(text=value_title, side="right"), thickness=12,
+                                      len=(dom[1] - dom[0]) * 0.9, y=(dom[0] + dom[1]) / 2,
+                                      x=1.0 + 0.08, tickfont=dict(size=10)))), row=ri + 1, col=col)
+    fig.update_layout(title=title, showlegend=bool(present),
+                      legend=dict(x=1.0 + 0.16, y=1.0, font=dict(size=10), title=dict(text="class")),
+                      width=int(cell * (len(columns) + 1) + 330), margin=dict(r=240, t=60 if title else 40))
     return fig
 
 

@@ -601,17 +601,47 @@ def teacher_key(arch: str, num_classes: int, train_data, val_data, **settings) -
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# ------------------------------------------------------------------ teacher methods in the cache key
+# (added for the dense teachers of kaviz.methods.sbm; train_teacher(method=...))
+def _callable_key(fn) -> str:
+    """A stable name for a method factory: ``module.QualName`` plus the arguments of a partial.
+
+    Lambdas and functions defined inside other functions have no stable name (two different ones
+    would share a key), so they are refused."""
+    import functools
+
+    if isinstance(fn, functools.partial):
+        args = [repr(a) for a in fn.args]
+        kwargs = {k: repr(v) for k, v in sorted(fn.keywords.items())}
+        return json.dumps([_callable_key(fn.func), args, kwargs])
+    if not callable(fn):
+        raise TypeError(f"method must be callable (model -> training method), got {type(fn).__name__}")
+    name = getattr(fn, "__qualname__", None)
+    module = getattr(fn, "__module__", None)
+    if not name or not module or "<lambda>" in name or "<locals>" in name:
+        raise ValueError(
+            f"method {fn!r} has no stable name for the teacher cache key; pass a class or a module-level "
+            "function (or functools.partial(DenseSupervised, task='depth') with its arguments)"
+        )
+    return f"{module}.{name}"
+
+
 def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | None = None, epochs: int = 10,
                   lr: float = 1e-3, batch_size: int = 64, optimizer: str = "adam", weight_decay: float = 5e-4,
                   schedule: str | None = "cosine", seed: int = 0, loss: str = "ce", target_key: str | None = None,
                   arch_kwargs: Mapping | None = None, cache: bool | str | os.PathLike = True, device=None,
-                  progress: bool | None = None):
+                  progress: bool | None = None, method: Callable[[nn.Module], nn.Module] | None = None):
     """Train (or load from the cache) a teacher; returns ``(model, history)``; the model is in eval mode.
 
     The cache key covers the architecture and its arguments, the number of classes, the
     fingerprints of the training and validation data, every training setting and the seed, so a
     changed input never reuses a stale teacher. Files: ``<cache>/<arch>-<key>.pt`` (state dict) and
     ``.json`` (history).
+
+    ``method``: how to train the model, a class or module-level function ``method(model) -> nn.Module``
+    (or a ``functools.partial`` of one) used instead of ``Supervised(model, loss, target_key)`` —
+    e.g. a dense task's loss (:class:`kaviz.methods.sbm.DenseSupervised`). Its qualified name and
+    arguments are part of the cache key.
     """
     import pandas as pd
 
@@ -626,6 +656,8 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
     settings = dict(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay,
                     schedule=schedule, seed=seed, loss=loss, target_key=target_key, arch_kwargs=arch_kwargs,
                     device=default_device(device).type)
+    if method is not None:  # only then, so that the keys of teachers trained with Supervised stay the same
+        settings["method"] = _callable_key(method)
     key = teacher_key(arch, num_classes, train_data, val_data, **settings)
     folder = None
     if cache:
@@ -642,7 +674,7 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
             return model.eval(), history
     seed_everything(seed)
     model = build(arch, num_classes, **arch_kwargs)
-    method = Supervised(model, loss=loss, target_key=target_key)
+    method = Supervised(model, loss=loss, target_key=target_key) if method is None else method(model)
     history = fit(method, train_data, val_data, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
                   weight_decay=weight_decay, schedule=schedule, seed=seed, device=device, progress=progress)
     model = model.cpu().eval()
