@@ -630,7 +630,8 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
                   lr: float = 1e-3, batch_size: int = 64, optimizer: str = "adam", weight_decay: float = 5e-4,
                   schedule: str | None = "cosine", seed: int = 0, loss: str = "ce", target_key: str | None = None,
                   arch_kwargs: Mapping | None = None, cache: bool | str | os.PathLike = True, device=None,
-                  progress: bool | None = None, method: Callable[[nn.Module], nn.Module] | None = None):
+                  progress: bool | None = None, method: Callable[[nn.Module], nn.Module] | None = None,
+                  monitor: str | tuple[str, str] | None = None):
     """Train (or load from the cache) a teacher; returns ``(model, history)``; the model is in eval mode.
 
     The cache key covers the architecture and its arguments, the number of classes, the
@@ -641,7 +642,8 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
     ``method``: how to train the model, a class or module-level function ``method(model) -> nn.Module``
     (or a ``functools.partial`` of one) used instead of ``Supervised(model, loss, target_key)`` —
     e.g. a dense task's loss (:class:`kaviz.methods.sbm.DenseSupervised`). Its qualified name and
-    arguments are part of the cache key.
+    arguments are part of the cache key. ``monitor``: the validation value that picks the epoch kept
+    (see :func:`fit`; part of the key when given).
     """
     import pandas as pd
 
@@ -658,6 +660,8 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
                     device=default_device(device).type)
     if method is not None:  # only then, so that the keys of teachers trained with Supervised stay the same
         settings["method"] = _callable_key(method)
+    if monitor is not None:  # likewise
+        settings["monitor"] = monitor
     key = teacher_key(arch, num_classes, train_data, val_data, **settings)
     folder = None
     if cache:
@@ -676,7 +680,8 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
     model = build(arch, num_classes, **arch_kwargs)
     method = Supervised(model, loss=loss, target_key=target_key) if method is None else method(model)
     history = fit(method, train_data, val_data, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
-                  weight_decay=weight_decay, schedule=schedule, seed=seed, device=device, progress=progress)
+                  weight_decay=weight_decay, schedule=schedule, seed=seed, device=device, progress=progress,
+                  monitor=monitor)
     model = model.cpu().eval()
     if folder is not None:
         save_atomic(model.state_dict(), weights_file)

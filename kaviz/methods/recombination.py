@@ -42,11 +42,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -194,14 +191,13 @@ def train_dense_teacher(kind: str, train_data, val_data=None, *, num_classes: in
     ``kind="reconstruction"``: an autoencoder ``segnet_small(3, output="sigmoid")`` trained with
     :class:`Reconstruction` (best epoch on ``val/loss``); ``kind="segmentation"``: a
     ``segnet_small(num_classes)`` trained with :class:`Segmentation` (best epoch on ``val/mIoU``).
-    Cached like :func:`kaviz.train.train_teacher` (same key function, same folder ``data/teachers``,
-    a state dict plus a JSON history), keyed by the kind, the data fingerprints, every setting, the device type and the CPU thread count.
+    Both go through :func:`kaviz.train.train_teacher` with ``method=``, so they are cached like any
+    teacher (keyed by the loss, the data fingerprints, every setting, the device type and the CPU
+    thread count).
     """
-    import pandas as pd
+    import functools
 
-    from .. import default_device, seed_everything
-    from ..models import build, load_weights
-    from ..train import cache_dir, fit, save_atomic, teacher_key
+    from ..train import train_teacher
 
     if kind not in TASK_KINDS:
         raise ValueError(f"kind must be one of {TASK_KINDS}, got {kind!r}")
@@ -211,45 +207,14 @@ def train_dense_teacher(kind: str, train_data, val_data=None, *, num_classes: in
             raise ValueError(f"a segmentation teacher needs num_classes >= 2 (the number of mask classes), got "
                              f"{num_classes!r}")
         out, arch_kwargs = num_classes, {"widths": list(widths)}
+        method, monitor = functools.partial(Segmentation, num_classes=num_classes, ignore_index=ignore_index), "val/mIoU"
     else:
         out, arch_kwargs = 3, {"widths": list(widths), "output": "sigmoid"}
-    # "losses": bump when Reconstruction/Segmentation change, so no stale cached teacher is reused
-    settings = dict(kind=kind, losses=1, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-                    schedule=schedule, seed=seed, ignore_index=ignore_index, arch_kwargs=arch_kwargs,
-                    device=default_device(device).type)  # like train_teacher: the device changes the weights' bits
-    key = teacher_key("segnet_small", out, train_data, val_data, **settings)
-    folder = None
-    if cache:
-        folder = Path(cache) if isinstance(cache, (str, os.PathLike)) else cache_dir("teachers")
-        weights_file = folder / f"segnet_small-{kind}-{key}.pt"
-        info_file = folder / f"segnet_small-{kind}-{key}.json"
-        if weights_file.exists() and info_file.exists():
-            model = build("segnet_small", out, **arch_kwargs)
-            load_weights(model, weights_file)
-            info = json.loads(info_file.read_text())
-            history = pd.DataFrame(info["history"])
-            history.attrs.update(info.get("attrs", {}))
-            history.attrs["cached"] = True
-            return model.eval(), history
-    seed_everything(seed)
-    model = build("segnet_small", out, **arch_kwargs)
-    if kind == "segmentation":
-        method, monitor = Segmentation(model, num_classes, ignore_index), "val/mIoU"
-    else:
-        method, monitor = Reconstruction(model), "val/loss"
-    history = fit(method, train_data, val_data, epochs=epochs, lr=lr, batch_size=batch_size,
-                  weight_decay=weight_decay, schedule=schedule, seed=seed, device=device, progress=progress,
-                  monitor=monitor if val_data is not None else "train/loss")
-    model = model.cpu().eval()
-    if folder is not None:
-        save_atomic(model.state_dict(), weights_file)
-        attrs = {k: v for k, v in history.attrs.items() if isinstance(v, (int, float, str, type(None)))}
-        tmp = info_file.with_name(info_file.name + ".tmp")
-        tmp.write_text(json.dumps({"arch": "segnet_small", "num_classes": out, "settings": settings, "key": key,
-                                   "history": history.to_dict(orient="records"), "attrs": attrs}, default=str))
-        os.replace(tmp, info_file)
-    history.attrs["cached"] = False
-    return model, history
+        method, monitor = Reconstruction, "val/loss"
+    return train_teacher("segnet_small", train_data, val_data, num_classes=out, epochs=epochs, lr=lr,
+                         batch_size=batch_size, optimizer="adam", weight_decay=weight_decay, schedule=schedule,
+                         seed=seed, arch_kwargs=arch_kwargs, cache=cache, device=device, progress=progress,
+                         method=method, monitor=monitor if val_data is not None else "train/loss")
 
 
 def load_splits(data: str = "embedded", *, root=None, n: int = 1200, size=32, seed: int = 0,
