@@ -361,7 +361,7 @@ def training_curves(history, terms: Sequence[str] | None = None,
         fig.update_layout(template="plotly_white", height=360, width=width, title=title,
                           legend=dict(font=dict(size=11), tracegroupgap=2),
                           margin=dict(l=50, r=10, t=70 if title else 40, b=40))
-        fig.update_xaxes(title_text="epoch")
+        fig.update_xaxes(title_text="epoch", **_epoch_ticks(runs))
         return fig
 
     names = [*terms, *metrics]
@@ -403,7 +403,14 @@ def training_curves(history, terms: Sequence[str] | None = None,
                       title=title, legend=dict(font=dict(size=11)),
                       margin=dict(l=50, r=10, t=70 if title else 40, b=40))
     fig.update_xaxes(title_text="epoch", row=rows)
+    fig.update_xaxes(**_epoch_ticks(runs))
     return fig
+
+
+def _epoch_ticks(runs: Mapping) -> dict:
+    """Whole epochs only: with few epochs plotly would otherwise label 1.5, 2.5, ..."""
+    last = max((float(np.nanmax(_epochs(h))) for h in runs.values() if len(h)), default=0.0)
+    return {"dtick": 1} if last <= 12 else {}
 
 
 def _as_runs(history) -> dict:

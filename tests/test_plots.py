@@ -280,3 +280,10 @@ def test_side_by_side_panels_share_legend_and_keep_equal_axes():
         P.side_by_side(figs, titles=["one"])
     with pytest.raises(TypeError, match="go.Figure"):
         P.side_by_side([])
+
+
+def test_training_curves_label_whole_epochs():
+    few = P.training_curves(history(n=2, best=2))
+    assert few.layout.xaxis.dtick == 1 and few.layout.xaxis2.dtick == 1
+    many = P.training_curves({"a": history(n=40, best=30)}, terms=["kd"], metrics=["accuracy"])
+    assert many.layout.xaxis.dtick is None  # plotly picks the ticks for long runs
