@@ -5,8 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kaviz-installed
 
-# Same results on every x86-64 CPU: pin the instruction set that ATen, oneDNN and MKL dispatch to,
-# so the stored notebook outputs compare equal on machines with and without AVX-512.
+# The path the stored notebook outputs are made under: pin the instruction set ATen, oneDNN and MKL
+# dispatch to. This makes runs on *this* machine repeatable; other machines still differ in the last
+# bits, which is why nbval compares conclusions within measured bands (docs/regression.md).
 export ATEN_CPU_CAPABILITY ?= avx2
 export ONEDNN_MAX_CPU_ISA ?= AVX2
 export MKL_CBWR ?= AVX2
@@ -14,7 +15,12 @@ export PYTHONHASHSEED ?= 0
 
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
 
-.PHONY: setup lab demo test unit notebooks execute bench clean
+# The portability pass runs nbval again under a deliberately different floating-point path: AVX-512
+# kernels where the CPU has them, else one thread instead of two (cache keys hold both, so teachers
+# are retrained on that path, not reused).
+ALT_FP ?= $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo "ATEN_CPU_CAPABILITY=avx512 ONEDNN_MAX_CPU_ISA=AVX512_CORE MKL_CBWR=AVX512" || echo "KAVIZ_THREADS=1")
+
+.PHONY: setup lab demo test unit notebooks portability execute bench clean
 
 setup: $(STAMP)
 
@@ -44,9 +50,15 @@ unit: setup
 notebooks: setup
 	CI=1 $(PY) -m pytest -q $(NBVAL) notebooks
 
+portability: setup
+	@echo "nbval under another floating-point path: $(ALT_FP)"
+	CI=1 $(ALT_FP) $(PY) -m pytest -q $(NBVAL) notebooks
+
 test: setup
 	CI=1 $(PY) -m pytest -q tests
 	CI=1 $(PY) -m pytest -q $(NBVAL) notebooks
+	@echo "nbval under another floating-point path: $(ALT_FP)"
+	CI=1 $(ALT_FP) $(PY) -m pytest -q $(NBVAL) notebooks
 
 # Re-execute the notebooks in place (for developers: after a change, store fresh outputs).
 execute: setup

@@ -9,10 +9,10 @@ import os
 import random
 
 __version__ = "0.1.0"
-__all__ = ["seed_everything", "default_device", "__version__"]
+__all__ = ["seed_everything", "default_device", "expect", "__version__"]
 
 _SUBMODULES = ("data", "models", "features", "train", "losses", "metrics", "methods", "embed", "plots",
-               "widgets", "notebook")
+               "widgets", "notebook", "report")
 
 
 def __getattr__(name):
@@ -55,3 +55,11 @@ def default_device(device: str | None = None):
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def expect(name, value, stored=None, tol=None, **kwargs):
+    """``kaviz.report.expect``: check a trained number against its stored run within a measured band
+    (prints one machine-independent line; raises ``kaviz.report.ExpectationError`` outside it)."""
+    from .report import expect as _expect
+
+    return _expect(name, value, stored, tol, **kwargs)

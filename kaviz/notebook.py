@@ -16,6 +16,10 @@ def setup(seed: int = 0, threads: int | None = 2, device: str | None = "auto", r
     exported HTML (``$KAVIZ_PLOTLY_RENDERER`` or ``renderer`` overrides it)."""
     from . import default_device, seed_everything
 
+    # KAVIZ_THREADS overrides the notebook's thread count: scripts/measure_spread.py uses it to run a
+    # notebook on another floating-point path (sums split over other threads), as another machine would.
+    if os.environ.get("KAVIZ_THREADS"):
+        threads = int(os.environ["KAVIZ_THREADS"])
     seed_everything(seed, threads=threads)
     for pattern in (
         ".*n_jobs value.*overridden.*",      # umap with a random_state

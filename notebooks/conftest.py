@@ -1,8 +1,16 @@
-"""nbval settings for the notebooks (DESIGN.md §4).
+"""nbval settings for the notebooks (DESIGN.md §4, docs/regression.md).
 
-Compared: rounded tables, printed summaries and invariants (text/plain and stdout).
-Not compared: figures and widget views (plotly JSON, HTML, images, widget models), and stderr
-(progress bars, warnings): their bytes change from run to run without the results changing.
+Compared exactly: stdout and ``text/plain`` — what is the same on every machine (dataset sizes, shapes,
+parameter counts, layer tables, exactness checks) and the lines printed by ``kaviz.expect`` /
+``kaviz.report.compare`` (the stored value, its band and the verdict — never the measured value).
+Trained numbers are shown through ``kaviz.report.measured`` / ``kaviz.report.prose``, whose plain text
+is constant, and checked by those expectations.
+
+Not compared: figures and widget views (plotly JSON, HTML, Markdown, images, widget models), stderr
+(progress bars, warnings), and whole outputs that are widget views — a progress bar or an explorer
+saved from JupyterLab is a widget output with a ``text/plain`` fallback (``HBox(children=…)``); it is
+dropped on both sides, so a notebook saved from JupyterLab after "Run All" compares like one stored by
+``make execute`` (where ``CI`` turns progress bars off).
 """
 import nbval.plugin
 
@@ -10,12 +18,14 @@ NOT_COMPARED = (
     "application/vnd.plotly.v1+json",
     "application/vnd.jupyter.widget-state+json",
     "text/html",
+    "text/markdown",
     "image/png",
     "image/jpeg",
     "image/svg+xml",
     "application/javascript",
     "stderr",
 )
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 _init = nbval.plugin.IPyNbFile.__init__
 
@@ -25,4 +35,17 @@ def _init_with_skips(self, *args, **kwargs):
     self.skip_compare = tuple(self.skip_compare) + NOT_COMPARED
 
 
+def without_widget_views(outputs):
+    """Outputs minus widget views (their text fallback differs between JupyterLab and headless runs)."""
+    return [o for o in outputs if WIDGET_VIEW not in (o.get("data") or {})]
+
+
+_compare = nbval.plugin.IPyNbCell.compare_outputs
+
+
+def _compare_without_widgets(self, test, ref, skip_compare=None):
+    return _compare(self, without_widget_views(test), without_widget_views(ref), skip_compare)
+
+
 nbval.plugin.IPyNbFile.__init__ = _init_with_skips
+nbval.plugin.IPyNbCell.compare_outputs = _compare_without_widgets

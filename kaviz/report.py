@@ -1,0 +1,327 @@
+"""Results a reader can trust: seed statistics, expectations with tolerance, verdicts, generated prose.
+
+A notebook's regression test compares *conclusions*, not bits (DESIGN.md §4, docs/regression.md):
+
+- ``expect(name, value, stored, tol)`` checks a trained number against the value the stored run
+  gave, within a band measured across seeds and floating-point paths. It prints one line that is
+  the same on every machine (the stored value, the band and ``ok``) and raises
+  :class:`ExpectationError` with both numbers when a re-run leaves the band.
+- ``compare(claim, a, b, relation=">")`` states a conclusion that rests on a comparison over seeds
+  (difference, margin in units of the seeds' pooled sample std, verdict); ``expect=`` checks the
+  verdict the stored run reached.
+- ``measured(df)`` and ``prose(text)`` show trained numbers to the reader as HTML / Markdown; their
+  plain-text form is a constant, so nbval never byte-compares them, and they can quote any number
+  of the run they belong to.
+- ``seed_stats`` / ``seed_table``: the one mean ± sample-std (ddof = 1) convention.
+
+Recording mode, for measuring bands: with ``KAVIZ_EXPECT=record`` nothing raises, and every
+expectation and comparison is appended as one JSON line to ``$KAVIZ_EXPECT_LOG``
+(``scripts/measure_spread.py`` runs notebooks this way under several floating-point paths and
+suggests bands).
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+__all__ = [
+    "ExpectationError",
+    "SeedStats",
+    "seed_stats",
+    "seed_table",
+    "expect",
+    "Comparison",
+    "compare",
+    "expect_verdict",
+    "measured",
+    "prose",
+    "VERDICTS",
+]
+
+VERDICTS = ("reproduced", "not reproduced", "cannot tell")
+RELATIONS = (">", "<", "≈")
+
+
+class ExpectationError(AssertionError):
+    """A re-run left the band its stored run set (the message holds both numbers and the band)."""
+
+
+# ------------------------------------------------------------------------------------------ seeds
+@dataclass(frozen=True)
+class SeedStats:
+    """Mean and sample standard deviation (ddof = 1) of one quantity over seeds."""
+
+    mean: float
+    std: float
+    n: int
+
+    def __str__(self) -> str:
+        return self.format()
+
+    def format(self, digits: int = 3) -> str:
+        if self.n < 2 or math.isnan(self.std):
+            return f"{self.mean:.{digits}f} (1 seed)"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+
+def _as_floats(values, what: str) -> list[float]:
+    if isinstance(values, (int, float)):
+        values = [values]
+    try:
+        out = [float(v) for v in values]
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{what} must be a number or a sequence of numbers (one per seed), got {values!r}") from exc
+    if not out:
+        raise ValueError(f"{what} is empty: pass one value per seed")
+    return out
+
+
+def seed_stats(values: Iterable[float] | float) -> SeedStats:
+    """Mean and **sample** std (ddof = 1) over seeds; std is NaN for a single seed (never 0)."""
+    xs = _as_floats(values, "values")
+    n = len(xs)
+    mean = math.fsum(xs) / n
+    std = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else float("nan")
+    return SeedStats(mean, std, n)
+
+
+def seed_table(df, by: str | Sequence[str], columns: Sequence[str], *, digits: int = 3, as_text: bool = True):
+    """The one results-table shape: one row per group of ``by``, a ``seeds`` column, and per column
+    ``"mean ± std"`` text (``as_text``) or ``<col> mean`` / ``<col> std`` numbers. Sample std."""
+    import pandas as pd
+
+    by = [by] if isinstance(by, str) else list(by)
+    missing = [c for c in [*by, *columns] if c not in df.columns]
+    if missing:
+        raise KeyError(f"seed_table: no column(s) {missing} in the table (columns: {list(df.columns)})")
+    rows = []
+    for key, group in df.groupby(by, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        row = dict(zip(by, key))
+        row["seeds"] = len(group)
+        for c in columns:
+            s = seed_stats(group[c].astype(float).tolist())
+            if as_text:
+                row[c] = s.format(digits)
+            else:
+                row[f"{c} mean"], row[f"{c} std"] = s.mean, s.std
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------- expectations
+def _recording() -> bool:
+    return os.environ.get("KAVIZ_EXPECT", "").strip().lower() == "record"
+
+
+def _record(entry: dict) -> None:
+    path = os.environ.get("KAVIZ_EXPECT_LOG")
+    if not path:
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry, default=float) + "\n")
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def expect(name: str, value, stored: float | None = None, tol: float | None = None, *,
+           at_least: float | None = None, at_most: float | None = None, why: str = "") -> float:
+    """Check a measured ``value`` against the stored run: ``|value − stored| ≤ tol`` and/or
+    ``at_least ≤ value ≤ at_most``. Prints one machine-independent line (the expectation and ``ok``,
+    never the measured value) and returns ``value``; raises :class:`ExpectationError` naming both
+    numbers when the check fails. ``why`` says where the band comes from (shown on failure)."""
+    if not isinstance(name, str) or not name:
+        raise TypeError("expect: name must be a non-empty string saying what is checked")
+    if (stored is None) != (tol is None):
+        raise TypeError(f"expect({name!r}): give stored and tol together (the stored run's value and its band)")
+    if stored is None and at_least is None and at_most is None:
+        raise TypeError(f"expect({name!r}): nothing to check: give stored and tol, at_least or at_most")
+    if tol is not None and not (tol >= 0):
+        raise ValueError(f"expect({name!r}): tol must be >= 0, got {tol}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"expect({name!r}): value must be a number, got {value!r}") from exc
+    parts, ok = [], not math.isnan(v)
+    if stored is not None:
+        parts.append(f"{_fmt(stored)} ± {_fmt(tol)}")
+        ok = ok and abs(v - stored) <= tol + 1e-12
+    if at_least is not None:
+        parts.append(f"≥ {_fmt(at_least)}")
+        ok = ok and v >= at_least
+    if at_most is not None:
+        parts.append(f"≤ {_fmt(at_most)}")
+        ok = ok and v <= at_most
+    expectation = ", ".join(parts)
+    _record(dict(kind="expect", name=name, value=v, stored=stored, tol=tol, at_least=at_least,
+                 at_most=at_most, ok=ok))
+    if not ok and not _recording():
+        where = f" The band comes from {why}." if why else ""
+        raise ExpectationError(
+            f"{name}: measured {v:.6g}, expected {expectation}.{where} A re-run on this machine left the band "
+            "the stored run set: if the code or settings changed on purpose, re-measure the band "
+            "(scripts/measure_spread.py) and store fresh outputs (make execute); otherwise this is a regression."
+        )
+    print(f"{'✓' if ok else '✗ (recording)'} {name}: {expectation}")
+    return v
+
+
+# ------------------------------------------------------------------------------------- comparisons
+def verdict(margin_std: float, threshold: float = 2.0) -> str:
+    """``reproduced`` when the claim holds by at least ``threshold`` std, ``not reproduced`` when its
+    opposite does, ``cannot tell`` in between (or with too few seeds)."""
+    if math.isnan(margin_std):
+        return "cannot tell"
+    if margin_std >= threshold:
+        return "reproduced"
+    if margin_std <= -threshold:
+        return "not reproduced"
+    return "cannot tell"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A claim about two quantities measured over seeds.
+
+    ``margin_std``: for ``>``, (mean_a − mean_b) / pooled std; for ``<`` the negative of that; for
+    ``≈`` (a matches b within ``band``), (band − |mean_a − mean_b|) / pooled std. The pooled std is
+    sqrt((s_a² + s_b²) / 2) with sample stds; a quantity measured once (no std) counts as exact.
+    """
+
+    claim: str
+    a_name: str
+    b_name: str
+    a: SeedStats
+    b: SeedStats
+    relation: str
+    band: float | None
+    margin_std: float
+    verdict: str
+
+    @property
+    def difference(self) -> float:
+        return self.a.mean - self.b.mean
+
+    def sentence(self, digits: int = 3) -> str:
+        """The conclusion in words, with the numbers of this run (for :func:`prose`)."""
+        rel = {">": "above", "<": "below"}.get(self.relation, "within ± %g of" % (self.band or 0))
+        m = "n/a" if math.isnan(self.margin_std) else ("∞" if math.isinf(self.margin_std) else f"{self.margin_std:+.1f}")
+        return (f"**{self.claim}** — {self.verdict}: {self.a_name} {self.a.format(digits)} vs {self.b_name} "
+                f"{self.b.format(digits)} (difference {self.difference:+.{digits}f}; the claim is that "
+                f"{self.a_name} is {rel} {self.b_name}; margin {m} std)")
+
+    def as_dict(self) -> dict:
+        return dict(claim=self.claim, a=self.a_name, b=self.b_name, a_mean=self.a.mean, a_std=self.a.std,
+                    b_mean=self.b.mean, b_std=self.b.std, seeds=min(self.a.n, self.b.n), relation=self.relation,
+                    margin_std=self.margin_std, verdict=self.verdict)
+
+
+def compare(claim: str, a, b, *, a_name: str = "A", b_name: str = "B", relation: str = ">",
+            band: float | None = None, threshold: float = 2.0, expect: str | Iterable[str] | None = None) -> Comparison:
+    """Evaluate ``claim`` ("a > b", "a < b" or "a ≈ b within band") from per-seed values.
+
+    ``a`` and ``b`` are sequences of per-seed values (or single numbers, e.g. a teacher's accuracy).
+    With ``expect`` (a verdict, or a set of verdicts the measured spread allows), the verdict is
+    checked like :func:`expect`: one machine-independent line, an error when it differs."""
+    if relation not in RELATIONS:
+        raise ValueError(f"compare({claim!r}): relation must be one of {RELATIONS}, got {relation!r}")
+    if relation == "≈" and (band is None or not band >= 0):
+        raise ValueError(f"compare({claim!r}): relation '≈' needs band >= 0 (how close counts as a match)")
+    sa, sb = seed_stats(a), seed_stats(b)
+    va = 0.0 if sa.n < 2 else sa.std ** 2
+    vb = 0.0 if sb.n < 2 else sb.std ** 2
+    if sa.n < 2 and sb.n < 2:
+        pooled = float("nan")  # nothing measured over seeds: no spread to weigh the difference by
+    else:
+        pooled = math.sqrt((va + vb) / ((sa.n >= 2) + (sb.n >= 2)))
+    diff = sa.mean - sb.mean
+    gap = {">": diff, "<": -diff}.get(relation, None)
+    if gap is None:
+        gap = band - abs(diff)
+    if math.isnan(pooled):
+        margin = float("nan")
+    elif pooled == 0:
+        margin = math.copysign(math.inf, gap) if gap != 0 else float("nan")
+    else:
+        margin = gap / pooled
+    c = Comparison(claim, a_name, b_name, sa, sb, relation, band, margin, verdict(margin, threshold))
+    if expect is not None:
+        expect_verdict(c, expect)
+    return c
+
+
+def expect_verdict(comparison: Comparison, expected: str | Iterable[str]) -> Comparison:
+    """Check that the re-run reaches the stored verdict (or one of a set the measured spread allows)."""
+    allowed = {expected} if isinstance(expected, str) else set(expected)
+    bad = allowed - set(VERDICTS)
+    if bad or not allowed:
+        raise ValueError(f"expect_verdict: verdicts must be among {VERDICTS}, got {sorted(bad) or 'nothing'}")
+    ok = comparison.verdict in allowed
+    shown = " or ".join(v for v in VERDICTS if v in allowed)
+    _record(dict(kind="verdict", name=comparison.claim, value=comparison.margin_std, verdict=comparison.verdict,
+                 expected=sorted(allowed), ok=ok))
+    if not ok and not _recording():
+        raise ExpectationError(
+            f"{comparison.claim}: the re-run's verdict is '{comparison.verdict}' "
+            f"({comparison.sentence()}), the stored run's was {shown}. A conclusion moved: re-measure the "
+            "spread (scripts/measure_spread.py) before storing a new one."
+        )
+    print(f"{'✓' if ok else '✗ (recording)'} {comparison.claim}: {shown}")
+    return comparison
+
+
+# ------------------------------------------------------------------------------- what readers see
+class _Shown:
+    """Rich output (HTML / Markdown) with a constant plain-text form: numbers a reader sees but nbval
+    never byte-compares (its plain text is what nbval compares)."""
+
+    def __init__(self, html_text: str | None, markdown: str | None, plain: str):
+        self._html, self._markdown, self._plain = html_text, markdown, plain
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        bundle = {"text/plain": self._plain}
+        if self._html is not None:
+            bundle["text/html"] = self._html
+        if self._markdown is not None:
+            bundle["text/markdown"] = self._markdown
+        return bundle
+
+    def __repr__(self) -> str:
+        return self._plain
+
+
+def measured(obj, caption: str | None = None, digits: int = 3):
+    """Show a table (DataFrame / Series / dict) or text of trained numbers: rendered as HTML for the
+    reader, constant in plain text (``<measured: …>``), so the byte comparison skips it while
+    ``expect`` and ``compare`` check what it shows."""
+    import pandas as pd
+
+    if isinstance(obj, dict):
+        obj = pd.Series(obj)
+    if isinstance(obj, pd.Series):
+        obj = obj.to_frame(obj.name if obj.name is not None else "value")
+    if isinstance(obj, pd.DataFrame):
+        table = obj.round(digits) if digits is not None else obj
+        body = table.to_html(float_format=lambda x: f"{x:.{digits}f}", na_rep="—")
+        shape = f"{table.shape[0]} × {table.shape[1]} table"
+    else:
+        text = str(obj)
+        body = f"<pre>{html.escape(text)}</pre>"
+        shape = "text"
+    cap = f"<p><em>{html.escape(caption)}</em></p>" if caption else ""
+    plain = f"<measured {shape}{': ' + caption if caption else ''} — shown as HTML, checked by expect()>"
+    return _Shown(cap + body, None, plain)
+
+
+def prose(text: str):
+    """Markdown generated from the run (conclusions quoting its numbers); constant plain text.
+    JupyterLab, nbconvert's HTML and GitHub render the Markdown."""
+    if not isinstance(text, str):
+        raise TypeError(f"prose: text must be a str, got {type(text).__name__}")
+    return _Shown(None, text, "<generated text — see the rendered Markdown>")
