@@ -24,12 +24,13 @@ ALT_FP ?= $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo "ATEN_CPU_C
 
 setup: $(STAMP)
 
-# Idempotent: re-runs only when pyproject.toml changed since the last install.
-$(STAMP): pyproject.toml
+# Idempotent: re-runs only when pyproject.toml or constraints.txt changed since the last install.
+# pyproject.toml holds compatible ranges; constraints.txt the exact versions tested together.
+$(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "kaviz needs Python 3.11 (found %s)" % sys.version.split()[0]'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24" 2>&1 | grep -v "is ignored" || true
-	$(PY) -m pip install --quiet -e '.[lab,dev]' 2>&1 | grep -v "is ignored" || true
+	$(PY) -m pip install --quiet -e '.[lab,dev]' -c constraints.txt 2>&1 | grep -v "is ignored" || true
 	$(PY) -c 'import kaviz, torch, torchvision, plotly, ipywidgets, nbval' # fail loudly if the install did not work
 	@# umap compiles with numba on first import (~15 s); do it once here, not inside a notebook.
 	$(PY) -c 'import warnings; warnings.simplefilter("ignore"); import umap'
