@@ -43,7 +43,7 @@ lab: setup
 # Execute every notebook headless; executed copies and HTML reports go to reports/ (the reports embed
 # plotly.js so that they open offline).
 demo: setup
-	CI=1 KAVIZ_PLOTLY_RENDERER=plotly_mimetype+notebook $(PY) scripts/run_notebooks.py --out reports notebooks/*.ipynb
+	CI=1 KAVIZ_PLOTLY_RENDERER=plotly_mimetype+notebook $(PY) -m kaviz run --out reports notebooks/*.ipynb
 
 unit: setup
 	CI=1 $(PY) -m pytest -q tests
@@ -61,7 +61,7 @@ test: setup
 
 # Re-execute the notebooks in place (for developers: after a change, store fresh outputs).
 execute: setup
-	CI=1 $(PY) scripts/run_notebooks.py --inplace $(if $(NB),$(NB),notebooks/*.ipynb)
+	CI=1 $(PY) -m kaviz run --inplace $(if $(NB),$(NB),notebooks/*.ipynb)
 
 bench: setup
 	$(PY) bench/bench_train.py

@@ -1,0 +1,248 @@
+"""Run a notebook headless with parameters: ``python -m kaviz run NOTEBOOK -p NAME=VALUE ... --out DIR``.
+
+Papermill-style: the cell tagged ``parameters`` is kept, and a cell tagged ``injected-parameters`` with
+Papermill-style injection into the cell tagged ``parameters``: each ``NAME = value`` is inserted right
+after the statement of that cell that sets NAME (so parameters derived from it further down, like
+``EPOCHS = 6 if QUICK else 20``, follow), and the cell is tagged ``injected-parameters``: the executed
+notebook shows both the defaults and what this run changed. Values are parsed as Python literals (``3``, ``True``, ``None``,
+``[0, 1, 2]``, ``{"a": 1}``), anything else is taken as a string (``-p CUB_ROOT=/data/CUB_200_2011``).
+Only names the parameter cell defines can be set (a typo is an error with the closest names).
+
+``--dry-run`` executes nothing but the parameter cells (in this process, no kernel) and prints the resolved
+parameters and the plan: the datasets and folders it will read (and whether they exist), the networks,
+epochs and seeds it names, and the device it would use.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["parse_assignments", "inject_parameters", "resolve_parameters", "plan", "execute", "main"]
+
+PARAMETERS_TAG = "parameters"
+INJECTED_TAG = "injected-parameters"
+
+
+class ParameterError(ValueError):
+    """A -p assignment the notebook cannot take (malformed, or a name its parameter cell does not define)."""
+
+
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_assignments(items) -> dict:
+    """``["EPOCHS=3", "DATA=cub_dogs"]`` → ``{"EPOCHS": 3, "DATA": "cub_dogs"}``."""
+    out = {}
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not name.isidentifier():
+            raise ParameterError(f"-p {item!r}: expected NAME=VALUE with a Python name, e.g. -p EPOCHS=3")
+        out[name] = _literal(value.strip())
+    return out
+
+
+def _read(path):
+    import nbformat
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no notebook at {path}; the notebooks are in notebooks/*.ipynb")
+    return nbformat.read(path, as_version=4)
+
+
+def _parameter_cell(nb, path="notebook"):
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code" and PARAMETERS_TAG in cell.get("metadata", {}).get("tags", []):
+            return i
+    raise ParameterError(f"{path} has no cell tagged '{PARAMETERS_TAG}': tag the cell that sets the notebook's "
+                         "parameters (JupyterLab: property inspector → cell tags) to run it with -p")
+
+
+def _defaults(source: str) -> dict:
+    ns: dict = {}
+    exec(compile(source, "<parameters>", "exec"), ns)  # the notebook's own parameter cell: plain assignments
+    return {k: v for k, v in ns.items() if not k.startswith("_") and k.isupper()}
+
+
+def _assigned_names(stmt) -> set[str]:
+    import ast as _ast
+
+    names = set()
+    targets = []
+    if isinstance(stmt, _ast.Assign):
+        targets = stmt.targets
+    elif isinstance(stmt, (_ast.AnnAssign, _ast.AugAssign)):
+        targets = [stmt.target]
+    for t in targets:
+        for node in _ast.walk(t):
+            if isinstance(node, _ast.Name):
+                names.add(node.id)
+    return names
+
+
+def _with_injections(source: str, params: dict) -> str:
+    """The parameter cell with ``NAME = value`` inserted right after every top-level statement that sets
+    NAME, so the lines after it that derive other parameters (``EPOCHS = 6 if QUICK else 20``) see the
+    injected value."""
+    tree = ast.parse(source)
+    lines = source.splitlines()
+    inserts: dict[int, list[str]] = {}
+    for stmt in tree.body:
+        hit = [k for k in params if k in _assigned_names(stmt)]
+        if hit:
+            indent = " " * stmt.col_offset
+            inserts.setdefault(stmt.end_lineno, []).extend(
+                f"{indent}{k} = {params[k]!r}  # set by `python -m kaviz run -p`" for k in hit)
+    out = []
+    for n, line in enumerate(lines, start=1):
+        out.append(line)
+        out.extend(inserts.get(n, []))
+    return "\n".join(out)
+
+
+def inject_parameters(nb, params: dict, path="notebook"):
+    """Set ``params`` in the notebook's parameter cell (papermill-style, but in place: each injected
+    assignment follows the statement it overrides, and the cell is tagged ``injected-parameters``)."""
+    i = _parameter_cell(nb, path)
+    cell = nb.cells[i]
+    defaults = _defaults(cell.source)
+    unknown = [k for k in params if k not in defaults]
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, list(defaults), n=3) for k in unknown}
+        raise ParameterError(f"{path} has no parameter(s) {unknown}"
+                             + "".join(f"; {k}: did you mean {h}?" for k, h in hints.items() if h)
+                             + f". Its parameters: {sorted(defaults)}")
+    if params:
+        cell.source = _with_injections(cell.source, params)
+        tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+        if INJECTED_TAG not in tags:
+            tags.append(INJECTED_TAG)
+    return nb
+
+
+def resolve_parameters(nb, params: dict | None = None, path="notebook") -> dict:
+    """The parameter cell's values with ``params`` injected (derived parameters recomputed)."""
+    i = _parameter_cell(nb, path)
+    source = nb.cells[i].source
+    return _defaults(_with_injections(source, params) if params else source)
+
+
+def plan(values: dict) -> list[str]:
+    """What a run with these parameters will do, in words."""
+    import torch
+
+    lines = []
+    data = values.get("DATA")
+    if data is not None:
+        lines.append(f"data: {data!r}")
+    for name, value in values.items():
+        if (name.endswith("_ROOT") or name.endswith("_DIR")) and value:
+            p = Path(str(value)).expanduser()
+            lines.append(f"  {name} = {value}: {'found' if p.exists() else 'NOT FOUND — the run will stop there'}")
+        elif name.endswith("_ROOT") and data not in (None, "embedded", "shapes", "digits"):
+            lines.append(f"  {name} = None (needed for DATA={data!r}?)")
+    for key in ("TEACHERS", "TEACHER", "STUDENTS", "STUDENT", "ARCHS", "SOURCES"):
+        if key in values:
+            v = values[key]
+            lines.append(f"networks ({key}): {list(v) if isinstance(v, dict) else v}")
+    for key in sorted(values):
+        if "EPOCH" in key or key in ("SEEDS", "QUICK", "SMOKE", "BATCH", "BATCH_SIZE", "IMAGE_SIZE"):
+            lines.append(f"{key} = {values[key]!r}")
+    device = values.get("DEVICE", "auto")
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    lines.append(f"device: {device}" + ("" if device != "cpu" or not torch.cuda.is_available() else " (a GPU is available)"))
+    return lines
+
+
+def execute(path, params: dict | None = None, out=None, inplace: bool = False, timeout: int = 3600,
+            html: bool = True, store_widget_state: bool | None = None) -> tuple[bool, float, str]:
+    """Execute a notebook (with injected parameters) and write the executed copy and its HTML report to
+    ``out`` (or back in place). Returns (ok, seconds, note of the failing cell)."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    path = Path(path)
+    nb = _read(path)
+    if params:
+        inject_parameters(nb, params, path)
+    # Widget state makes HTML reports interactive, but every plotly FigureWidget stores a copy of
+    # plotly.js (~5 MB): keep it out of notebooks committed to the repository.
+    keep_state = (not inplace) if store_widget_state is None else store_widget_state
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent.resolve())}}, store_widget_state=keep_state)
+    t0 = time.perf_counter()
+    ok, note = True, ""
+    try:
+        client.execute()
+    except CellExecutionError as exc:
+        ok = False
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        note = lines[-1][:300] if lines else "cell failed"
+    seconds = time.perf_counter() - t0
+    if inplace and ok:
+        nb.metadata.pop("widgets", None)
+        nbformat.write(nb, path)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, out / path.name)
+        if html:
+            from nbconvert import HTMLExporter
+
+            body, _ = HTMLExporter().from_notebook_node(nb)
+            (out / path.with_suffix(".html").name).write_text(body, encoding="utf-8")
+    return ok, seconds, note
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kaviz", description="kaviz command line")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="execute notebooks headless with parameters", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("notebooks", nargs="+", type=Path)
+    r.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="set a parameter of the notebook's parameter cell (repeatable)")
+    r.add_argument("--out", type=Path, default=None, help="folder for the executed notebook and its HTML report")
+    r.add_argument("--inplace", action="store_true", help="store the outputs in the notebook itself (developers)")
+    r.add_argument("--dry-run", action="store_true", help="print the resolved parameters and the plan; run nothing")
+    r.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    args = p.parse_args(argv)
+    try:
+        params = parse_assignments(args.param)
+        if args.inplace and params:
+            raise ParameterError("--inplace with -p would store a parameterised run as the notebook; use --out")
+        if not args.dry_run and args.out is None and not args.inplace:
+            args.out = Path("reports")
+        failed = 0
+        for path in args.notebooks:
+            nb = _read(path)
+            inject_parameters(nb, params, path)  # validates names before anything runs
+            if args.dry_run:
+                values = resolve_parameters(_read(path), params, path)
+                print(f"# {path}")
+                for k, v in values.items():
+                    mark = "  (set by -p)" if k in params else ""
+                    print(f"{k} = {v!r}{mark}")
+                print("plan:")
+                print("\n".join("  " + line for line in plan(values)))
+                continue
+            ok, seconds, note = execute(path, params, out=args.out, inplace=args.inplace, timeout=args.timeout)
+            failed += not ok
+            where = f" -> {args.out / path.with_suffix('.html').name}" if args.out else ""
+            print(f"{'ok  ' if ok else 'FAIL'} {path.name:45s} {seconds:7.1f} s{where}{'  ' + note if note else ''}",
+                  flush=True)
+        return 1 if failed else 0
+    except (ParameterError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
