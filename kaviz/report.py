@@ -39,6 +39,7 @@ __all__ = [
     "expect_verdict",
     "measured",
     "prose",
+    "claims",
     "VERDICTS",
 ]
 
@@ -325,3 +326,31 @@ def prose(text: str):
     if not isinstance(text, str):
         raise TypeError(f"prose: text must be a str, got {type(text).__name__}")
     return _Shown(None, text, "<generated text — see the rendered Markdown>")
+
+
+# ------------------------------------------------------------------------------------------ claims
+def claims(comparisons: Sequence[Comparison], *, headline: Iterable[str] = (), paper_values: dict | None = None,
+           caption: str = "claims"):
+    """The claims table a paper notebook ends with (DESIGN.md §4): one row per claim — headline or not,
+    the paper's number where it reports one, this run's means ± sample std, the margin in std and the
+    verdict — shown as a measured table, and printed as one line ``CLAIMS <json>`` (a list of objects
+    with ``claim``, ``headline``, ``verdict``, ``margin_std``) for tools. notebooks/sanitize.cfg masks
+    the JSON for nbval: the verdicts are checked by ``compare(..., expect=...)``, not by bytes."""
+    import pandas as pd
+
+    headline = set(headline)
+    unknown = headline - {c.claim for c in comparisons}
+    if unknown:
+        raise ValueError(f"claims: headline claim(s) {sorted(unknown)} are not among the comparisons")
+    paper_values = paper_values or {}
+    rows, line = [], []
+    for c in comparisons:
+        rows.append({"claim": c.claim, "headline": c.claim in headline, "paper": paper_values.get(c.claim, "—"),
+                     "this run (a)": f"{c.a_name}: {c.a.format()}",
+                     "this run (b)": f"{c.b_name}: {c.b.format()}", "margin (std)": c.margin_std,
+                     "verdict": c.verdict})
+        m = c.margin_std
+        line.append({"claim": c.claim, "headline": c.claim in headline, "verdict": c.verdict,
+                     "margin_std": None if math.isnan(m) else (m if math.isfinite(m) else math.copysign(1e9, m))})
+    print("CLAIMS " + json.dumps(line, ensure_ascii=False))
+    return measured(pd.DataFrame(rows).set_index("claim"), caption=caption, digits=2)

@@ -120,3 +120,19 @@ def test_measured_and_prose_have_constant_plain_text():
     with pytest.raises(TypeError):
         report.prose(3)
     assert "text" in repr(report.measured("free text 0.5"))
+
+
+def test_claims_line_and_table(capsys):
+    a = report.compare("student beats KD", [0.8, 0.81, 0.82], [0.7, 0.71, 0.72])
+    b = report.compare("student ≈ teacher", [0.8, 0.81, 0.82], 0.9, relation="≈", band=0.02)
+    shown = report.claims([a, b], headline={"student beats KD"}, paper_values={"student beats KD": "0.7997 vs 0.7965"})
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("CLAIMS ")
+    parsed = json.loads(line[len("CLAIMS "):])
+    assert [p["claim"] for p in parsed] == ["student beats KD", "student ≈ teacher"]
+    assert parsed[0] == {"claim": "student beats KD", "headline": True, "verdict": "reproduced",
+                         "margin_std": pytest.approx(10.0)}
+    assert parsed[1]["headline"] is False and parsed[1]["verdict"] == "not reproduced"
+    assert "0.7997" in shown._repr_mimebundle_()["text/html"]
+    with pytest.raises(ValueError, match="not among"):
+        report.claims([a], headline={"something else"})
