@@ -192,7 +192,8 @@ def test_train_teacher_caches_by_everything_that_determines_it(tmp_path, tiny):
     m1, h1 = train_teacher("vgg8_small", tiny, val, epochs=1, batch_size=32, cache=tmp_path, arch_kwargs={"width": 4})
     assert h1.attrs["cached"] is False and not m1.training
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".pt")
+    assert [f.rsplit(".", 1)[1] for f in files] == ["json", "lock", "pt"], files
+    assert len({f.rsplit(".", 1)[0] for f in files}) == 1, "one entry: weights, metadata and its lock"
     m2, h2 = train_teacher("vgg8_small", tiny, val, epochs=1, batch_size=32, cache=tmp_path, arch_kwargs={"width": 4})
     assert h2.attrs["cached"] is True and models.weights_hash(m1) == models.weights_hash(m2)
     assert h2["val/accuracy"].tolist() == pytest.approx(h1["val/accuracy"].tolist())
