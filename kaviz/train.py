@@ -12,7 +12,6 @@ called, no gradients, forwards under ``torch.no_grad()``, and left out of checkp
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -656,7 +655,8 @@ def teacher_key(arch: str, num_classes: int, train_data, val_data, *, device=Non
 
 
 def cached_training(folder, name: str, key: str, build: Callable[[], nn.Module],
-                    train: Callable[[], tuple[nn.Module, Mapping]], *, what: str):
+                    train: Callable[[], tuple[nn.Module, Mapping]], *, what: str,
+                    required: tuple[str, ...] = ("history",)):
     """The teacher cache under :func:`train_teacher`, ``train_source`` and ``born_again_chain``.
 
     ``folder`` None: no cache, ``train()``. Else the entry ``name``/``key`` of
@@ -682,10 +682,10 @@ def cached_training(folder, name: str, key: str, build: Callable[[], nn.Module],
         load_state(model, state, source=str(entry.weights))
         return model.eval()
 
-    return get_or_compute(entry, compute, use, required=("history",), what=what, action="retraining")
+    return get_or_compute(entry, compute, use, required=required, what=what, action="retraining")
 
 
-def _history(meta: Mapping, cached: bool, trained=None):
+def history_frame(meta: Mapping, cached: bool, trained=None):
     """The history DataFrame of a cache entry (``trained``: the one fit returned, when it just ran)."""
     import pandas as pd
 
@@ -698,7 +698,7 @@ def _history(meta: Mapping, cached: bool, trained=None):
     return history
 
 
-def _history_meta(history) -> dict:
+def history_meta(history) -> dict:
     attrs = {k: v for k, v in history.attrs.items() if isinstance(v, (int, float, str, type(None))) and k != "cached"}
     return {"history": history.to_dict(orient="records"), "attrs": attrs}
 
@@ -776,11 +776,11 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
         history = fresh["history"] = fit(trainer, train_data, val_data, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
                       weight_decay=weight_decay, schedule=schedule, seed=seed, device=device, progress=progress,
                       monitor=monitor)
-        return model, {"arch": arch, "num_classes": num_classes, "settings": settings, **_history_meta(history)}
+        return model, {"arch": arch, "num_classes": num_classes, "settings": settings, **history_meta(history)}
 
     model, meta, cached = cached_training(folder, arch, key, lambda: build(arch, num_classes, **arch_kwargs), train,
                                           what=f"teacher {arch!r}")
-    return model, _history(meta, cached, fresh.get("history"))
+    return model, history_frame(meta, cached, fresh.get("history"))
 
 
 def summarize(models: Mapping[str, nn.Module], histories: Mapping, test_data=None, evaluate=None):
