@@ -44,7 +44,7 @@ def test_issue14_3_and_11_kill_during_checkpoint_write_leaves_a_temp_that_resume
 
     ck, ref, res = tmp_path / "ck", tmp_path / "ref.pt", tmp_path / "res.pt"
     killed = subprocess.run([sys.executable, str(HERE / "_resume_worker.py"), str(ck), str(res), "0", "0", "kill-in-write"],
-                            env=ENV, timeout=120)
+                            env=ENV, timeout=300)
     assert killed.returncode == -9
     left = [p for p in ck.iterdir() if p.name.endswith(".tmp")]
     assert len(left) == 1 and left[0].stat().st_size > 1000, "a full-size temporary checkpoint is left by the kill"
@@ -80,7 +80,7 @@ def test_issue14_2_two_processes_on_one_teacher_entry_one_trains_and_the_other_r
         for p in procs:
             assert p.stdout.readline().strip() == "ready"
         go.touch()  # both start together
-        outs = [p.communicate(timeout=120) for p in procs]
+        outs = [p.communicate(timeout=300) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
