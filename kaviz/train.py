@@ -392,10 +392,16 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
     terms (``val/<term>``) and the method's metrics (``val/<metric>``), ``lr``, ``seconds``.
     ``monitor`` (default ``val/accuracy`` when the method reports it, else ``val/loss``) picks the
     best epoch; ``restore="best"`` loads its weights at the end (``"last"`` keeps the last).
-    ``checkpoint_dir``: ``last.pt`` every epoch and ``best.pt``, written atomically; with
-    ``resume=True`` training continues from ``last.pt`` and ends bit-identical to an uninterrupted
-    run. A NaN/inf loss raises :class:`NonFiniteLossError` naming the epoch, step and term; the
-    checkpoints on disk stay those of the last good epoch.
+    ``checkpoint_dir``: ``last.pt`` every epoch and ``best.pt``, written atomically (temporary files
+    left there by a killed run are removed); with ``resume=True`` training continues from ``last.pt``
+    and ends bit-identical to an uninterrupted run. Resuming is refused, with the differences listed,
+    when the data (fingerprints; Dataset vs DataLoader) or any setting that changes the result differs
+    (lr, batch size, epochs with a schedule, optimiser, weights, seed, grad_clip, momentum, monitor,
+    drop_last, restore). A NaN/inf loss raises :class:`NonFiniteLossError` naming the epoch, step and
+    term; the checkpoints on disk stay those of the last good epoch, and the model in memory is put
+    back to the weights it had at the end of that epoch. A NaN/inf monitored value cannot make an
+    epoch best; a ``RuntimeWarning`` names those epochs (and says when no epoch is best at all).
+    Empty ``val_data`` is refused before training.
     ``history.attrs``: ``best_epoch``, ``monitor``, ``best_value``.
     """
     import pandas as pd
@@ -738,8 +744,11 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
 
     The cache key covers the architecture and its arguments, the number of classes, the
     fingerprints of the training and validation data, every training setting and the seed, so a
-    changed input never reuses a stale teacher. Files: ``<cache>/<arch>-<key>.pt`` (state dict) and
-    ``.json`` (history).
+    changed input never reuses a stale teacher, and the environment (device type, thread count, CPU
+    floating-point signature; :func:`kaviz.cache.key`). Files (:class:`kaviz.cache.Entry`):
+    ``<cache>/<arch>-<key>.pt`` (state dict), ``.json`` (history and the weights' SHA-256, checked on
+    load: a damaged entry is reported and retrained) and ``.lock`` (a second process asking for the
+    same teacher waits and reuses it).
 
     ``method``: how to train the model, a class or module-level function ``method(model) -> nn.Module``
     (or a ``functools.partial`` of one) used instead of ``Supervised(model, loss, target_key)`` —
