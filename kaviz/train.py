@@ -12,19 +12,21 @@ called, no gradients, forwards under ``torch.no_grad()``, and left out of checkp
 """
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
 import math
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
+
+from .cache import Cache, cache_dir, clean_stale_tmp, data_key, get_or_compute, write_atomic
+from .cache import key as cache_key
 
 __all__ = [
     "fit",
@@ -34,6 +36,7 @@ __all__ = [
     "train_teacher",
     "NonFiniteLossError",
     "CheckpointMismatchError",
+    "CorruptCheckpointError",
     "cache_dir",
     "save_atomic",
     "load_checkpoint",
@@ -54,6 +57,10 @@ class NonFiniteLossError(FloatingPointError):
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint was written by a different method/architecture or different training settings."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file is truncated, damaged or not a kaviz checkpoint; the message names it."""
 
 
 # ------------------------------------------------------------------------------------------ frozen
@@ -113,43 +120,30 @@ def load_trainable_state(method: nn.Module, state: dict, source: str = "checkpoi
 
 
 # ------------------------------------------------------------------------------------------- utils
-def cache_dir(*parts: str) -> Path:
-    """Where kaviz caches teachers, features and runs: ``$KAVIZ_DATA``, else the repository's
-    ``data/`` folder (an editable install), else ``~/.cache/kaviz``."""
-    env = os.environ.get("KAVIZ_DATA")
-    if env:
-        base = Path(env)
-    else:
-        repo_data = Path(__file__).resolve().parents[1] / "data"
-        base = repo_data if (repo_data / "README.md").exists() else Path.home() / ".cache" / "kaviz"
-    path = base.joinpath(*parts)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def save_atomic(obj, path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a crash never
-    leaves a half-written file under ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """``torch.save`` to a unique temporary file in the same folder, then ``os.replace``
+    (:func:`kaviz.cache.write_atomic`): a crash never leaves a half-written file under ``path``, and a
+    full disk raises :class:`kaviz.cache.DiskFullError` naming the folder and the bytes needed."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path) -> dict:
-    """Read a kaviz checkpoint safely (``weights_only=True``: tensors and plain containers only)."""
+    """Read a kaviz checkpoint safely (``weights_only=True``: tensors and plain containers only).
+    A truncated or damaged file raises :class:`CorruptCheckpointError` naming it."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CorruptCheckpointError(
+            f"{path} is corrupt or not a kaviz checkpoint ({type(exc).__name__}: {str(exc).strip()[:300] or 'no detail'}). "
+            "Delete it to start that run over, or use another checkpoint_dir or resume=False."
+        ) from exc
+    if not isinstance(ck, dict):
+        raise CorruptCheckpointError(f"{path} holds a {type(ck).__name__}, not a kaviz checkpoint (a dict); delete it "
+                                     "or use another checkpoint_dir")
+    return ck
 
 
 def to_device(batch, device):
@@ -350,6 +344,39 @@ def _batch_size(batch) -> int:
     return 1
 
 
+def _data_type(data) -> str | None:
+    from torch.utils.data import DataLoader
+
+    if data is None:
+        return None
+    return "DataLoader" if isinstance(data, DataLoader) else "Dataset"
+
+
+def _data_identity(data):
+    """What identifies the data of a run in its checkpoint: ``kaviz.data.fingerprint`` (of a
+    DataLoader's dataset, with its batch size), else the type and length of data that has no
+    fingerprint (then other data of the same type and length cannot be told apart)."""
+    from torch.utils.data import DataLoader
+
+    if data is None:
+        return None
+    if isinstance(data, DataLoader):
+        inner = _data_identity(data.dataset)
+        return f"loader(batch_size={data.batch_size}, drop_last={data.drop_last}):{inner}"
+    try:
+        return data_key(data)
+    except TypeError:
+        try:
+            n = len(data)
+        except TypeError:
+            n = None
+        return f"unfingerprinted:{type(data).__module__}.{type(data).__qualname__}(len={n})"
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
 def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size: int = 64, lr: float = 1e-3,
         optimizer="adam", weight_decay: float = 0.0, momentum: float = 0.9, schedule=None,
         weights: Mapping[str, float] | None = None, monitor: str | tuple[str, str] | None = None,
@@ -365,10 +392,16 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
     terms (``val/<term>``) and the method's metrics (``val/<metric>``), ``lr``, ``seconds``.
     ``monitor`` (default ``val/accuracy`` when the method reports it, else ``val/loss``) picks the
     best epoch; ``restore="best"`` loads its weights at the end (``"last"`` keeps the last).
-    ``checkpoint_dir``: ``last.pt`` every epoch and ``best.pt``, written atomically; with
-    ``resume=True`` training continues from ``last.pt`` and ends bit-identical to an uninterrupted
-    run. A NaN/inf loss raises :class:`NonFiniteLossError` naming the epoch, step and term; the
-    checkpoints on disk stay those of the last good epoch.
+    ``checkpoint_dir``: ``last.pt`` every epoch and ``best.pt``, written atomically (temporary files
+    left there by a killed run are removed); with ``resume=True`` training continues from ``last.pt``
+    and ends bit-identical to an uninterrupted run. Resuming is refused, with the differences listed,
+    when the data (fingerprints; Dataset vs DataLoader) or any setting that changes the result differs
+    (lr, batch size, epochs with a schedule, optimiser, weights, seed, grad_clip, momentum, monitor,
+    drop_last, restore). A NaN/inf loss raises :class:`NonFiniteLossError` naming the epoch, step and
+    term; the checkpoints on disk stay those of the last good epoch, and the model in memory is put
+    back to the weights it had at the end of that epoch. A NaN/inf monitored value cannot make an
+    epoch best; a ``RuntimeWarning`` names those epochs (and says when no epoch is best at all).
+    Empty ``val_data`` is refused before training.
     ``history.attrs``: ``best_epoch``, ``monitor``, ``best_value``.
     """
     import pandas as pd
@@ -382,6 +415,9 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
         raise ValueError(f"restore must be 'best' or 'last', got {restore!r}")
     if len(train_data) == 0:
         raise ValueError("the training data is empty")
+    if val_data is not None and len(val_data) == 0:
+        raise ValueError("val_data is empty: pass a non-empty validation split, or val_data=None to train without "
+                         "validation (the monitor is then train/loss)")
     device = default_device(device)
     method.to(device)
     weights = dict(weights if weights is not None else getattr(method, "loss_weights", {}) or {})
@@ -404,6 +440,17 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
         "weights": weights, "seed": seed, "n_train": n_train,
     }
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt_dir is not None:
+        # what else decides the result of a resumed run (issue 14 #3); only needed with checkpoints
+        config.update({
+            "train_data": _data_identity(train_data), "val_data": _data_identity(val_data),
+            "data_type": _data_type(train_data), "val_data_type": _data_type(val_data),
+            "grad_clip": grad_clip, "momentum": momentum, "monitor": list(monitor) if isinstance(monitor, tuple) else monitor,
+            "drop_last": drop_last, "restore": restore,
+        })
+        if rank == 0:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            clean_stale_tmp(ckpt_dir)  # e.g. a full-size .last.pt.<pid>.<uuid>.tmp left by a kill
     history: list[dict] = []
     start_epoch = 0
     best = {"epoch": None, "value": None, "state": None}
@@ -416,14 +463,21 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
             ck = load_checkpoint(last)
             if ck.get("format") != CHECKPOINT_FORMAT:
                 raise CheckpointMismatchError(f"{last} is not a kaviz checkpoint (format {ck.get('format')!r})")
+            missing = [k for k in ("config", "epoch", "model", "optimizer", "rng", "history", "best_epoch", "best_value")
+                       if k not in ck]
+            if missing:
+                raise CorruptCheckpointError(f"{last} is incomplete (missing {missing}); delete it to start over, "
+                                             "or use another checkpoint_dir or resume=False")
             old = json.loads(ck["config"])
             # more epochs may be appended to a run whose learning rate does not depend on the total
             free = {"epochs"} if schedule is None else set()
-            diff = {k: (old.get(k), v) for k, v in config.items() if k not in free and old.get(k) != v}
+            diff = {k: (old.get(k, "<not recorded>"), v) for k, v in config.items()
+                    if k not in free and old.get(k, "<not recorded>") != _jsonable(v)}
             if diff:
+                listed = "; ".join(f"{k}: checkpoint {a!r}, this call {b!r}" for k, (a, b) in diff.items())
                 raise CheckpointMismatchError(
-                    f"{last} was written with other settings {diff} (checkpoint value, this call); resuming would "
-                    "not reproduce a single run. Use the same settings, another checkpoint_dir, or resume=False."
+                    f"{last} was written with other settings ({listed}); resuming would "
+                    "not reproduce a single run. Use the same settings and data, another checkpoint_dir, or resume=False."
                 )
             load_trainable_state(core, ck["model"], source=str(last))
             opt.load_state_dict(ck["optimizer"])
@@ -439,9 +493,11 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
     show = (progress if progress is not None else not os.environ.get("CI")) and rank == 0
     bar = tqdm(total=epochs, initial=start_epoch, desc=type(core).__name__, disable=not show, leave=False)
     mon_name, mon_mode = (monitor if isinstance(monitor, tuple) else (monitor, None))
+    not_finite: list[int] = []  # epochs whose monitored value was NaN/inf: none of them can be best
     try:
         for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
+            good = {k: v.detach().to("cpu", copy=True) for k, v in trainable_state(core).items()}
             if sampler is not None:
                 sampler.set_epoch(epoch)  # permutation seeded with seed·1000003 + epoch, for any world size
             method.train()
@@ -456,10 +512,13 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
                 if not _all_finite(loss, world):
                     bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["loss (weighted sum)"]
                     saved = f"; the last good checkpoint (epoch {epoch}) in {ckpt_dir} is intact" if (ckpt_dir and epoch > 0) else ""
+                    load_trainable_state(core, good, source="the last good state")
+                    restored = (f"the model in memory was restored to its weights at the end of epoch {epoch}" if epoch > 0
+                                else "the model in memory was restored to its weights before training")
                     raise NonFiniteLossError(
                         f"loss term {bad[0]!r} became {float(terms.get(bad[0], loss).detach())} at epoch {epoch + 1}, step {step} "
-                        f"(all terms: { {k: round(float(v.detach()), 6) for k, v in terms.items()} }){saved}. Lower the learning rate, "
-                        "check the inputs for NaN, or clip gradients (grad_clip=...)."
+                        f"(all terms: { {k: round(float(v.detach()), 6) for k, v in terms.items()} }){saved}; {restored}. "
+                        "Lower the learning rate, check the inputs for NaN, or clip gradients (grad_clip=...)."
                     )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -493,6 +552,8 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
             if mon_mode is None:
                 mon_mode = "min" if "loss" in mon_name.split("/")[-1] or "error" in mon_name else "max"
             value = row[mon_name]
+            if not math.isfinite(value):
+                not_finite.append(epoch + 1)
             improved = best["value"] is None or (value > best["value"] if mon_mode == "max" else value < best["value"])
             if improved and math.isfinite(value):
                 best["epoch"], best["value"] = epoch + 1, value
@@ -521,6 +582,17 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
     finally:
         bar.close()
 
+    if not_finite and rank == 0:
+        shown = ", ".join(map(str, not_finite[:10])) + (" ..." if len(not_finite) > 10 else "")
+        if best["state"] is None:
+            what = ("no epoch is best, so the weights of the last epoch are kept (history.attrs['restored'] is "
+                    "'last')" if restore == "best" else "no epoch is best")
+        else:
+            what = f"those epochs could not be chosen; the best is epoch {best['epoch']}"
+        warnings.warn(
+            f"the monitored value {mon_name!r} was not finite (NaN or inf) at epoch(s) {shown}: {what}. Check the "
+            "validation data and the method's evaluate() (NaN inputs, an empty class), or pick another monitor=...",
+            RuntimeWarning, stacklevel=2)
     if restore == "best" and best["state"] is not None:
         load_trainable_state(core, best["state"], source="best epoch")
     frame = pd.DataFrame(history)
@@ -579,26 +651,62 @@ class Supervised(nn.Module):
         return {}
 
 
-def _fingerprint(data) -> str:
-    from .data import fingerprint
+def teacher_key(arch: str, num_classes: int, train_data, val_data, *, device=None, **settings) -> str:
+    """Cache key of a teacher (:func:`kaviz.cache.key`): everything that determines its weights — the
+    architecture, the number of classes, the data fingerprints, every setting, the loop version — and
+    the environment: device type, CPU thread count (another count sums in another order, so the
+    weights differ in their last bits) and the CPU floating-point signature."""
+    return cache_key("teacher", device=device, arch=arch, num_classes=num_classes, train=data_key(train_data),
+                     val=data_key(val_data), settings=settings, loop=LOOP_VERSION)
 
-    return fingerprint(data)
+
+def cached_training(folder, name: str, key: str, build: Callable[[], nn.Module],
+                    train: Callable[[], tuple[nn.Module, Mapping]], *, what: str,
+                    required: tuple[str, ...] = ("history",)):
+    """The teacher cache under :func:`train_teacher`, ``train_source`` and ``born_again_chain``.
+
+    ``folder`` None: no cache, ``train()``. Else the entry ``name``/``key`` of
+    :class:`kaviz.cache.Cache` ``(folder)``: when intact, a model from ``build()`` with its weights and
+    the stored metadata; otherwise ``train() -> (model, metadata)`` (JSON-able, with a ``history``)
+    and both are written. Returns ``(model (cpu, eval mode), metadata, cached)``.
+    A damaged entry is reported by path and retrained; a second process on the same entry waits for
+    the first and reuses its result."""
+    from .models import load_state
+
+    def compute():
+        model, meta = train()
+        model = model.cpu().eval()
+        return model, model.state_dict(), meta
+
+    if folder is None:
+        model, _, meta = compute()
+        return model, dict(meta), False
+    entry = Cache(folder).entry(name, key)
+
+    def use(state, meta):
+        model = build()
+        load_state(model, state, source=str(entry.weights))
+        return model.eval()
+
+    return get_or_compute(entry, compute, use, required=required, what=what, action="retraining")
 
 
-def teacher_key(arch: str, num_classes: int, train_data, val_data, **settings) -> str:
-    """Cache key of a teacher: everything that determines its weights, including the CPU thread count
-    (a different count sums in a different order, so the weights differ in their last bits)."""
-    payload = {
-        "threads": torch.get_num_threads(),
-        "arch": arch,
-        "num_classes": num_classes,
-        "train": _fingerprint(train_data),
-        "val": _fingerprint(val_data) if val_data is not None else None,
-        "settings": settings,
-        "loop": LOOP_VERSION,
-        "torch": torch.__version__.split("+")[0],
-    }
-    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def history_frame(meta: Mapping, cached: bool, trained=None):
+    """The history DataFrame of a cache entry (``trained``: the one fit returned, when it just ran)."""
+    import pandas as pd
+
+    if not cached and trained is not None:
+        trained.attrs["cached"] = False
+        return trained
+    history = pd.DataFrame(meta["history"])
+    history.attrs.update(meta.get("attrs", {}))
+    history.attrs["cached"] = cached
+    return history
+
+
+def history_meta(history) -> dict:
+    attrs = {k: v for k, v in history.attrs.items() if isinstance(v, (int, float, str, type(None))) and k != "cached"}
+    return {"history": history.to_dict(orient="records"), "attrs": attrs}
 
 
 # ------------------------------------------------------------------ teacher methods in the cache key
@@ -636,8 +744,11 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
 
     The cache key covers the architecture and its arguments, the number of classes, the
     fingerprints of the training and validation data, every training setting and the seed, so a
-    changed input never reuses a stale teacher. Files: ``<cache>/<arch>-<key>.pt`` (state dict) and
-    ``.json`` (history).
+    changed input never reuses a stale teacher, and the environment (device type, thread count, CPU
+    floating-point signature; :func:`kaviz.cache.key`). Files (:class:`kaviz.cache.Entry`):
+    ``<cache>/<arch>-<key>.pt`` (state dict), ``.json`` (history and the weights' SHA-256, checked on
+    load: a damaged entry is reported and retrained) and ``.lock`` (a second process asking for the
+    same teacher waits and reuses it).
 
     ``method``: how to train the model, a class or module-level function ``method(model) -> nn.Module``
     (or a ``functools.partial`` of one) used instead of ``Supervised(model, loss, target_key)`` —
@@ -645,10 +756,8 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
     arguments are part of the cache key. ``monitor``: the validation value that picks the epoch kept
     (see :func:`fit`; part of the key when given).
     """
-    import pandas as pd
-
     from . import default_device, seed_everything
-    from .models import build, load_weights
+    from .models import build
 
     arch_kwargs = dict(arch_kwargs or {})
     if num_classes is None:
@@ -666,32 +775,21 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
     folder = None
     if cache:
         folder = Path(cache) if isinstance(cache, (str, os.PathLike)) and not isinstance(cache, bool) else cache_dir("teachers")
-        weights_file = folder / f"{arch}-{key}.pt"
-        info_file = folder / f"{arch}-{key}.json"
-        if weights_file.exists() and info_file.exists():
-            model = build(arch, num_classes, **arch_kwargs)
-            load_weights(model, weights_file)
-            info = json.loads(info_file.read_text())
-            history = pd.DataFrame(info["history"])
-            history.attrs.update(info.get("attrs", {}))
-            history.attrs["cached"] = True
-            return model.eval(), history
-    seed_everything(seed)
-    model = build(arch, num_classes, **arch_kwargs)
-    method = Supervised(model, loss=loss, target_key=target_key) if method is None else method(model)
-    history = fit(method, train_data, val_data, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
-                  weight_decay=weight_decay, schedule=schedule, seed=seed, device=device, progress=progress,
-                  monitor=monitor)
-    model = model.cpu().eval()
-    if folder is not None:
-        save_atomic(model.state_dict(), weights_file)
-        attrs = {k: v for k, v in history.attrs.items() if isinstance(v, (int, float, str, type(None)))}
-        tmp = info_file.with_name(info_file.name + ".tmp")
-        tmp.write_text(json.dumps({"arch": arch, "num_classes": num_classes, "settings": settings, "key": key,
-                                   "history": history.to_dict(orient="records"), "attrs": attrs}, default=str))
-        os.replace(tmp, info_file)
-    history.attrs["cached"] = False
-    return model, history
+
+    fresh = {}
+
+    def train():
+        seed_everything(seed)
+        model = build(arch, num_classes, **arch_kwargs)
+        trainer = Supervised(model, loss=loss, target_key=target_key) if method is None else method(model)
+        history = fresh["history"] = fit(trainer, train_data, val_data, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
+                      weight_decay=weight_decay, schedule=schedule, seed=seed, device=device, progress=progress,
+                      monitor=monitor)
+        return model, {"arch": arch, "num_classes": num_classes, "settings": settings, **history_meta(history)}
+
+    model, meta, cached = cached_training(folder, arch, key, lambda: build(arch, num_classes, **arch_kwargs), train,
+                                          what=f"teacher {arch!r}")
+    return model, history_frame(meta, cached, fresh.get("history"))
 
 
 def summarize(models: Mapping[str, nn.Module], histories: Mapping, test_data=None, evaluate=None):

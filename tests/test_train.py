@@ -192,7 +192,8 @@ def test_train_teacher_caches_by_everything_that_determines_it(tmp_path, tiny):
     m1, h1 = train_teacher("vgg8_small", tiny, val, epochs=1, batch_size=32, cache=tmp_path, arch_kwargs={"width": 4})
     assert h1.attrs["cached"] is False and not m1.training
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".pt")
+    assert [f.rsplit(".", 1)[1] for f in files] == ["json", "lock", "pt"], files
+    assert len({f.rsplit(".", 1)[0] for f in files}) == 1, "one entry: weights, metadata and its lock"
     m2, h2 = train_teacher("vgg8_small", tiny, val, epochs=1, batch_size=32, cache=tmp_path, arch_kwargs={"width": 4})
     assert h2.attrs["cached"] is True and models.weights_hash(m1) == models.weights_hash(m2)
     assert h2["val/accuracy"].tolist() == pytest.approx(h1["val/accuracy"].tolist())
@@ -222,3 +223,65 @@ def test_summarize_reports_best_epoch_and_test_metrics(tiny):
     assert row["val/accuracy (best)"] == h.attrs["best_value"]
     assert row["test accuracy"] == Supervised(m).evaluate(TinyImages(n=30, seed=2))["accuracy"]
     assert row["parameters"] == sum(p.numel() for p in m.parameters())
+
+
+# ------------------------------------------------------------------------- issue 14 #3 and #14
+@pytest.mark.parametrize("change, field", [
+    (dict(train_data=TinyImages(seed=9)), "train_data"),  # other data, same length
+    (dict(val_data=TinyImages(n=30, seed=8)), "val_data"),
+    (dict(grad_clip=1.0), "grad_clip"),
+    (dict(momentum=0.5), "momentum"),
+    (dict(monitor="val/loss"), "monitor"),
+    (dict(drop_last=False), "drop_last"),
+    (dict(restore="last"), "restore"),
+    (dict(train_data="loader"), "data_type"),
+])
+def test_resume_refuses_other_data_and_settings_listing_the_difference(tmp_path, change, field):
+    """issue 14 #3: resume=True accepted other data of the same length, grad_clip, momentum, monitor,
+    drop_last, restore, or a DataLoader instead of the dataset, and the result equalled neither run."""
+    base = dict(train_data=TinyImages(), val_data=TinyImages(n=30, seed=1), batch_size=16, checkpoint_dir=tmp_path)
+    fit(Supervised(small_net()), epochs=1, **base)
+    kw = {**base, **change}
+    if kw["train_data"] == "loader":
+        kw["train_data"] = torch.utils.data.DataLoader(TinyImages(), batch_size=16, shuffle=True, drop_last=True)
+    with pytest.raises(CheckpointMismatchError, match=rf"other settings \(.*{field}: checkpoint .*, this call .*resume=False"):
+        fit(Supervised(small_net()), epochs=2, resume=True, **kw)
+    h = fit(Supervised(small_net()), epochs=2, resume=True, **base)  # the same settings still resume
+    assert list(h["epoch"]) == [1, 2]
+
+
+class NaNEval(Supervised):
+    def evaluate(self, data):
+        return {"accuracy": float("nan")}
+
+
+def test_nan_validation_monitor_warns_naming_the_epochs_and_the_monitor(tiny):
+    """issue 14 #14: a NaN validation value meant no epoch was ever best and "last" was restored silently."""
+    with pytest.warns(RuntimeWarning, match=r"'val/accuracy' was not finite .* epoch\(s\) 1, 2: no epoch is best, so "
+                                            r"the weights of the last epoch are kept"):
+        h = fit(NaNEval(small_net()), tiny, TinyImages(n=30, seed=1), epochs=2, batch_size=16)
+    assert h.attrs["best_epoch"] is None and h.attrs["restored"] == "last"
+
+
+def test_after_a_non_finite_loss_the_model_in_memory_is_the_last_good_epochs(tiny, tmp_path):
+    """issue 14 #14: after NonFiniteLossError the in-memory model was left at the failing step."""
+    model = small_net()
+    with pytest.raises(NonFiniteLossError, match="restored to its weights at the end of epoch 1"):
+        fit(NaNAt(model, epoch=2, step=3, per_epoch=6), tiny, epochs=3, batch_size=16, checkpoint_dir=tmp_path)
+    good = load_checkpoint(tmp_path / "last.pt")["model"]
+    state = Supervised(model).state_dict()
+    assert good.keys() == state.keys() and all(torch.equal(good[k], state[k]) for k in good)
+    model = small_net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NonFiniteLossError, match="restored to its weights before training"):
+        fit(NaNAt(model, epoch=1, step=2, per_epoch=6), tiny, epochs=1, batch_size=16)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_empty_validation_data_is_refused_before_the_first_epoch(tiny):
+    """issue 14 #14: empty val_data failed only after a whole epoch of training."""
+    seen = []
+    with pytest.raises(ValueError, match="val_data is empty.*val_data=None"):
+        fit(Supervised(small_net()), tiny, TinyImages(n=0), epochs=1, batch_size=16,
+            callbacks=[lambda *a: seen.append(a)])
+    assert seen == []

@@ -900,8 +900,8 @@ def born_again_chain(gen0: nn.Module, train_data, val_data, *, arch: str, genera
     import pandas as pd
 
     from .. import seed_everything
-    from ..models import build, load_weights, weights_hash
-    from ..train import cache_dir, fit, save_atomic, teacher_key
+    from ..models import build, weights_hash
+    from ..train import Supervised, cache_dir, cached_training, fit, history_meta, teacher_key
 
     if isinstance(generations, bool) or not isinstance(generations, int) or generations < 1:
         raise ValueError(f"generations must be an int >= 1 (generation 0 included), got {generations!r}")
@@ -909,7 +909,6 @@ def born_again_chain(gen0: nn.Module, train_data, val_data, *, arch: str, genera
     if num_classes is None:
         raise ValueError("num_classes is not given and the training data does not say (data.num_classes)")
     arch_kwargs = dict(arch_kwargs or {})
-    from ..train import Supervised
 
     models = [gen0.eval()]
     rows = [{"generation": 0, "seed": None, "best_epoch": None,
@@ -918,30 +917,22 @@ def born_again_chain(gen0: nn.Module, train_data, val_data, *, arch: str, genera
         s = seed + g
         settings = dict(born_again_of=weights_hash(models[-1]), lam=lam, tau=tau, epochs=epochs, lr=lr, seed=s,
                         arch_kwargs=arch_kwargs, **{k: v for k, v in fit_kwargs.items()})
-        key = teacher_key(arch, num_classes, train_data, val_data, **settings)
-        folder = cache_dir("teachers")
-        wfile, ifile = folder / f"{arch}-ba{g}-{key}.pt", folder / f"{arch}-ba{g}-{key}.json"
-        student = build(arch, num_classes, **arch_kwargs)
-        if cache and wfile.exists() and ifile.exists():
-            load_weights(student, wfile)
-            info = json.loads(ifile.read_text())
-            best_epoch, best = info["best_epoch"], info["best_value"]
-        else:
+        key = teacher_key(arch, num_classes, train_data, val_data, device=device, **settings)
+
+        def train(s=s, teacher=models[-1]):
             seed_everything(s)
             student = build(arch, num_classes, **arch_kwargs)
-            hist = fit(BornAgain(student, models[-1], lam=lam, tau=tau), train_data, val_data, epochs=epochs,
+            hist = fit(BornAgain(student, teacher, lam=lam, tau=tau), train_data, val_data, epochs=epochs,
                        lr=lr, seed=s, device=device, progress=progress, **fit_kwargs)
-            student = student.cpu()
-            best_epoch, best = hist.attrs["best_epoch"], hist.attrs["best_value"]
-            if cache:
-                save_atomic(student.state_dict(), wfile)
-                tmp = ifile.with_name(ifile.name + f".{os.getpid()}.tmp")
-                tmp.write_text(json.dumps({"arch": arch, "settings": settings, "best_epoch": best_epoch,
-                                           "best_value": best, "history": hist.to_dict(orient="records")},
-                                          default=str))
-                os.replace(tmp, ifile)
+            return student, {"arch": arch, "settings": settings, "best_epoch": hist.attrs["best_epoch"],
+                             "best_value": hist.attrs["best_value"], **history_meta(hist)}
+
+        student, meta, _ = cached_training(cache_dir("teachers") if cache else None, f"{arch}-ba{g}", key,
+                                           lambda: build(arch, num_classes, **arch_kwargs), train,
+                                           what=f"Born-Again generation {g} ({arch})",
+                                           required=("history", "best_epoch", "best_value"))
         models.append(student.eval())
-        rows.append({"generation": g, "seed": s, "best_epoch": best_epoch, "val_accuracy": best})
+        rows.append({"generation": g, "seed": s, "best_epoch": meta["best_epoch"], "val_accuracy": meta["best_value"]})
     table = pd.DataFrame(rows)
     if test_data is not None:
         table["test_accuracy"] = [Supervised(m).evaluate(test_data)["accuracy"] for m in models]

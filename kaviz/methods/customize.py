@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,11 +265,8 @@ def train_source(arch: str, attributes: Sequence[str], train_data, val_data=None
     heads, data fingerprints, every setting, the seed), for a :class:`MultiHead` trained with
     :class:`MultiHeadSupervised` on the columns of ``attributes``. The model is returned in eval mode.
     """
-    import pandas as pd
-
     from .. import seed_everything
-    from ..models import load_weights
-    from ..train import cache_dir, fit, save_atomic, teacher_key
+    from ..train import cache_dir, cached_training, fit, history_frame, history_meta, teacher_key
 
     attributes = _check_names(attributes)
     _columns(getattr(train_data, "classes", None), attributes, "training data")
@@ -278,35 +274,25 @@ def train_source(arch: str, attributes: Sequence[str], train_data, val_data=None
     settings = dict(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay,
                     schedule=schedule, seed=seed, heads=list(attributes), classes=list(train_data.classes),
                     arch_kwargs=arch_kwargs)
-    key = teacher_key(f"multihead:{arch}", len(attributes), train_data, val_data, **settings)
+    key = teacher_key(f"multihead:{arch}", len(attributes), train_data, val_data, device=device, **settings)
     folder = None
     if cache:
         folder = Path(cache) if isinstance(cache, (str, os.PathLike)) and not isinstance(cache, bool) else cache_dir("teachers")
-        weights_file = folder / f"multihead-{arch}-{key}.pt"
-        info_file = folder / f"multihead-{arch}-{key}.json"
-        if weights_file.exists() and info_file.exists():
-            model = MultiHead(arch, attributes, **arch_kwargs)
-            load_weights(model, weights_file)
-            info = json.loads(info_file.read_text())
-            history = pd.DataFrame(info["history"])
-            history.attrs.update(info.get("attrs", {}))
-            history.attrs["cached"] = True
-            return model.eval(), history
-    seed_everything(seed)
-    model = MultiHead(arch, attributes, **arch_kwargs)
-    history = fit(MultiHeadSupervised(model, train_data.classes), train_data, val_data, epochs=epochs, lr=lr,
-                  batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
-                  seed=seed, device=device, progress=progress)
-    model = model.cpu().eval()
-    if folder is not None:
-        save_atomic(model.state_dict(), weights_file)
-        attrs = {k: v for k, v in history.attrs.items() if isinstance(v, (int, float, str, type(None)))}
-        tmp = info_file.with_name(info_file.name + ".tmp")
-        tmp.write_text(json.dumps({"arch": arch, "heads": attributes, "settings": settings, "key": key,
-                                   "history": history.to_dict(orient="records"), "attrs": attrs}, default=str))
-        os.replace(tmp, info_file)
-    history.attrs["cached"] = False
-    return model, history
+    fresh = {}
+
+    def train():
+        seed_everything(seed)
+        model = MultiHead(arch, attributes, **arch_kwargs)
+        history = fresh["history"] = fit(
+            MultiHeadSupervised(model, train_data.classes), train_data, val_data, epochs=epochs, lr=lr,
+            batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule, seed=seed,
+            device=device, progress=progress)
+        return model, {"arch": arch, "heads": attributes, "settings": settings, **history_meta(history)}
+
+    model, meta, cached = cached_training(folder, f"multihead-{arch}", key,
+                                          lambda: MultiHead(arch, attributes, **arch_kwargs), train,
+                                          what=f"source net {arch!r} {list(attributes)}")
+    return model, history_frame(meta, cached, fresh.get("history"))
 
 
 # ------------------------------------------------------------------------------------- selection
