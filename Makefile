@@ -67,6 +67,7 @@ bench: setup
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_extract.py
 	$(PY) bench/bench_import.py
+	$(PY) bench/bench_cka.py
 
 clean:
 	rm -rf reports .pytest_cache
