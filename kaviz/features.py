@@ -366,6 +366,10 @@ def _meta_digest(meta: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+class _OldFormat(CorruptStoreError):
+    """A complete store written before content hashes: stale like a store of another key, not corrupt."""
+
+
 class _Moved(Exception):
     """The store folder was replaced by a concurrent extraction while it was being opened."""
 
@@ -441,7 +445,6 @@ class FeatureStore:
 
     @classmethod
     def _open_once(cls, path: Path, verify: bool) -> "FeatureStore":
-        meta_file = path / cls.META
         try:
             # every file is opened relative to this descriptor, so all of them come from one generation of
             # the folder even if extract() swaps a new store in meanwhile
@@ -464,6 +467,8 @@ class FeatureStore:
         try:
             fd = os.open(cls.META, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
         except FileNotFoundError:
+            if not _same_folder(path, dfd):
+                raise _Moved() from None
             raise FileNotFoundError(f"no feature store at {path} (missing {cls.META})") from None
         except OSError as e:  # ELOOP: a symbolic link
             raise CorruptStoreError(f"{meta_file} cannot be read as a plain file ({e}); delete the folder "
@@ -480,7 +485,7 @@ class FeatureStore:
         if not meta.get("complete"):
             raise FileNotFoundError(f"the feature store at {path} is incomplete (extraction was interrupted); extract again")
         if meta.get("format") != STORE_FORMAT:
-            raise CorruptStoreError(f"{meta_file} has store format {meta.get('format')!r}, not {STORE_FORMAT} (written by "
+            raise _OldFormat(f"{meta_file} has store format {meta.get('format')!r}, not {STORE_FORMAT} (written by "
                                     f"an older kaviz, without content hashes){again}")
         files = meta.get("files")
         if not isinstance(files, dict) or not isinstance(meta.get("n"), int):
@@ -503,6 +508,15 @@ class FeatureStore:
         return f"FeatureStore({where}; {shapes})"
 
 
+def _same_folder(path: Path, dfd: int) -> bool:
+    """Is ``path`` still the folder opened as ``dfd`` (not swapped out by a concurrent extraction)?"""
+    try:
+        st, fst = os.stat(path), os.fstat(dfd)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+
+
 def _open_array(path: Path, dfd: int, key: str, info: dict, n: int, verify: bool) -> np.memmap:
     """Memory-map ``<key>.npy`` (opened relative to the folder descriptor ``dfd``) after checking it."""
     name = f"{key}.npy"
@@ -511,11 +525,7 @@ def _open_array(path: Path, dfd: int, key: str, info: dict, n: int, verify: bool
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
     except FileNotFoundError:
-        try:
-            same = os.stat(path).st_ino == os.fstat(dfd).st_ino
-        except FileNotFoundError:
-            same = False
-        if not same:
+        if not _same_folder(path, dfd):
             raise _Moved() from None
         raise CorruptStoreError(f"{file} is missing (meta.json lists it){again}") from None
     except OSError as e:  # ELOOP: a symbolic link, which could point outside the folder
@@ -650,7 +660,7 @@ def _reusable(path: Path, meta: dict) -> FeatureStore | None:
         return None
     try:
         old = FeatureStore.open(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, _OldFormat):  # no store, or one from before content hashes: just recompute
         return None
     except CorruptStoreError as e:
         warnings.warn(f"recomputing the feature store at {path}: {e}", stacklevel=3)
