@@ -80,8 +80,13 @@ def wait_for(pred, proc, what, timeout=60.0):
 
 
 # ---------------------------------------------------------------------------- defect 1: re-extraction
-def test_defect1_reextracting_into_an_open_store_leaves_the_earlier_store_unchanged(tmp_path):
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+def test_defect1_reextracting_into_an_open_store_leaves_the_earlier_store_unchanged(tmp_path, monkeypatch, exchange):
+    import kaviz.features as kf
     from kaviz.models import weights_hash
+
+    if not exchange:  # the fallback where renameat2(RENAME_EXCHANGE) is not available
+        monkeypatch.setattr(kf, "_exchange", lambda a, b: False)
 
     a, b, data, s = make_model(0), make_model(1), Data(), tmp_path / "s"
     expected_a = extract(a, data, LAYER)[LAYER].copy()
@@ -131,6 +136,31 @@ def test_defect1_a_kill_between_the_two_renames_is_repaired(tmp_path):
     back = extract(a, Data(), LAYER, store=s)
     assert not calls and np.array_equal(back[LAYER], expected)
     assert sorted(os.listdir(tmp_path)) == [".s.lock", "s"]
+
+
+def test_defect1_open_during_a_concurrent_swap_reads_one_consistent_store(tmp_path, monkeypatch):
+    """A reader that has read meta.json when another process swaps a new store in (and deletes the old
+    one) must not mix generations nor fail: it reads the new store whole."""
+    s, t = tmp_path / "s", tmp_path / "t"
+    extract(make_model(0), Data(), LAYER, store=s)
+    new = extract(make_model(1), Data(), ["3"], store=t)
+    real = FeatureStore._read_meta.__func__
+    swapped = []
+
+    def read_then_swap(cls, path, dfd):
+        meta = real(cls, path, dfd)
+        if not swapped:  # what a concurrent extract() does between our reads
+            os.rename(s, tmp_path / "gone")
+            os.rename(t, s)
+            for f in (tmp_path / "gone").iterdir():
+                f.unlink()
+            swapped.append(1)
+        return meta
+
+    monkeypatch.setattr(FeatureStore, "_read_meta", classmethod(read_then_swap))
+    got = FeatureStore.open(s)
+    assert swapped and got.layers == ["3"] and got.meta["meta_sha256"] == new.meta["meta_sha256"]
+    assert np.array_equal(got["3"], new["3"])
 
 
 def test_defect1_a_folder_holding_other_files_is_never_replaced(tmp_path):
