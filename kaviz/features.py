@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import glob
 import hashlib
 import io
@@ -884,10 +885,21 @@ def extract(model: nn.Module, data, layers: str | Iterable[str], *, pool: str | 
         try:
             _compute(model, data, tap, layers, pools, meta, n, batch_size, dtype, device, progress, tmp)
             _swap_in(tmp, path)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.errno in _NO_ROOM:
+                raise OSError(e.errno, (
+                    f"no room to write the feature store {path} ({os.strerror(e.errno)}); nothing was changed there "
+                    "(a store it held before is intact). Free disk space, or pass store= a folder on another disk, "
+                    "and extract again")) from e
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return FeatureStore.open(path, verify=False)  # just written and hashed; sizes are still checked
+
+
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def _compute(model, data, tap: FeatureTap, layers, pools, meta, n, batch_size, dtype, device, progress,

@@ -172,6 +172,28 @@ def test_defect1_a_folder_holding_other_files_is_never_replaced(tmp_path):
     assert (s / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE (POSIX) to simulate a full disk")
+def test_defect11_full_disk_names_the_store_and_keeps_the_earlier_one(tmp_path):
+    """A full disk, simulated portably (no root, no tmpfs mount) by a 4 KB file-size limit in a child:
+    writes fail with EFBIG exactly where ENOSPC would."""
+    s = tmp_path / "s"
+    expected = np.array(extract(make_model(0), Data(), LAYER, store=s)[LAYER])  # 7.8 KB of features
+    proc = child(f"""
+        import resource, signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        try:
+            extract(make_model(1), Data(), {LAYER!r}, store={str(s)!r}, batch_size=8)
+        except OSError as e:
+            print("ERROR", e)
+    """)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert "ERROR" in out and "no room to write the feature store" in out and str(s) in out, out
+    assert np.array_equal(FeatureStore.open(s)[LAYER], expected)
+    assert sorted(os.listdir(tmp_path)) == [".s.lock", "s"], "the partial store is removed"
+
+
 # --------------------------------------------------------------------- defect 8: two processes, one store
 def test_defect8_two_processes_extracting_one_store_compute_it_once(tmp_path):
     s, go = tmp_path / "s", tmp_path / "go"
