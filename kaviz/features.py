@@ -575,14 +575,20 @@ def _sibling(path: Path, kind: str) -> Path:
 def _store_lock(path: Path):
     """An exclusive lock per store folder (``flock`` on the sibling ``.<name>.lock``): one process
     extracts, the others wait and then find its complete store. Released by the kernel if the holder
-    dies. Where ``fcntl`` does not exist (Windows), no lock is taken."""
+    dies. Yields whether the lock is held: not where ``fcntl`` does not exist (Windows) or the lock
+    file cannot be created (a read-only folder, where a complete store can still be reused)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
-        yield
+        yield False
         return
     lock = _sibling(path, "lock")
-    with open(lock, "a+b") as f:
+    try:
+        f = open(lock, "a+b")
+    except OSError:  # a read-only folder: a complete store there can still be reused; writing fails anyway
+        yield False
+        return
+    with f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -590,7 +596,7 @@ def _store_lock(path: Path):
                           stacklevel=4)
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
@@ -873,8 +879,9 @@ def extract(model: nn.Module, data, layers: str | Iterable[str], *, pool: str | 
     path.parent.mkdir(parents=True, exist_ok=True)
     # a JSON round trip makes the key compare equal to what meta.json gives back
     meta = json.loads(json.dumps(meta, default=str))
-    with _store_lock(path):
-        _clean_stale(path)
+    with _store_lock(path) as locked:
+        if locked:  # without the lock, a temporary folder could be another process's live one
+            _clean_stale(path)
         if not overwrite:
             old = _reusable(path, meta)
             if old is not None:
