@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
+import glob
 import hashlib
+import io
 import json
 import os
+import re
+import secrets
+import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -29,6 +36,7 @@ __all__ = [
     "FeatureStore",
     "eval_mode",
     "LayerError",
+    "CorruptStoreError",
     "pool_features",
 ]
 
@@ -127,11 +135,32 @@ def _parse(spec: str) -> tuple[str, str]:
         return "", "out"
     if not isinstance(spec, str) or not spec:
         raise LayerError(f"a layer must be a non-empty string (a dotted module path), got {spec!r}")
+    name, where = spec, "out"
     if spec.endswith(":in"):
-        return spec[:-3], "in"
-    if spec.endswith(":out"):
-        return spec[:-4], "out"
-    return spec, "out"
+        name, where = spec[:-3], "in"
+    elif spec.endswith(":out"):
+        name, where = spec[:-4], "out"
+    if not name:
+        # an empty module name is the root: ":in" would silently tap the model's own input
+        raise LayerError(
+            f"layer {spec!r} names no module: put a module name before {spec!r} (e.g. 'fc:in', the input of "
+            "the module 'fc'); the model's own output is kaviz.features.OUTPUT, and its input is the data you pass.")
+    return name, where
+
+
+def _layer_list(layers, who: str) -> list[str]:
+    """``layers`` as a de-duplicated list of names; a clear TypeError for anything else."""
+    how = ("layers must be a layer name (str) or a list of names, e.g. 'fc:in' or ['layer3', "
+           "kaviz.features.OUTPUT] (kaviz.features.list_layers(model) lists the names)")
+    if isinstance(layers, str):
+        return [layers]
+    if isinstance(layers, (bytes, Mapping)) or not isinstance(layers, Iterable):
+        raise TypeError(f"{who}: {how}; got {type(layers).__name__} {layers!r}")
+    layers = list(layers)
+    bad = [l for l in layers if not isinstance(l, str)]
+    if bad:
+        raise TypeError(f"{who}: {how}; got {type(bad[0]).__name__} {bad[0]!r} in the list")
+    return list(dict.fromkeys(layers))
 
 
 def _unknown(model: nn.Module, name: str) -> LayerError:
@@ -169,9 +198,7 @@ class FeatureTap:
                  on_repeat: str = "error", clone: bool = False):
         if on_repeat not in ("error", "first", "last", "all"):
             raise ValueError(f"on_repeat must be 'error', 'first', 'last' or 'all', got {on_repeat!r}")
-        if isinstance(layers, str):
-            layers = [layers]
-        self.layers = list(dict.fromkeys(layers))
+        self.layers = _layer_list(layers, "FeatureTap")
         if not self.layers:
             raise LayerError("FeatureTap needs at least one layer name")
         self.model = model
@@ -323,12 +350,42 @@ def pool_features(x: torch.Tensor, pool: str) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------- the store
+STORE_FORMAT = 2  # 2: meta.json records size and sha256 of every array file, and its own sha256
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+_CHUNK = 1 << 20
+
+
+class CorruptStoreError(ValueError):
+    """A feature store on disk fails its checks (a truncated or altered ``.npy``, an invalid or
+    altered ``meta.json``, a file entry outside the folder). The message names the file;
+    ``extract(..., store=<folder>)`` reports it and recomputes the store."""
+
+
+def _meta_digest(meta: dict) -> str:
+    """sha256 of ``meta`` as JSON (sorted keys) without its own ``meta_sha256`` entry."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+class _OldFormat(CorruptStoreError):
+    """A complete store written before content hashes: stale like a store of another key, not corrupt."""
+
+
+class _Moved(Exception):
+    """The store folder was replaced by a concurrent extraction while it was being opened."""
+
+
 class FeatureStore:
     """Features of one model on one dataset: ``store[layer]`` is an (N, ...) NumPy array.
 
     In memory (``path=None``) or on disk (a folder with ``meta.json`` and one ``.npy`` per array,
     read back as memory maps, so datasets larger than RAM work). ``meta`` says which model, weights,
     layers, data and pooling produced it; ``targets`` holds per-sample labels when the data had them.
+
+    On disk, ``meta.json`` records the size and sha256 of every array file (and its own sha256);
+    :meth:`open` checks them, so a truncated or altered store is reported (:class:`CorruptStoreError`,
+    naming the file), never silently read. A store on disk is never modified after it is written:
+    :func:`extract` replaces the whole folder, so an open store keeps its data.
     """
 
     META = "meta.json"
@@ -372,18 +429,79 @@ class FeatureStore:
         return {n: self._arrays[_key(n, prefix="targets")] for n in names}
 
     @classmethod
-    def open(cls, path) -> "FeatureStore":
+    def open(cls, path, *, verify: bool = True) -> "FeatureStore":
+        """Open the store in folder ``path``, checking every file against ``meta.json``: its size
+        always, its sha256 too with ``verify=True`` (reads every file once).
+
+        Raises ``FileNotFoundError`` when there is no complete store, :class:`CorruptStoreError`
+        (naming the file) when a file fails a check."""
         path = Path(path)
+        for _ in range(5):
+            try:
+                return cls._open_once(path, verify)
+            except _Moved:  # another process swapped a new store in while we read: read that one
+                continue
+        raise CorruptStoreError(f"the feature store at {path} kept changing while it was opened (another process "
+                                "is extracting into it); open it again when that extraction has finished")
+
+    @classmethod
+    def _open_once(cls, path: Path, verify: bool) -> "FeatureStore":
+        try:
+            # every file is opened relative to this descriptor, so all of them come from one generation of
+            # the folder even if extract() swaps a new store in meanwhile
+            dfd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except (FileNotFoundError, NotADirectoryError):
+            raise FileNotFoundError(f"no feature store at {path} (missing {cls.META})") from None
+        try:
+            meta = cls._read_meta(path, dfd)
+            files = meta["files"]
+            arrays = {}
+            for key, info in files.items():
+                arrays[key] = _open_array(path, dfd, key, info, int(meta["n"]), verify)
+        finally:
+            os.close(dfd)
+        return cls(arrays, meta, path)
+
+    @classmethod
+    def _read_meta(cls, path: Path, dfd: int) -> dict:
         meta_file = path / cls.META
-        if not meta_file.exists():
-            raise FileNotFoundError(f"no feature store at {path} (missing {cls.META})")
-        meta = json.loads(meta_file.read_text())
+        try:
+            fd = os.open(cls.META, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
+        except FileNotFoundError:
+            if not _same_folder(path, dfd):
+                raise _Moved() from None
+            raise FileNotFoundError(f"no feature store at {path} (missing {cls.META})") from None
+        except OSError as e:  # ELOOP: a symbolic link
+            raise CorruptStoreError(f"{meta_file} cannot be read as a plain file ({e}); delete the folder "
+                                    "or extract again with store=... to recompute it") from None
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read()
+        again = "; extract(..., store=...) recomputes the store (or delete the folder)"
+        try:
+            meta = json.loads(raw.decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorruptStoreError(f"{meta_file} is not valid JSON ({e}){again}") from None
+        if not isinstance(meta, dict):
+            raise CorruptStoreError(f"{meta_file} does not hold a JSON object{again}")
         if not meta.get("complete"):
             raise FileNotFoundError(f"the feature store at {path} is incomplete (extraction was interrupted); extract again")
-        arrays = {}
-        for key in meta["files"]:
-            arrays[key] = np.load(path / f"{key}.npy", mmap_mode="r")
-        return cls(arrays, meta, path)
+        if meta.get("format") != STORE_FORMAT:
+            raise _OldFormat(f"{meta_file} has store format {meta.get('format')!r}, not {STORE_FORMAT} (written by "
+                                    f"an older kaviz, without content hashes){again}")
+        files = meta.get("files")
+        if not isinstance(files, dict) or not isinstance(meta.get("n"), int):
+            raise CorruptStoreError(f"{meta_file} lacks a valid 'files' table or 'n'{again}")
+        for key, info in files.items():
+            if not _SAFE_KEY.match(key) or ".." in key:
+                raise CorruptStoreError(
+                    f"{meta_file} lists the file {key!r}, which is not a plain name inside {path}; refusing to read "
+                    f"outside the store folder{again}")
+            if not (isinstance(info, dict) and isinstance(info.get("size"), int)
+                    and isinstance(info.get("sha256"), str)):
+                raise CorruptStoreError(f"{meta_file}: the entry for {key}.npy has no size and sha256{again}")
+        if meta.get("meta_sha256") != _meta_digest(meta):
+            raise CorruptStoreError(f"{meta_file} was altered after it was written (its sha256 does not match){again}")
+        return meta
 
     def __repr__(self):
         where = f"at {self.path}" if self.path else "in memory"
@@ -391,12 +509,198 @@ class FeatureStore:
         return f"FeatureStore({where}; {shapes})"
 
 
+def _same_folder(path: Path, dfd: int) -> bool:
+    """Is ``path`` still the folder opened as ``dfd`` (not swapped out by a concurrent extraction)?"""
+    try:
+        st, fst = os.stat(path), os.fstat(dfd)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+
+
+def _open_array(path: Path, dfd: int, key: str, info: dict, n: int, verify: bool) -> np.memmap:
+    """Memory-map ``<key>.npy`` (opened relative to the folder descriptor ``dfd``) after checking it."""
+    name = f"{key}.npy"
+    file = path / name
+    again = "; extract(..., store=...) recomputes the store (or delete the folder)"
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
+    except FileNotFoundError:
+        if not _same_folder(path, dfd):
+            raise _Moved() from None
+        raise CorruptStoreError(f"{file} is missing (meta.json lists it){again}") from None
+    except OSError as e:  # ELOOP: a symbolic link, which could point outside the folder
+        raise CorruptStoreError(f"{file} is not a plain file inside the store ({e}); refusing to read it{again}") from None
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size != info["size"]:
+            raise CorruptStoreError(f"{file} is {size} bytes but meta.json records {info['size']} "
+                                    f"({'truncated' if size < info['size'] else 'grown'}){again}")
+        if verify:
+            h = hashlib.sha256()
+            for chunk in iter(lambda: f.read(_CHUNK), b""):
+                h.update(chunk)
+            if h.hexdigest() != info["sha256"]:
+                raise CorruptStoreError(f"{file} does not match the sha256 in meta.json (the file was altered){again}")
+            f.seek(0)
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+        except ValueError as e:
+            raise CorruptStoreError(f"{file} has no valid .npy header ({e}){again}") from None
+        offset = f.tell()
+        if dtype.hasobject or fortran or not shape or shape[0] != n \
+                or offset + int(np.prod(shape)) * dtype.itemsize != size:
+            raise CorruptStoreError(f"{file} holds {shape} {dtype} (fortran={fortran}), which does not fit a store "
+                                    f"of {n} samples in {size} bytes{again}")
+        return np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
 def _key(name: str, prefix: str = "layer") -> str:
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
     return f"{prefix}__{safe}"
 
 
+# ------------------------------------------------------------------------- writing a store on disk
+def _sibling(path: Path, kind: str) -> Path:
+    return path.parent / f".{path.name}.{kind}"
+
+
+@contextlib.contextmanager
+def _store_lock(path: Path):
+    """An exclusive lock per store folder (``flock`` on the sibling ``.<name>.lock``): one process
+    extracts, the others wait and then find its complete store. Released by the kernel if the holder
+    dies. Yields whether the lock is held: not where ``fcntl`` does not exist (Windows) or the lock
+    file cannot be created (a read-only folder, where a complete store can still be reused)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield False
+        return
+    lock = _sibling(path, "lock")
+    try:
+        f = open(lock, "a+b")
+    except OSError:  # a read-only folder: a complete store there can still be reused; writing fails anyway
+        yield False
+        return
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            warnings.warn(f"another process is extracting into {path}; waiting for it to finish (lock file {lock})",
+                          stacklevel=4)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _clean_stale(path: Path) -> None:
+    """Under the store's lock: remove temporary folders left by killed extractions, and put the old
+    store back if an extraction died between moving it away and moving the new one in."""
+    name = glob.escape(path.name)
+    stale = sorted(path.parent.glob(f".{name}.tmp-*")) + \
+        sorted(path.parent.glob(f".{name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not path.exists():
+        olds = [p for p in stale if ".old-" in p.name and (p / FeatureStore.META).exists()]
+        if olds:
+            os.rename(olds[-1], path)
+            stale.remove(olds[-1])
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _check_replaceable(path: Path) -> None:
+    """extract() replaces the whole folder: refuse when it holds anything that is not a store."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"store={str(path)!r} is a file, not a folder; pass a new or empty folder as store=")
+    other = [e for e in os.listdir(path) if not (e.endswith(".npy") or e in (FeatureStore.META, FeatureStore.META + ".tmp"))]
+    if other:
+        raise FileExistsError(
+            f"the folder {path} holds files that are not part of a feature store ({', '.join(sorted(other)[:5])}); "
+            "extract() replaces the whole store folder, so pass a new or empty folder as store=")
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two folders (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Make the complete store in ``tmp`` the one at ``path``. The old folder is renamed away, not
+    rewritten, so memory maps of an earlier :class:`FeatureStore` keep their (deleted) files."""
+    if not path.exists():
+        os.rename(tmp, path)
+        return
+    if _exchange(tmp, path):  # tmp now holds the old store
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = _sibling(path, f"old-{os.getpid()}-{secrets.token_hex(4)}")
+    os.rename(path, old)
+    os.rename(tmp, path)  # a kill between the two renames is repaired by _clean_stale
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _reusable(path: Path, meta: dict) -> FeatureStore | None:
+    """The complete store at ``path`` if it has the same key as ``meta``; a corrupt store is
+    reported (warning naming the file) and None returned, so that it is recomputed."""
+    if not path.exists():
+        return None
+    try:
+        old = FeatureStore.open(path)
+    except (FileNotFoundError, _OldFormat):  # no store, or one from before content hashes: just recompute
+        return None
+    except CorruptStoreError as e:
+        warnings.warn(f"recomputing the feature store at {path}: {e}", stacklevel=3)
+        return None
+    if all(old.meta.get(k) == v for k, v in meta.items()):
+        return old
+    return None
+
+
 # -------------------------------------------------------------------------------------- extraction
+def _check_order(data) -> None:
+    """Refuse a DataLoader that does not yield its dataset in order (rows would not match indices)."""
+    from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler
+
+    if not isinstance(data, DataLoader) or isinstance(data.dataset, IterableDataset):
+        return
+    sampler = data.sampler
+    batch_sampler = data.batch_sampler
+    if batch_sampler is not None and not isinstance(batch_sampler, BatchSampler):
+        culprit = type(batch_sampler).__name__
+    elif batch_sampler is not None and not isinstance(batch_sampler.sampler, SequentialSampler):
+        culprit = type(batch_sampler.sampler).__name__
+    elif not isinstance(sampler, SequentialSampler):
+        culprit = type(sampler).__name__
+    else:
+        return
+    raise ValueError(
+        f"extract() writes row i for sample i of the dataset, but this DataLoader does not yield its dataset in "
+        f"order (its sampler is a {culprit}, e.g. from shuffle=True). Pass the dataset itself "
+        "(extract(model, loader.dataset, ...)) or an unshuffled loader (DataLoader(dataset, shuffle=False))."
+    )
+
+
 def _iter_batches(data, batch_size: int):
     from torch.utils.data import DataLoader, Dataset
 
@@ -417,19 +721,27 @@ def _iter_batches(data, batch_size: int):
             yield batch, None
 
 
-def _data_fingerprint(data) -> str:
+def _fingerprint_data(data) -> str:
+    """kaviz.data.fingerprint of what ``data`` yields (a DataLoader: its dataset); torch's
+    ``TensorDataset`` and ``Subset`` are fingerprinted through their tensors and indices."""
+    from torch.utils.data import DataLoader, Subset, TensorDataset
+
     from .data import fingerprint
 
-    target = data.dataset if hasattr(data, "dataset") and not hasattr(data, "fingerprint") else data
-    if torch.is_tensor(target):
-        t = target.detach().cpu().contiguous()
-        return hashlib.sha1(t.view(torch.uint8).numpy().tobytes()).hexdigest()
-    return fingerprint(target)
+    if isinstance(data, DataLoader):
+        data = data.dataset
+    if isinstance(getattr(data, "fingerprint", None), str):
+        return data.fingerprint
+    if isinstance(data, TensorDataset):
+        return fingerprint(("TensorDataset", list(data.tensors)))
+    if isinstance(data, Subset):
+        return fingerprint(("Subset", _fingerprint_data(data.dataset), np.asarray(data.indices, dtype=np.int64)))
+    return fingerprint(data)
 
 
 def _try_fingerprint(data) -> str | None:
     try:
-        return _data_fingerprint(data)
+        return _fingerprint_data(data)
     except TypeError:
         return None
 
@@ -450,8 +762,16 @@ def _targets_to_numpy(target) -> dict[str, np.ndarray] | None:
     return None
 
 
+def _check_images(images) -> None:
+    if torch.is_tensor(images) and images.dtype == torch.uint8:
+        raise TypeError(
+            "extract() got uint8 images (0..255); models take float images in [0, 1]. Convert them with "
+            "x.float() / 255 (or wrap them in kaviz.data.ImageDataset, which does this), then extract again.")
+
+
 class _NpyWriter:
-    """Writes an ``.npy`` file row block by row block, in order, with plain file writes.
+    """Writes an ``.npy`` file row block by row block, in order, with plain file writes, hashing
+    (sha256) every byte as it goes: after :meth:`close`, ``size`` and ``sha256`` describe the file.
 
     A writable memmap would do the same, but every page written through it stays mapped and counts
     in the process's resident memory until the kernel evicts it, so peak memory would grow with the
@@ -459,9 +779,19 @@ class _NpyWriter:
 
     def __init__(self, file: Path, shape: tuple, dtype):
         self.shape, self.dtype, self.row = tuple(shape), np.dtype(dtype), 0
-        self._f = open(file, "wb")
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.sha256 = None
+        self._f = open(file, "xb")  # never an existing file: a store on disk is never rewritten in place
+        header = io.BytesIO()
         np.lib.format.write_array_header_1_0(
-            self._f, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape})
+            header, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape})
+        self._write(header.getvalue())
+
+    def _write(self, b: bytes) -> None:
+        self._f.write(b)
+        self._hash.update(b)
+        self.size += len(b)
 
     def __setitem__(self, rows: slice, values):
         if rows.start != self.row:
@@ -469,13 +799,14 @@ class _NpyWriter:
         block = np.ascontiguousarray(values, dtype=self.dtype)
         if block.shape[1:] != self.shape[1:]:
             raise ValueError(f"block of shape {block.shape} does not fit an array of shape {self.shape}")
-        self._f.write(block.tobytes())
+        self._write(block.tobytes())
         self.row += block.shape[0]
 
     def close(self):
         self._f.close()
         if self.row != self.shape[0]:
             raise RuntimeError(f"wrote {self.row} of {self.shape[0]} rows")
+        self.sha256 = self._hash.hexdigest()
 
 
 def extract(model: nn.Module, data, layers: str | Iterable[str], *, pool: str | Mapping[str, str] = "avg",
@@ -484,19 +815,30 @@ def extract(model: nn.Module, data, layers: str | Iterable[str], *, pool: str | 
             overwrite: bool = False) -> FeatureStore:
     """Features of ``layers`` for every sample of ``data``, in dataset order.
 
+    ``data``: a Dataset, a tensor of float images, or a DataLoader that yields its dataset in order
+    (a shuffled loader is refused: pass its dataset). uint8 images are refused with a TypeError:
+    convert them with ``x.float() / 255`` first. ``layers``: a name or a list of names.
+
     ``pool`` (one mode or a dict layer -> mode): ``none``, ``avg``, ``normalize-avg`` (see
     :func:`pool_features`). ``store=None`` keeps everything in memory; ``store=<folder>`` writes
-    memory-mapped ``.npy`` files batch by batch (peak memory independent of the dataset size),
-    optionally as ``dtype="float16"``. A folder that already holds a complete store of the same
-    model weights, layers, data, pooling and dtype is reused without recomputation (``overwrite=True``
-    recomputes). The model runs in eval mode under ``torch.no_grad`` and its mode is restored.
+    ``.npy`` files batch by batch (peak memory independent of the dataset size), read back as
+    memory maps, optionally as ``dtype="float16"``. A folder that already holds a complete store of
+    the same model weights, layers, data, pooling and dtype is reused without recomputation
+    (``overwrite=True`` recomputes). The model runs in eval mode under ``torch.no_grad`` and its
+    mode is restored.
+
+    On disk, a store is written into a new sibling folder and then swapped in whole, under a lock
+    per folder (``.<name>.lock`` beside it): a :class:`FeatureStore` returned earlier keeps its
+    data, an interrupted extraction leaves the previous store intact, and a second process waits
+    and reuses the first one's store. ``meta.json`` records the size and sha256 of every file; a
+    store that fails its checks is reported (a warning naming the file) and recomputed.
     """
     from . import default_device
     from .models import spec, weights_hash
 
-    if isinstance(layers, str):
-        layers = [layers]
-    layers = list(dict.fromkeys(layers))
+    layers = _layer_list(layers, "extract()")
+    if not layers:
+        raise LayerError("extract() needs at least one layer name")
     pools = {l: (pool[l] if isinstance(pool, Mapping) else pool) for l in layers}
     if isinstance(pool, Mapping):
         missing = [l for l in layers if l not in pool]
@@ -509,6 +851,9 @@ def extract(model: nn.Module, data, layers: str | Iterable[str], *, pool: str | 
         raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_order(data)
+    if torch.is_tensor(data):
+        _check_images(data)
     n = len(data.dataset) if hasattr(data, "dataset") and hasattr(data, "batch_size") else len(data)
     if n == 0:
         raise ValueError("extract() got an empty dataset")
@@ -521,31 +866,61 @@ def extract(model: nn.Module, data, layers: str | Iterable[str], *, pool: str | 
         "layers": layers,
         "pool": pools,
         "dtype": dtype,
-        "data": _data_fingerprint(data) if store is not None else _try_fingerprint(data),
+        "data": _fingerprint_data(data) if store is not None else _try_fingerprint(data),
         "n": n,
     }
-    path = Path(store) if store is not None else None
-    if path is not None and not overwrite and (path / FeatureStore.META).exists():
-        try:
-            old = FeatureStore.open(path)
-        except FileNotFoundError:
-            old = None
-        if old is not None and all(old.meta.get(k) == v for k, v in meta.items()):
-            return old
+    tap = FeatureTap(model, layers, clone=clone, on_repeat=on_repeat)  # unknown layers fail before any file
+    if store is None:
+        return _compute(model, data, tap, layers, pools, meta, n, batch_size, dtype, device, progress, None)
 
-    _FeatureTap = FeatureTap(model, layers, clone=clone, on_repeat=on_repeat)
-    arrays: dict[str, np.ndarray] = {}
+    path = Path(os.path.abspath(store))
+    if not path.name:
+        raise ValueError(f"store={str(store)!r} must name a folder for the store, e.g. 'data/features/resnet_layer3'")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # a JSON round trip makes the key compare equal to what meta.json gives back
+    meta = json.loads(json.dumps(meta, default=str))
+    with _store_lock(path) as locked:
+        if locked:  # without the lock, a temporary folder could be another process's live one
+            _clean_stale(path)
+        if not overwrite:
+            old = _reusable(path, meta)
+            if old is not None:
+                return old
+        _check_replaceable(path)
+        tmp = _sibling(path, f"tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        tmp.mkdir()
+        try:
+            _compute(model, data, tap, layers, pools, meta, n, batch_size, dtype, device, progress, tmp)
+            _swap_in(tmp, path)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.errno in _NO_ROOM:
+                raise OSError(e.errno, (
+                    f"no room to write the feature store {path} ({os.strerror(e.errno)}); nothing was changed there "
+                    "(a store it held before is intact). Free disk space, or pass store= a folder on another disk, "
+                    "and extract again")) from e
+            raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return FeatureStore.open(path, verify=False)  # just written and hashed; sizes are still checked
+
+
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _compute(model, data, tap: FeatureTap, layers, pools, meta, n, batch_size, dtype, device, progress,
+             folder: Path | None) -> FeatureStore | None:
+    """Run the extraction; in memory (``folder=None``) return the store, else write a complete store
+    (arrays, then ``meta.json``) into ``folder``."""
+    arrays: dict = {}
     target_names: list[str] = []
     np_dtype = np.float16 if dtype == "float16" else np.float32
-    if path is not None:
-        path.mkdir(parents=True, exist_ok=True)
-        if (path / FeatureStore.META).exists():
-            (path / FeatureStore.META).unlink()
 
     def allocate(key, shape, dt):
-        if path is None:
+        if folder is None:
             return np.empty(shape, dtype=dt)
-        return _NpyWriter(path / f"{key}.npy", shape, dt)
+        return _NpyWriter(folder / f"{key}.npy", shape, dt)
 
     from tqdm.auto import tqdm
 
@@ -553,40 +928,50 @@ def extract(model: nn.Module, data, layers: str | Iterable[str], *, pool: str | 
     bar = tqdm(total=n, desc=f"extract {', '.join(layers)}", disable=not show, leave=False)
     start = 0
     t0 = time.perf_counter()
-    with eval_mode(model), torch.no_grad(), _FeatureTap as tap:
-        for images, target in _iter_batches(data, batch_size):
-            b = images.shape[0]
-            model(images.to(device, non_blocking=True))
-            for l in layers:
-                feat = pool_features(tap[l], pools[l]).float().cpu()
-                key = _key(l)
-                if key not in arrays:
-                    arrays[key] = allocate(key, (n, *feat.shape[1:]), np_dtype)
-                arrays[key][start:start + b] = feat.numpy()
-            tnp = _targets_to_numpy(target)
-            if tnp is not None:
-                for k, v in tnp.items():
-                    key = _key(k, prefix="targets")
+    try:
+        with eval_mode(model), torch.no_grad(), tap:
+            for images, target in _iter_batches(data, batch_size):
+                if start == 0:
+                    _check_images(images)
+                b = images.shape[0]
+                model(images.to(device, non_blocking=True))
+                for l in layers:
+                    feat = pool_features(tap[l], pools[l]).float().cpu()
+                    key = _key(l)
                     if key not in arrays:
-                        if start != 0:
-                            continue
-                        arrays[key] = allocate(key, (n, *v.shape[1:]), v.dtype)
-                        target_names.append(k)
-                    arrays[key][start:start + b] = v
-            start += b
-            bar.update(b)
-    bar.close()
+                        arrays[key] = allocate(key, (n, *feat.shape[1:]), np_dtype)
+                    arrays[key][start:start + b] = feat.numpy()
+                tnp = _targets_to_numpy(target)
+                if tnp is not None:
+                    for k, v in tnp.items():
+                        key = _key(k, prefix="targets")
+                        if key not in arrays:
+                            if start != 0:
+                                continue
+                            arrays[key] = allocate(key, (n, *v.shape[1:]), v.dtype)
+                            target_names.append(k)
+                        arrays[key][start:start + b] = v
+                start += b
+                bar.update(b)
+    finally:
+        bar.close()
+        if folder is not None:
+            for a in arrays.values():
+                a._f.close()
     if start != n:
         raise RuntimeError(f"the data yielded {start} samples, but its length is {n}")
     meta["targets"] = target_names
-    meta["files"] = list(arrays)
     meta["seconds"] = round(time.perf_counter() - t0, 3)
     meta["complete"] = True
-    if path is not None:
-        for a in arrays.values():
-            a.close()
-        tmp = path / (FeatureStore.META + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=1, default=str))
-        os.replace(tmp, path / FeatureStore.META)
-        return FeatureStore.open(path)
-    return FeatureStore(arrays, meta, None)
+    if folder is None:
+        meta["files"] = {k: {"shape": list(a.shape), "dtype": a.dtype.str} for k, a in arrays.items()}
+        return FeatureStore(arrays, meta, None)
+    for a in arrays.values():
+        a.close()
+    meta["files"] = {k: {"shape": list(a.shape), "dtype": a.dtype.str, "size": a.size, "sha256": a.sha256}
+                     for k, a in arrays.items()}
+    meta["format"] = STORE_FORMAT
+    meta["meta_sha256"] = _meta_digest(meta)
+    with open(folder / FeatureStore.META, "x") as f:
+        f.write(json.dumps(meta, indent=1))
+    return None

@@ -212,3 +212,46 @@ def test_npy_writer_streams_in_order(tmp_path):
     short[0:1] = np.zeros((1, 1))
     with pytest.raises(RuntimeError, match="wrote 1 of 3"):
         short.close()
+
+
+def test_issue14_defect14_bad_layers_empty_module_name_and_uint8_teach(tmp_path):
+    m = models.build("vgg8_small", 3)
+    x = torch.rand(4, 3, 32, 32)
+    for bad in (3, [3], {"fc:in": 1}):
+        with pytest.raises(TypeError, match="layers must be a layer name .str. or a list of names"):
+            extract(m, x, bad)
+    with pytest.raises(TypeError, match="layers must be"):
+        FeatureTap(m, 3)
+    for spec in (":in", ":out"):
+        with pytest.raises(LayerError, match="names no module.*'fc:in'.*OUTPUT"):
+            FeatureTap(m, spec)  # was: silently the root's input
+    with FeatureTap(m, ["fc:in", OUTPUT]) as tap:  # real module names and OUTPUT still work
+        y = m(x)
+    assert tap["fc:in"].shape == (4, 128) and torch.equal(tap[OUTPUT], y)
+    u8 = (x * 255).round().to(torch.uint8)
+    with pytest.raises(TypeError, match=r"uint8.*x\.float\(\) / 255"):
+        extract(m, u8, "fc:in")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(u8), batch_size=2)
+    with pytest.raises(TypeError, match=r"uint8.*x\.float\(\) / 255"):
+        extract(m, loader, "fc:in", store=tmp_path / "s")
+    assert not (tmp_path / "s").exists() and not list(tmp_path.glob(".s.tmp-*"))
+
+
+def test_issue14_store_key_uses_shape_aware_data_fingerprint(tmp_path):
+    from kaviz.data import fingerprint
+
+    m = nn.Sequential(nn.Flatten(), nn.Linear(48, 2))
+    calls = []
+    m.register_forward_pre_hook(lambda *_: calls.append(1))
+    x = torch.rand(6, 3, 4, 4)
+    a = extract(m, x, "1:in", store=tmp_path / "s")
+    assert a.meta["data"] == fingerprint(x)
+    n = len(calls)
+    b = extract(m, x.reshape(6, 3, 16, 1), "1:in", store=tmp_path / "s")  # same bytes, other data
+    assert len(calls) > n, "x.reshape(...) must not reuse the store of x"
+    assert b.meta["data"] == fingerprint(x.reshape(6, 3, 16, 1)) != a.meta["data"]
+    # torch's TensorDataset and Subset (no fingerprint attribute) get content keys too
+    ds = torch.utils.data.TensorDataset(x, torch.arange(6))
+    full = extract(m, torch.utils.data.DataLoader(ds, batch_size=4), "1:in", store=tmp_path / "t")
+    rev = extract(m, torch.utils.data.Subset(ds, list(range(5, -1, -1))), "1:in", store=tmp_path / "t")
+    assert full.meta["data"] != rev.meta["data"] and list(rev.targets) == [5, 4, 3, 2, 1, 0]
