@@ -1,0 +1,151 @@
+"""Bad inputs, as a careless or hostile user gives them (issue 14; issue 13 item 1).
+
+Each test names the defect it guards against; each one failed on main before its fix.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T1
+import torchvision.transforms.v2 as T2
+
+from kaviz.data import has_random_transform, is_random
+
+torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------------------ is_random (13.1)
+def _pixels_change(transform, x, tries=6) -> bool:
+    """Ground truth: two calls on the same input differ (seeded, a few tries)."""
+    torch.manual_seed(0)
+    first = transform(x.clone())
+    return any(not torch.equal(transform(x.clone()), first) for _ in range(tries))
+
+
+RANDOM = {
+    "v1 RandomResizedCrop": T1.RandomResizedCrop(16, antialias=True),
+    "v1 RandomHorizontalFlip": T1.RandomHorizontalFlip(),
+    "v1 ColorJitter": T1.ColorJitter(0.4, 0.4, 0.4, 0.1),
+    "v2 ColorJitter": T2.ColorJitter(brightness=0.4),
+    "v1 GaussianBlur": T1.GaussianBlur(3),
+    "v2 GaussianBlur": T2.GaussianBlur(3),
+    "v2 GaussianNoise": T2.GaussianNoise(),
+    "v1 RandomErasing": T1.RandomErasing(p=1.0),
+    "v2 RandomErasing": T2.RandomErasing(p=0.5),
+    "v1 RandAugment": T1.RandAugment(),
+    "v2 RandAugment": T2.RandAugment(),
+    "v2 TrivialAugmentWide": T2.TrivialAugmentWide(),
+    "v1 TrivialAugmentWide": T1.TrivialAugmentWide(),
+    "v2 AugMix": T2.AugMix(),
+    "v1 AutoAugment": T1.AutoAugment(),
+    "v2 AutoAugment": T2.AutoAugment(),
+    "v2 RandomRotation": T2.RandomRotation(30),
+    "v2 RandomAffine": T2.RandomAffine(10, translate=(0.1, 0.1)),
+    "v2 RandomPerspective": T2.RandomPerspective(),
+    "v2 RandomGrayscale": T2.RandomGrayscale(0.5),
+    "v2 RandomCrop": T2.RandomCrop(12),
+    "v2 RandomPhotometricDistort": T2.RandomPhotometricDistort(p=1.0),
+    "v2 RandomChannelPermutation": T2.RandomChannelPermutation(),
+    "v2 ElasticTransform": T2.ElasticTransform(sigma=1.0),
+    "v1 Compose([ColorJitter])": T1.Compose([T1.ColorJitter(0.5)]),
+    "v2 Compose([Resize, ColorJitter, Normalize])": T2.Compose(
+        [T2.Resize(16, antialias=True), T2.ColorJitter(0.5), T2.Normalize([0.5] * 3, [0.2] * 3)]),
+    "v2 RandomApply(p=.5)": T2.RandomApply([T2.Normalize([0.5] * 3, [0.2] * 3)], p=0.5),
+    "v1 RandomApply(p=.5)": T1.RandomApply([T1.Normalize([0.5] * 3, [0.2] * 3)], p=0.5),
+    "v2 RandomApply(p=1, [jitter])": T2.RandomApply([T2.ColorJitter(0.5)], p=1.0),
+    "v2 RandomChoice": T2.RandomChoice([T2.Resize(16, antialias=True), T2.CenterCrop(12)]),
+    "v1 RandomChoice": T1.RandomChoice([T1.Resize(16, antialias=True), T1.CenterCrop(12)]),
+    "v2 RandomOrder": T2.RandomOrder([T2.Normalize([0.5] * 3, [0.2] * 3), T2.Resize(16, antialias=True)]),
+    "v1 RandomOrder": T1.RandomOrder([T1.Normalize([0.5] * 3, [0.2] * 3), T1.Resize(16, antialias=True)]),
+    "nested": T2.Compose([T2.Resize(16, antialias=True), T2.Compose([T2.CenterCrop(14),
+                                                                      T2.RandomApply([T2.GaussianBlur(3)], p=1.0)])]),
+    "nn.Sequential": torch.nn.Sequential(T1.CenterCrop(14), T1.RandomHorizontalFlip()),
+}
+DETERMINISTIC = {
+    "None": None,
+    "v1 Resize": T1.Resize(16, antialias=True),
+    "v2 Resize": T2.Resize(16, antialias=True),
+    "v1 Normalize": T1.Normalize([0.5] * 3, [0.2] * 3),
+    "v2 Normalize": T2.Normalize([0.5] * 3, [0.2] * 3),
+    "v2 ToDtype": T2.ToDtype(torch.float32),
+    "v1 CenterCrop": T1.CenterCrop(12),
+    "v2 CenterCrop": T2.CenterCrop(12),
+    "v2 Compose of deterministic steps": T2.Compose([T2.Resize(16, antialias=True), T2.CenterCrop(14),
+                                                   T2.ToDtype(torch.float32), T2.Normalize([0.5] * 3, [0.2] * 3)]),
+    "v1 Compose of deterministic steps": T1.Compose([T1.Resize(16, antialias=True), T1.CenterCrop(14),
+                                                   T1.Normalize([0.5] * 3, [0.2] * 3)]),
+    "v2 GaussianBlur with one sigma": T2.GaussianBlur(3, sigma=1.0),
+    "v2 ColorJitter() (identity)": T2.ColorJitter(),
+    "v2 RandomApply(p=0)": T2.RandomApply([T2.ColorJitter(0.5)], p=0.0),
+    "v2 RandomApply(p=1, [Normalize])": T2.RandomApply([T2.Normalize([0.5] * 3, [0.2] * 3)], p=1.0),
+    "v2 RandomHorizontalFlip(p=1)": T2.RandomHorizontalFlip(p=1.0),
+    "v2 RandomChoice of one": T2.RandomChoice([T2.CenterCrop(12)]),
+}
+
+
+@pytest.mark.parametrize("name", list(RANDOM))
+def test_is_random_true_for_augmentations(name):
+    # Defect (13.1): lshfm took "Random" not in repr(t) as deterministic, so ColorJitter, RandAugment,
+    # TrivialAugmentWide, GaussianBlur, ... let cache_teacher="auto" cache one augmented view.
+    t = RANDOM[name]
+    assert is_random(t) is True
+    x = (torch.rand(3, 20, 20) * 255).to(torch.uint8) if "Augment" in name or "AugMix" in name \
+        else torch.rand(3, 20, 20)
+    assert _pixels_change(t, x), f"control: {name} should change pixels between calls"
+
+
+@pytest.mark.parametrize("name", list(DETERMINISTIC))
+def test_is_random_false_for_fixed_transforms(name):
+    # Defect (13.1): sbm took getattr(t, "train", False) (a bound method on every v2 transform) as
+    # "random", so Resize and Normalize were refused for precomputation.
+    t = DETERMINISTIC[name]
+    assert is_random(t) is False
+    if t is not None:
+        assert not _pixels_change(t, torch.rand(3, 20, 20))
+
+
+def test_is_random_unknown_callables_and_declared():
+    assert is_random(lambda x: x) is True
+    assert is_random(T1.Lambda(lambda x: x)) is True
+    assert is_random(T2.Lambda(lambda x: x)) is True
+    assert is_random(T2.Compose([T2.Resize(8), T2.Lambda(lambda x: x)])) is True
+
+    class Fixed:
+        is_random = False
+
+        def __call__(self, x):
+            return x * 2
+
+    assert is_random(Fixed()) is False
+    assert is_random(T2.Compose([T2.Resize(8), Fixed()])) is False
+
+
+def test_is_random_joint_transform_and_loader_defaults():
+    from kaviz.data.real import JointTransform, ResizeCover, default_transform
+
+    assert is_random(JointTransform(16, train=True)) is True
+    assert is_random(JointTransform(16, train=False)) is False
+    assert is_random(JointTransform(16, train=True, hflip=False)) is True  # the crop is drawn
+    assert is_random(default_transform(16, train=True)) is True
+    assert is_random(default_transform(16, train=False)) is False
+    assert is_random(ResizeCover(16)) is False
+    img = torch.rand(3, 24, 30)
+    assert not _pixels_change(JointTransform(16, train=False, normalize=False), img)
+    assert _pixels_change(JointTransform(16, train=True, normalize=False), img)
+
+
+def test_has_random_transform_looks_through_wrappers():
+    from kaviz.data import ImageDataset, Unlabeled, union
+
+    imgs = torch.zeros(6, 3, 8, 8, dtype=torch.uint8)
+    plain = ImageDataset(imgs, torch.arange(6) % 2, classes=["a", "b"], name="a")
+    aug = ImageDataset(imgs, torch.arange(6) % 2, classes=["a", "b"], name="b",
+                       transform=T2.RandomHorizontalFlip())
+    assert not has_random_transform(plain)
+    assert has_random_transform(aug)
+    assert has_random_transform(Unlabeled(aug))
+    assert has_random_transform(torch.utils.data.Subset(aug, [0, 1]))
+    assert has_random_transform(union([plain, aug]))
+    assert not has_random_transform(union([plain, plain.subset([0, 1, 2])], names=["p", "q"]))
+    assert not has_random_transform(None)
