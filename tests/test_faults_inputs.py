@@ -149,3 +149,140 @@ def test_has_random_transform_looks_through_wrappers():
     assert has_random_transform(union([plain, aug]))
     assert not has_random_transform(union([plain, plain.subset([0, 1, 2])], names=["p", "q"]))
     assert not has_random_transform(None)
+
+
+# ------------------------------------------------------------ is_random in every cache decision
+def _tiny_union(n_a=12, n_b=8, size=8, transform=None):
+    from kaviz import data
+
+    g = torch.Generator().manual_seed(0)
+    a = data.ImageDataset((torch.rand(n_a, 3, size, size, generator=g) * 255).to(torch.uint8), torch.arange(n_a) % 3,
+                          classes=["a0", "a1", "a2"], name="a", transform=transform)
+    b = data.ImageDataset((torch.rand(n_b, 3, size, size, generator=g) * 255).to(torch.uint8), torch.arange(n_b) % 2,
+                          classes=["b0", "b1"], name="b", transform=transform)
+    return data.union([a, b])
+
+
+def _conv_net(k, c=4, stride=1):
+    from collections import OrderedDict
+
+    from torch import nn
+
+    return nn.Sequential(OrderedDict(
+        conv=nn.Conv2d(3, c, 3, stride, 1), bn=nn.BatchNorm2d(c), relu=nn.ReLU(),
+        pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), fc=nn.Linear(c, k)))
+
+
+def test_lshfm_auto_cache_refuses_colorjitter_data():
+    # Defect (13.1): "Random" not in repr(ColorJitter(...)) -> cached one augmented view silently.
+    from kaviz.data import scenes
+    from kaviz.methods import lshfm
+
+    ds = scenes(n=6, size=16, max_objects=1, seed=0)
+    teacher = lshfm_teacher()
+    for t in (T2.ColorJitter(0.4), T2.Compose([T2.GaussianBlur(3)]), T2.RandAugment(), T2.TrivialAugmentWide()):
+        aug = ds.with_transform(t)
+        assert lshfm.teacher_outputs(aug, teacher) is aug, t
+    fixed = ds.with_transform(T2.Normalize([0.5] * 3, [0.2] * 3))
+    assert isinstance(lshfm.teacher_outputs(fixed, teacher), lshfm.TeacherOutputs)
+    with pytest.warns(UserWarning, match="cache_teacher=True on data with a random transform"):
+        lshfm._forced_cache(ds.with_transform(T2.ColorJitter(0.4)), teacher)
+
+
+def lshfm_teacher():
+    from collections import OrderedDict
+
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 4, 3, 2, 1), relu=nn.ReLU(), pool=nn.AdaptiveAvgPool2d(1),
+                                     flat=nn.Flatten(), fc=nn.Linear(4, 20))).eval()
+
+
+def test_sbm_precompute_accepts_resize_and_normalize():
+    # Defect (13.1): getattr(v2.Resize(...), "train", False) is a bound method, so sbm took every v2
+    # transform as random and refused to precompute on deterministic data.
+    from kaviz import models
+    from kaviz.data import scenes
+    from kaviz.methods import sbm
+
+    ds = scenes(n=4, size=16, max_objects=1, seed=3)
+    teachers = {"seg": models.build("segnet_small", 11, widths=(4, 8, 8)).eval(),
+                "depth": models.build("segnet_small", 1, widths=(4, 8, 8)).eval()}
+    method = sbm.SBM(sbm.SBMStudent(teachers, {"seg": "dec1", "depth": "dec1"}), teachers)
+    fixed = ds.with_transform(T2.Compose([T2.Resize(16, antialias=True), T2.Normalize([0.5] * 3, [0.2] * 3)]))
+    pre = method.precompute(fixed)
+    assert len(pre) == 4 and set(pre.targets) == {"seg", "depth"}
+    with pytest.raises(ValueError, match="random transform"):
+        method.precompute(ds.with_transform(T2.ColorJitter(0.4)))
+
+
+def test_cfl_cache_teachers_defaults_to_is_random(monkeypatch):
+    # Defect (13.1): cfl trusted a caller flag (default False: never cached; True: cached augmented
+    # views silently). Now "auto" decides with has_random_transform; True still forces (with a warning).
+    from kaviz.methods import cfl
+
+    calls = []
+    real = cfl.precompute_teachers
+
+    def spy(*a, **k):
+        calls.append(a[2])
+        return real(*a, **k)
+
+    monkeypatch.setattr(cfl, "precompute_teachers", spy)
+    teachers = [_conv_net(3), _conv_net(2, stride=2)]
+    kw = dict(seeds=[0], methods=["KD"], epochs=1, lr=1e-2, hidden=4, batch_size=8, progress=False)
+    fixed, aug = _tiny_union(), _tiny_union(transform=T2.ColorJitter(0.4))
+    cfl.run_students(lambda: _conv_net(5, stride=2), teachers, "relu", ["relu", "relu"], fixed, fixed, None, **kw)
+    assert len(calls) == 1
+    cfl.run_students(lambda: _conv_net(5, stride=2), teachers, "relu", ["relu", "relu"], aug, fixed, None, **kw)
+    assert len(calls) == 1  # augmented: teachers run live
+    with pytest.warns(UserWarning, match="random transform"):
+        cfl.run_students(lambda: _conv_net(5, stride=2), teachers, "relu", ["relu", "relu"], aug, fixed, None,
+                         cache_teachers=True, **kw)
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="cache_teachers must be True, False or 'auto'"):
+        cfl.run_students(lambda: _conv_net(5, stride=2), teachers, "relu", ["relu", "relu"], fixed, fixed, None,
+                         cache_teachers="yes", **kw)
+
+
+# ------------------------------------------------------------- teachers vs the union (14.5)
+def test_kd_checks_teacher_class_counts_at_construction():
+    # Defect (14.5): teachers in the wrong order (2 + 3 for a 3 + 2 union) trained to the end
+    # without validation data; the error came, if at all, after the first epoch.
+    from kaviz.methods import kd
+
+    u = _tiny_union()
+    wrong = [_conv_net(2), _conv_net(3)]
+    with pytest.raises(ValueError, match=r"teacher 1 has 2 outputs but source 1 \('a'\) has 3 classes "
+                                         r"\(union labels 0..2\); teacher 2 has 3 outputs but source 2 \('b'\) "
+                                         r"has 2 classes \(union labels 3..4\)"):
+        kd.MultiTeacherKD(_conv_net(5), wrong, union=u)
+    with pytest.raises(ValueError, match=r"teacher 1 has 2 outputs"):
+        kd.distill(_conv_net(5), wrong, u, epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"1 teacher\(s\) for a union of 2 sources \['a', 'b'\]"):
+        kd.MultiTeacherKD(_conv_net(5), [_conv_net(5)], union=u)
+    with pytest.raises(ValueError, match=r"the student has 4 outputs but the union has 5 classes \(3 \+ 2\)"):
+        kd.MultiTeacherKD(_conv_net(4), [_conv_net(3), _conv_net(2)], union=u)
+    kd.MultiTeacherKD(_conv_net(5), [_conv_net(3), _conv_net(2)], union=u)  # matching: accepted
+    kd.MultiTeacherKD(_conv_net(5), wrong)  # no union given: not checked (API unchanged)
+
+
+def test_cfl_checks_teacher_class_counts_at_construction():
+    from kaviz.data import Unlabeled
+    from kaviz.methods import cfl
+
+    u = _tiny_union()
+    wrong = [_conv_net(2), _conv_net(3)]
+    x = torch.stack([u.get_image(i) for i in range(2)])
+    with pytest.raises(ValueError, match=r"CommonFeatureLearning: the teachers do not match .*teacher 1 has 2 outputs"):
+        cfl.CommonFeatureLearning(_conv_net(5), wrong, "relu", ["relu", "relu"], example=x, hidden=4,
+                                  union=Unlabeled(u))
+    with pytest.raises(ValueError, match=r"teacher 1 has 2 outputs but source 1 \('a'\) has 3 classes"):
+        cfl.amalgamate(_conv_net(5), wrong, "relu", ["relu", "relu"], u, u, hidden=4, epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"KDBaseline: the teachers do not match"):
+        cfl.run_students(lambda: _conv_net(5), wrong, "relu", ["relu", "relu"], u, None, None, seeds=[0],
+                         methods=["KD"], epochs=1, hidden=4, progress=False)
+    cached = cfl.precompute_teachers([_conv_net(3), _conv_net(2)], ["relu", "relu"], u)
+    with pytest.raises(ValueError, match=r"teacher 2 has 3 outputs"):  # found inside TeacherOutputs too
+        cfl.KDBaseline(_conv_net(5), [_conv_net(3), _conv_net(3)], union=cached)
