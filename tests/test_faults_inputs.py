@@ -286,3 +286,97 @@ def test_cfl_checks_teacher_class_counts_at_construction():
     cached = cfl.precompute_teachers([_conv_net(3), _conv_net(2)], ["relu", "relu"], u)
     with pytest.raises(ValueError, match=r"teacher 2 has 3 outputs"):  # found inside TeacherOutputs too
         cfl.KDBaseline(_conv_net(5), [_conv_net(3), _conv_net(3)], union=cached)
+
+
+# ------------------------------------------------------------------------ widgets jam (14.7)
+def _explorer(images):
+    import pandas as pd
+
+    from kaviz.widgets import EmbeddingExplorer
+
+    calls = []
+
+    def compute(model, layer, method, params):
+        calls.append(layer)
+        if layer == "broken":
+            raise RuntimeError("hook never fired for layer 'broken'")
+        rng = np.random.default_rng(len(calls))
+        return pd.DataFrame({"x": rng.normal(size=12), "y": rng.normal(size=12), "source": ["s"] * 12,
+                             "label": np.arange(12) % 3, "index": np.arange(12)})
+
+    ex = EmbeddingExplorer(compute, models=["m"], layers=["l1", "l2", "broken"], methods=["pca"],
+                           titles=["a", "b"], images=images)
+    return ex, calls
+
+
+def test_explorer_selection_without_images_does_not_jam(capsys):
+    # Defect (14.7): select() stored the selection before the image error, then every layer
+    # change raised from recompute() (and the status stayed at "computing ...").
+    imgs = (np.random.default_rng(0).random((4, 8, 8, 3)) * 255).astype(np.uint8)  # only 4 of 12
+    ex, calls = _explorer(imgs)
+    ex.select([1, 2])
+    assert ex.selection == [1, 2]
+    with pytest.raises(IndexError, match=r"sample indices \[9\] are outside the images array \(N=4\)"):
+        ex.select([2, 9])
+    assert ex.selection == [1, 2]                      # unchanged: not stored before the error
+    ex.layer_dd.value = "l2"                           # a callback: must work, not raise
+    assert calls[-1] == "l2" and "computing" not in ex.status.value and "points" in ex.status.value
+    assert ex.selection == [1, 2]
+    ex.layer_dd.value = "broken"
+    assert "RuntimeError" in ex.status.value
+    ex.layer_dd.value = "l1"                           # a layer change after an error still works
+    assert calls[-1] == "l1" and "points" in ex.status.value
+    assert capsys.readouterr() == ("", "")
+
+
+def test_explorer_recompute_never_raises_even_when_reselect_fails():
+    # Defect (14.7): a stored selection whose images fail made recompute() raise.
+    calls = {"n": 0}
+
+    def images(i):
+        if calls["n"]:
+            raise OSError(f"image {i} is gone")
+        return np.zeros((4, 4, 3), np.uint8)
+
+    ex, _ = _explorer(images)
+    ex.select([3])
+    calls["n"] = 1
+    assert ex.recompute() is True                      # maps drawn; the selection is dropped
+    assert ex.selection is None and "selection cleared" in ex.status.value and "image 3 is gone" in ex.status.value
+
+    def boom(*a, **k):
+        raise RuntimeError("drawing failed")
+
+    ex._check_result = boom                            # any failure inside, not only compute's
+    assert ex.recompute() is False
+    assert "drawing failed" in ex.status.value and "computing" not in ex.status.value
+
+
+def test_linked_controls_drops_stale_figure_and_refuses_out_of_range():
+    # Defect (14.7): a figure stayed on screen when fn switched to a non-figure output (which was
+    # then not shown at all); update(channel=99) on range(64) was silently clamped to 63.
+    import pandas as pd
+    import plotly.graph_objects as go
+
+    from kaviz.widgets import linked_controls
+
+    def draw(kind, channel):
+        if kind == "figure":
+            return go.Figure(go.Bar(y=[channel, 1]))
+        return pd.DataFrame({"channel": [channel]})
+
+    lc = linked_controls(draw, kind=["figure", "table"], channel=range(64))
+    assert lc.figure is not None and lc.figure in lc.widget.children
+    lc.update(kind="table")
+    assert lc.figure is None
+    assert not any(type(c).__name__ == "FigureWidget" for c in lc.widget.children)
+    assert lc.output in lc.widget.children and lc.output.outputs
+    lc.update(kind="figure", channel=5)
+    assert lc.figure in lc.widget.children and lc.output not in lc.widget.children
+    assert list(lc.figure.data[0].y) == [5, 1]
+    with pytest.raises(ValueError, match=r"control 'channel': 99 is outside its range \[0, 63\]"):
+        lc.update(channel=99)
+    assert lc.values["channel"] == 5                  # nothing half-applied
+    with pytest.raises(ValueError, match=r"outside its range"):
+        lc.update(kind="table", channel=-1)
+    assert lc.values == {"kind": "figure", "channel": 5}
