@@ -380,3 +380,195 @@ def test_linked_controls_drops_stale_figure_and_refuses_out_of_range():
     with pytest.raises(ValueError, match=r"outside its range"):
         lc.update(kind="table", channel=-1)
     assert lc.values == {"kind": "figure", "channel": 5}
+
+
+# ----------------------------------------------------------------- real-format loaders (14.10/12/14)
+def _fixtures():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import fixtures_real
+
+    return fixtures_real
+
+
+def _edit_line(path, n, text):
+    lines = path.read_text().splitlines(keepends=True)
+    lines[n - 1] = text
+    path.write_text("".join(lines))
+
+
+def test_truncated_jpeg_error_names_the_file(tmp_path):
+    # Defect (14.10): PIL's "image file is truncated" came mid-training without the file's path.
+    from kaviz.data import real
+    from kaviz.data.real import DatasetFormatError
+
+    fx = _fixtures()
+    root = tmp_path / "CUB_200_2011"
+    made = fx.make_cub(root)
+    victim = root / "images" / made["train"][1][0]
+    victim.write_bytes(victim.read_bytes()[:200])
+    ds = real.cub200(root, "train", image_size=8)
+    ds[0]  # an intact image still loads
+    with pytest.raises(DatasetFormatError, match=r"(?s)" + str(victim).replace("\\", "\\\\") +
+                       r": cannot read this image .*truncated or corrupt"):
+        ds[1]
+    with pytest.raises(OSError, match=str(victim.name)):  # still an OSError for existing handlers
+        torch.utils.data.DataLoader(ds, batch_size=4).__iter__().__next__()
+    victim.write_bytes(b"not an image at all")
+    with pytest.raises(DatasetFormatError, match=r"cannot read this image \(UnidentifiedImageError"):
+        ds.image_array(1)
+
+
+@pytest.mark.parametrize("entry", ["../../x.png", "/etc/passwd", "a/../../x.png"])
+def test_cub_path_escape_refused_with_line(tmp_path, entry):
+    # Defect (14.12): a CUB images.txt line "../../x.png" was read from outside the dataset folder.
+    from kaviz.data import real
+    from kaviz.data.real import DatasetFormatError
+
+    fx = _fixtures()
+    root = tmp_path / "CUB_200_2011"
+    fx.make_cub(root)
+    _edit_line(root / "images.txt", 2, f"2 {entry}\n")
+    with pytest.raises(DatasetFormatError, match=r"images.txt is malformed at line 2: the file name "
+                                                 + f"'{entry}'".replace(".", r"\.") + " leaves the dataset folder"):
+        real.cub200(root, "train", check_images=False)
+
+
+def test_path_escape_refused_in_every_loader(tmp_path):
+    import json
+
+    from kaviz.data import real
+    from kaviz.data.real import DatasetFormatError
+
+    fx = _fixtures()
+    dogs = tmp_path / "dogs"
+    fx.make_dogs(dogs, lists="txt")
+    _edit_line(dogs / "train_list.txt", 3, "n02085620-Chihuahua/../../../secret.jpg\n")
+    with pytest.raises(DatasetFormatError, match=r"train_list.txt is malformed at line 3: .*leaves the dataset"):
+        real.stanford_dogs(dogs, "train", check_images=False)
+    dogs_mat = tmp_path / "dogs_mat"
+    fx.make_dogs(dogs_mat, lists="mat")
+    from scipy.io import savemat
+
+    fl = np.empty((1, 1), dtype=object)
+    fl[0, 0] = np.array(["../n02085620-Chihuahua/x.jpg"])
+    savemat(dogs_mat / "test_list.mat", {"file_list": fl, "labels": np.array([[1]])})
+    with pytest.raises(DatasetFormatError, match=r"test_list.mat is malformed: the file name '\.\./n02085620"):
+        real.stanford_dogs(dogs_mat, "test", check_images=False)
+
+    voc = tmp_path / "voc"
+    fx.make_voc(voc)
+    _edit_line(voc / "ImageSets" / "Main" / "val.txt", 1, "../../000003\n")
+    with pytest.raises(DatasetFormatError, match=r"ImageSets/Main/val.txt is malformed at line 1: the file name "
+                                                 r"'\.\./\.\./000003' leaves"):
+        real.voc2007(voc, "val", check_images=False)
+
+    coco = tmp_path / "coco"
+    fx.make_coco(coco)
+    f = coco / "annotations" / "instances_val2014.json"
+    d = json.loads(f.read_text())
+    d["images"][0]["file_name"] = "../../../etc/hosts"
+    f.write_text(json.dumps(d))
+    with pytest.raises(DatasetFormatError, match=r"instances_val2014.json \(image id 42\) is malformed: the file "
+                                                 r"name '\.\./\.\./\.\./etc/hosts' leaves"):
+        real.coco2014_multilabel(coco, "val", check_images=False)
+
+    celeba = tmp_path / "celeba"
+    fx.make_celeba(celeba)
+    attr = celeba / "list_attr_celeba.txt"
+    _edit_line(attr, 3, attr.read_text().splitlines()[2].replace("000001.jpg", "../000001.jpg") + "\n")
+    part = celeba / "list_eval_partition.txt"
+    part.write_text(part.read_text().replace("000001.jpg", "../000001.jpg"))
+    with pytest.raises(DatasetFormatError, match=r"list_attr_celeba.txt is malformed at line 3: the file name "
+                                                 r"'\.\./000001.jpg' leaves"):
+        real.celeba(celeba, "train", check_images=False)
+
+
+def test_malformed_index_files_say_malformed_and_the_line(tmp_path):
+    # Defect (14.14): a malformed file gave "<dataset> not found at ..." (it was found).
+    from kaviz.data import real
+    from kaviz.data.real import DatasetFormatError
+
+    fx = _fixtures()
+    root = tmp_path / "CUB_200_2011"
+    fx.make_cub(root)
+    good = (root / "image_class_labels.txt").read_text()
+    _edit_line(root / "image_class_labels.txt", 5, "5\n")
+    with pytest.raises(DatasetFormatError, match=r"image_class_labels.txt is malformed at line 5: '5' has 1 fields, "
+                                                 "expected 2") as e:
+        real.cub200(root, "train", check_images=False)
+    assert "not found" not in str(e.value)
+    (root / "image_class_labels.txt").write_text(good)
+    _edit_line(root / "image_class_labels.txt", 4, "4 three\n")
+    with pytest.raises(DatasetFormatError, match=r"image_class_labels.txt is malformed at line 4: field 2 of "
+                                                 "'4 three' is not an integer"):
+        real.cub200(root, "train", check_images=False)
+    _edit_line(root / "image_class_labels.txt", 4, "4 9\n")
+    with pytest.raises(DatasetFormatError, match=r"line 4: image 4 has class id 9, outside 1..3"):
+        real.cub200(root, "train", check_images=False)
+    (root / "image_class_labels.txt").write_text(good)
+    _edit_line(root / "train_test_split.txt", 7, "7 yes\n")
+    with pytest.raises(DatasetFormatError, match=r"train_test_split.txt is malformed at line 7"):
+        real.cub200(root, "train", check_images=False)
+
+
+def test_truncated_celeba_partition_line_is_named(tmp_path):
+    # Defect (14.14): a truncated list_eval_partition.txt line gave "dictionary update sequence element".
+    from kaviz.data import real
+    from kaviz.data.real import DatasetFormatError
+
+    fx = _fixtures()
+    root = tmp_path / "celeba"
+    fx.make_celeba(root, nested=True)
+    part = root / "Eval" / "list_eval_partition.txt"
+    _edit_line(part, 4, "000004.jpg\n")
+    with pytest.raises(DatasetFormatError, match=r"Eval/list_eval_partition.txt is malformed at line 4: "
+                                                 r"'000004.jpg' is not '<image> <0\|1\|2>' \(a truncated line\?\)"):
+        real.celeba(root, "train")
+    _edit_line(part, 4, "000004.jpg 1\n")
+    attr = root / "Anno" / "list_attr_celeba.txt"
+    lines = attr.read_text().splitlines(keepends=True)
+    _edit_line(attr, 5, lines[4][:30] + "\n")
+    with pytest.raises(DatasetFormatError, match=r"list_attr_celeba.txt is malformed at line 5: the line for "
+                                                 "000003.jpg does not hold 40 values"):
+        real.celeba(root, "train")
+
+
+def test_corrupt_dogs_mat_gives_a_teaching_error(tmp_path):
+    # Defect (14.14): a corrupt .mat raised scipy's IndexError.
+    from kaviz.data import real
+    from kaviz.data.real import DatasetFormatError
+
+    fx = _fixtures()
+    root = tmp_path / "dogs"
+    fx.make_dogs(root, lists="mat")
+    mat = root / "train_list.mat"
+    mat.write_bytes(mat.read_bytes()[:150])
+    with pytest.raises(DatasetFormatError, match=r"(?s)train_list.mat is malformed: not a Stanford Dogs list: it "
+                                                 r"could not be read as a MATLAB file .*Re-extract lists.tar, or put "
+                                                 r"train_list.txt"):
+        real.stanford_dogs(root, "train")
+    mat.write_bytes(b"MATLAB 5.0 garbage" * 3)
+    with pytest.raises(DatasetFormatError, match=r"could not be read as a MATLAB file"):
+        real.stanford_dogs(root, "train")
+
+
+def test_voc_annotation_without_objects_is_skipped_with_a_warning(tmp_path):
+    # Defect (14.14): an annotation without <object> became an all-zero label row silently.
+    from kaviz.data import real
+    from kaviz.data.real import DatasetFormatError
+
+    fx = _fixtures()
+    root = tmp_path / "voc"
+    fx.make_voc(root)
+    (root / "Annotations" / "000002.xml").write_text("<annotation><filename>000002.jpg</filename></annotation>")
+    with pytest.warns(UserWarning, match=r"1 annotation\(s\) hold no <object> and are left out "
+                                         r"\(e\.g\. Annotations/000002\.xml\)"):
+        ds = real.voc2007(root, "trainval")
+    assert len(ds) == 2 and ds.files == ["JPEGImages/000001.jpg", "JPEGImages/000003.jpg"]
+    assert (ds.targets["labels"].sum(1) > 0).all()
+    with pytest.raises(DatasetFormatError, match="every listed annotation holds no <object>"):
+        (root / "ImageSets" / "Main" / "train.txt").write_text("000002\n")
+        real.voc2007(root, "train")
