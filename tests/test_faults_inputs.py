@@ -572,3 +572,49 @@ def test_voc_annotation_without_objects_is_skipped_with_a_warning(tmp_path):
     with pytest.raises(DatasetFormatError, match="every listed annotation holds no <object>"):
         (root / "ImageSets" / "Main" / "train.txt").write_text("000002\n")
         real.voc2007(root, "train")
+
+
+# ---------------------------------------------------------------------------------- dtype (14.13)
+def test_lsh_loss_fit_bias_uses_the_module_dtype():
+    # Defect (14.13): fit_bias cast the teacher features to float32 whatever the module's dtype, so
+    # a .double() loss failed ("expected m1 and m2 to have the same dtype").
+    from kaviz.methods.lshfm import LSHLoss
+
+    torch.manual_seed(0)
+    f_t = torch.randn(32, 6, dtype=torch.float64)
+    lsh64 = LSHLoss(6, 8, std=1.0).double().fit_bias(f_t)
+    assert lsh64.bias.dtype == torch.float64
+    proj = f_t @ lsh64.weight.T
+    assert torch.equal(lsh64.bias, -proj.median(0).values)  # fitted in float64, no float32 round trip
+    f_s = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    out = lsh64(f_s, f_t[:4])
+    assert out["lsh"].dtype == torch.float64
+    out["lsh"].backward()
+    assert f_s.grad is not None
+    # float32 features into a float64 loss (and the reverse) also work
+    lsh64(f_s.float().detach().requires_grad_(), f_t[:4].float())
+    lsh32 = LSHLoss(6, 8, std=1.0).fit_bias(f_t)
+    assert lsh32.bias.dtype == torch.float32
+    assert lsh32(f_s.detach(), f_t[:4])["lsh"].dtype == torch.float32
+
+
+def test_recombination_combine_and_prune_on_float64_teachers():
+    # Defect (14.13): batch norms were built without the teachers' dtype, so combine()/prune() on
+    # float64 networks failed.
+    from kaviz import models
+    from kaviz.methods import recombination as R
+
+    torch.manual_seed(0)
+    T = {"reconstruction": models.build("segnet_small", 3, output="sigmoid", widths=(4, 6, 8)).double().eval(),
+         "segmentation": models.build("segnet_small", 5, widths=(4, 6, 8)).double().eval()}
+    net = R.combine(T)
+    assert {p.dtype for p in net.state_dict().values() if p.is_floating_point()} == {torch.float64}
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    out = net.eval()(x)
+    assert all(v.dtype == torch.float64 for v in out.values())
+    R.prune(net, 0.25)
+    assert {p.dtype for p in net.state_dict().values() if p.is_floating_point()} == {torch.float64}
+    net(x)
+    mixed = {**T, "segmentation": T["segmentation"].float()}
+    with pytest.raises(ValueError, match="the teachers hold different dtypes"):
+        R.combine(mixed)

@@ -159,7 +159,7 @@ class LSHLoss(nn.Module):
             raise ValueError(f"teacher features have {f.shape[1]} dimensions, this LSHLoss expects {self.dim}")
         if f.shape[0] == 0:
             raise ValueError("fit_bias needs at least one teacher feature vector")
-        f = f.to(self.weight.device, torch.float32)
+        f = f.to(self.weight.device, self.weight.dtype)  # the module's dtype: a .double() loss works
         if not torch.isfinite(f).all():
             raise ValueError("teacher features contain NaN/inf; check the teacher")
         proj = f @ self.weight.T
@@ -174,9 +174,12 @@ class LSHLoss(nn.Module):
         return self
 
     def hash(self, f: torch.Tensor) -> torch.Tensor:
-        """``h(f) = f Wᵀ + b``, (B, N): the hash logits (their signs are the bits)."""
+        """``h(f) = f Wᵀ + b``, (B, N): the hash logits (their signs are the bits), in the module's
+        dtype (features of another floating dtype are cast, keeping their graph)."""
         if f.dim() != 2 or f.shape[1] != self.dim:
             raise ValueError(f"features must be (B, {self.dim}), got {tuple(f.shape)}")
+        if f.dtype != self.weight.dtype and f.is_floating_point():
+            f = f.to(self.weight.dtype)
         return F.linear(f, self.weight, self.bias)
 
     def bits(self, f: torch.Tensor) -> torch.Tensor:
@@ -191,8 +194,9 @@ class LSHLoss(nn.Module):
             raise RuntimeError(f"the LSH bias ({self.bias_mode!r}) is not fitted: call "
                                "lsh.fit_bias(teacher_training_features) first, or use bias='zero'")
         f_t = f_t.detach()
-        y = (self.hash(f_t) > 0).to(f_s.dtype)
-        per_sample = {"lsh": F.binary_cross_entropy_with_logits(self.hash(f_s), y, reduction="none").mean(1)}
+        logits = self.hash(f_s)
+        y = (self.hash(f_t) > 0).to(logits.dtype)
+        per_sample = {"lsh": F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(1)}
         if self.with_l2:
             per_sample = {"l2": (f_s - f_t).pow(2).mean(1), **per_sample}
         return {k: _masked_mean(v, mask) for k, v in per_sample.items()}
