@@ -618,3 +618,65 @@ def test_recombination_combine_and_prune_on_float64_teachers():
     mixed = {**T, "segmentation": T["segmentation"].float()}
     with pytest.raises(ValueError, match="the teachers hold different dtypes"):
         R.combine(mixed)
+
+
+# --------------------------------------------------------------------- smaller input faults (14.14)
+def test_build_none_name_lists_valid_names_and_accepts_numpy_ints():
+    # Defect (14.14): build(None, 3) failed inside difflib; build(name, np.int64(3)) was refused.
+    import json
+
+    from kaviz import models
+
+    with pytest.raises(TypeError, match=r"name must be an architecture name \(a str\), got None .*"
+                                        r"kaviz's own: \[.*'cifar_resnet8'.*available\(\)"):
+        models.build(None, 3)
+    with pytest.raises(TypeError, match=r"got 3 \(int\)"):
+        models.build(3, 3)
+    m = models.build("cifar_resnet8", np.int64(3))
+    assert m.kaviz_spec["num_classes"] == 3 and type(m.kaviz_spec["num_classes"]) is int
+    json.dumps(m.kaviz_spec)  # a NumPy int would not serialise into cache keys
+    assert models.build("cifar_resnet8", torch.tensor(4)).kaviz_spec["num_classes"] == 4
+    for bad in (3.0, True, 0, np.int64(-1), "3"):
+        with pytest.raises(ValueError, match="num_classes must be a positive int"):
+            models.build("cifar_resnet8", bad)
+
+
+def test_image_dataset_refuses_channels_last_arrays():
+    # Defect (14.14): (N, H, W, 3) was taken as channels-first: images of H channels, 3 pixels wide.
+    from kaviz.data import ImageDataset
+
+    hwc = np.zeros((5, 16, 16, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"shape \(5, 16, 16, 3\), which looks channels-last .*"
+                                         r"np.moveaxis\(images, -1, 1\)"):
+        ImageDataset(hwc, np.zeros(5, np.int64))
+    with pytest.raises(ValueError, match="looks channels-last"):
+        ImageDataset(torch.zeros(5, 32, 32, 1, dtype=torch.uint8), torch.zeros(5, dtype=torch.long))
+    ds = ImageDataset(np.moveaxis(hwc, -1, 1), np.zeros(5, np.int64))  # the suggested fix works
+    assert ds[0][0].shape == (3, 16, 16)
+    assert ImageDataset(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.zeros(2, dtype=torch.long))[0][0].shape \
+        == (1, 8, 8)
+    assert ImageDataset(torch.zeros(2, 3, 32, 4, dtype=torch.uint8), torch.zeros(2, dtype=torch.long))[0][0].shape \
+        == (3, 32, 4)  # channels-first with 4 columns: fine
+
+
+@pytest.mark.parametrize("method", ["pca", "tsne", "umap"])
+def test_embed_of_constant_features_is_a_clear_error(method):
+    # Defect (14.14): t-SNE of constant features failed inside quality() with "Input X contains NaN";
+    # UMAP drew noise and PCA a single point, both with a trustworthiness that looked fine.
+    from kaviz.embed import embed
+
+    with pytest.raises(ValueError, match=r"the features the map is fitted on \('features'\) are constant: all 30 "
+                                         r"rows are the same vector"):
+        embed(np.ones((30, 6), np.float32), method=method, cache=False)
+    with pytest.raises(ValueError, match=r"\('b'\) are constant"):
+        embed({"a": np.random.default_rng(0).normal(size=(30, 6)), "b": np.zeros((30, 6))}, method=method,
+              mode="reference", reference="b", cache=False)
+
+
+def test_embed_of_few_distinct_points_still_works():
+    from kaviz.embed import embed
+
+    x = np.zeros((30, 6))
+    x[:15] = 1.0  # two distinct vectors: a defined map, not an error
+    df = embed(x, method="pca", cache=False)
+    assert np.isfinite(df[["x", "y"]].to_numpy()).all()
