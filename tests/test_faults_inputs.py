@@ -680,3 +680,16 @@ def test_embed_of_few_distinct_points_still_works():
     x[:15] = 1.0  # two distinct vectors: a defined map, not an error
     df = embed(x, method="pca", cache=False)
     assert np.isfinite(df[["x", "y"]].to_numpy()).all()
+
+
+def test_check_teachers_leaves_the_rng_stream_alone():
+    # the check reads one image; under a random transform that must not change what a seeded run draws next
+    from kaviz.methods import kd
+
+    u = _tiny_union(transform=T2.RandomHorizontalFlip())
+    teachers = [_conv_net(3), _conv_net(2)]
+    torch.manual_seed(0)
+    kd.check_teachers(teachers, u)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))

@@ -74,7 +74,8 @@ def check_teachers(teachers: Sequence[nn.Module], data, student: nn.Module | Non
     if len(teachers) != len(counts):
         raise ValueError(f"{method}: {len(teachers)} teacher(s) for a union of {len(counts)} sources {names}; "
                          "pass one teacher per source, in the union's order.")
-    x = union.get_image(0)[None]
+    with torch.random.fork_rng(devices=[]):  # a random transform must not shift the caller's RNG stream
+        x = union.get_image(0)[None]
     bad = []
     for k, (t, name, sl, n) in enumerate(zip(teachers, names, slices, counts)):
         out = _num_outputs(t, x)
