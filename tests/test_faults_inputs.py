@@ -693,3 +693,20 @@ def test_check_teachers_leaves_the_rng_stream_alone():
     after = torch.rand(3)
     torch.manual_seed(0)
     assert torch.equal(after, torch.rand(3))
+
+
+def test_truncated_dense_map_error_names_the_file(tmp_path):
+    from kaviz.data import real
+    from kaviz.data.real import DatasetFormatError
+
+    fx = _fixtures()
+    fx.make_nyu(tmp_path / "nyu")
+    depth = tmp_path / "nyu" / "train" / "depth" / "5.npy"
+    depth.write_bytes(depth.read_bytes()[:100])
+    ds = real.nyuv2(tmp_path / "nyu", "train", image_size=8, augment=False)
+    with pytest.raises(DatasetFormatError, match=r"5\.npy: cannot read this map"):
+        ds[1]
+    seg = tmp_path / "nyu" / "train" / "seg13" / "10.png"
+    seg.write_bytes(seg.read_bytes()[:60])
+    with pytest.raises(DatasetFormatError, match=r"10\.png: cannot read this map"):
+        ds[2]

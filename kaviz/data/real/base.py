@@ -568,7 +568,14 @@ def _read_array(path: Path) -> np.ndarray:
     """A stored map as a NumPy array: ``.npy`` as saved, images with PIL (16-bit PNGs stay 16-bit)."""
     if path.suffix.lower() == ".npy":
         # allow_pickle=False: a .npy from someone else's disk must not be able to run code.
-        return np.load(path, allow_pickle=False)
+        try:
+            return np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, EOFError) as e:  # truncated, not a .npy, or an object array
+            raise DatasetFormatError(f"{path}: cannot read this map ({type(e).__name__}: {e}); the file is "
+                                     "truncated, corrupt or holds Python objects. Re-create it with "
+                                     "np.save(path, array) from a numeric array.") from e
     from PIL import Image
 
     try:
