@@ -624,7 +624,15 @@ def _is_figure_widget(w) -> bool:
 
 
 def _check_value(name, widget, value):
-    """Refuse a value a slider would silently clamp (``update(channel=99)`` on ``range(64)``)."""
+    """Refuse a value a slider would silently clamp (``update(channel=99)`` on ``range(64)``) or
+    that a dropdown does not offer, before anything is set."""
+    options = getattr(widget, "options", None)
+    if options is not None and not isinstance(options, str):
+        valid = [o[1] if isinstance(o, tuple) and len(o) == 2 else o for o in options]
+        if not any(value is v or _same(value, v) for v in valid):
+            shown = ", ".join(repr(v) for v in valid[:10]) + (" ..." if len(valid) > 10 else "")
+            raise ValueError(f"control {name!r}: {value!r} is not one of its options ({shown})")
+        return
     lo, hi = getattr(widget, "min", None), getattr(widget, "max", None)
     if lo is None or hi is None or isinstance(value, bool):
         return
@@ -635,6 +643,13 @@ def _check_value(name, widget, value):
     if not inside:
         raise ValueError(f"control {name!r}: {value!r} is outside its range [{lo}, {hi}]; the slider "
                          f"would clamp it to {min(max(value, lo), hi)!r}. Pass a value in range.")
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - arrays and odd types: not equal
+        return False
 
 
 def _fmt_values(values):

@@ -380,6 +380,9 @@ def test_linked_controls_drops_stale_figure_and_refuses_out_of_range():
     with pytest.raises(ValueError, match=r"outside its range"):
         lc.update(kind="table", channel=-1)
     assert lc.values == {"kind": "figure", "channel": 5}
+    with pytest.raises(ValueError, match=r"control 'kind': 'chart' is not one of its options \('figure', 'table'\)"):
+        lc.update(channel=7, kind="chart")
+    assert lc.values == {"kind": "figure", "channel": 5}
 
 
 # ----------------------------------------------------------------- real-format loaders (14.10/12/14)
