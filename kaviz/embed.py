@@ -174,6 +174,14 @@ def embed(features, labels=None, *, method="tsne", mode="joint", reference=None,
     n_fit = X_fit.shape[0]
     if n_fit < 3:
         raise ValueError(f"need at least 3 rows to fit a map, got {n_fit}")
+    spread = float(np.ptp(X_fit, axis=0).max())
+    if spread <= 1e-7 * max(1.0, float(np.abs(X_fit).max())):
+        raise ValueError(
+            f"the features the map is fitted on ({', '.join(map(repr, fit_names))}) are constant: all "
+            f"{n_fit} rows are the same vector, so there are no neighbourhoods to map ({method} of "
+            f"identical points fails or draws noise). The layer does not respond to its input (a dead "
+            f"ReLU, an untrained or collapsed network, identical images?): pick another layer or "
+            f"check the model.")
 
     # PCA first: denoises and makes the neighbour search cheap; fitted on what the map is fitted on
     reduced, pca_kept = _pca_reduce(X_fit, X_all, pca, seed)

@@ -227,6 +227,13 @@ class EmbeddingExplorer:
     def recompute(self) -> bool:
         """Call ``compute`` with the current choices and redraw the maps. Never raises: an error
         is shown in the status label (the previous maps stay). Returns True on success."""
+        try:
+            return self._recompute()
+        except Exception as e:  # noqa: BLE001 - the promise above: a callback must never raise
+            self.status.value = f"{_error_text(e)} (while drawing the maps)"
+            return False
+
+    def _recompute(self) -> bool:
         args = (self.model, self.layer, self.method, self.params())
         name = _METHOD_LABELS.get(self.method, self.method)
         self.status.value = f"computing {name} of {self.model} · {self.layer} …"
@@ -260,38 +267,56 @@ class EmbeddingExplorer:
             if "label" in df.columns:
                 for i, lab in zip(df["index"].to_numpy(), df["label"].to_numpy()):
                     self._labels.setdefault(int(i), lab)
+        dropped = ""
         if self.selection:  # the same images stay highlighted in the new maps
-            self.select(self.selection)
+            try:
+                self.select(self.selection)
+            except Exception as e:  # noqa: BLE001 - the maps are drawn; only the selection is lost
+                self.selection = None
+                self.side_image.value = b""
+                self.side_caption.value = "<i>hover or select points</i>"
+                dropped = f" · selection cleared ({_error_text(e)})"
         parts = [f"{name} of {self.model} · {self.layer}: "
                  f"{' + '.join(str(len(df)) for df in dfs)} points in "
                  f"{time.perf_counter() - t0:.1f} s"]
         tw = [df.attrs.get("trustworthiness") for df in dfs]
         if all(t is not None for t in tw):
             parts.append("trustworthiness " + " / ".join(f"{t:.3f}" for t in tw))
-        self.status.value = " · ".join(parts)
+        self.status.value = " · ".join(parts) + dropped
         return True
 
     def select(self, indices) -> None:
         """Highlight the sample ``indices`` (every source, every panel), dim the rest, and show
-        their images in the side panel. ``None`` or an empty selection clears it."""
+        their images in the side panel. ``None`` or an empty selection clears it. A selection
+        whose images cannot be shown (an index outside ``images``) raises before anything
+        changes: the previous selection stays."""
         if indices is not None:
             indices = sorted({int(i) for i in np.asarray(list(indices)).ravel()})
             if not indices:
                 indices = None
-        self.selection = indices
-        for fw in self.figures:
-            plots.highlight(fw, indices)
         if indices is None:
+            self.selection = None
+            for fw in self.figures:
+                plots.highlight(fw, None)
             self.side_image.value = b""
             self.side_caption.value = "<i>hover or select points</i>"
             return
         shown = indices[:_MONTAGE_MAX]
+        if self.images is not None and not callable(self.images):
+            outside = [i for i in indices if not 0 <= i < len(self.images)]
+            if outside:
+                raise IndexError(f"sample indices {outside[:5]} are outside the images array "
+                                 f"(N={len(self.images)}); pass images for every sample index")
+        montage = self._montage(shown) if self.images is not None else b""  # may raise: nothing set yet
         more = f" (first {len(shown)} shown)" if len(indices) > len(shown) else ""
         labels = sorted({self._label_name(i) for i in indices})
         lab = ", ".join(labels[:6]) + (" …" if len(labels) > 6 else "")
+        self.selection = indices
+        for fw in self.figures:
+            plots.highlight(fw, indices)
         self.side_caption.value = (f"<b>{len(indices)} selected</b>{more}<br>"
                                    f"<small>labels: {_html(lab)}</small>")
-        self.side_image.value = self._montage(shown) if self.images is not None else b""
+        self.side_image.value = montage
 
     def hover(self, index) -> None:
         """Show the image of sample ``index`` with its index and label in the side panel."""
@@ -490,6 +515,8 @@ class LinkedControls:
         unknown = [k for k in values if k not in self.controls]
         if unknown:
             raise ValueError(f"unknown controls {unknown}; controls: {list(self.controls)}")
+        for k, v in values.items():  # all checked before any is set: no half-applied update
+            _check_value(k, self.controls[k], v)
         self._suspend = True
         try:
             for k, v in values.items():
@@ -511,18 +538,26 @@ class LinkedControls:
         if isinstance(result, BaseFigure):
             import plotly.graph_objects as go
 
+            self.output.outputs = ()
             if self.figure is None:
                 self.figure = go.FigureWidget(result)
-                self._box.children = tuple(c for c in self._box.children
-                                           if c is not self.output) + (self.figure,)
             else:
                 _replace_figure(self.figure, result)
+            self._show(self.figure)
         else:
+            # fn switched from a figure to something else: the stale figure must go
+            self.figure = None
             self.output.outputs = ()
             if result is not None:
                 self.output.append_display_data(result)
+            self._show(self.output)
         self.status.value = ""
         return True
+
+    def _show(self, view):
+        """Make ``view`` (the FigureWidget or the Output) the last child of the box, alone."""
+        kids = tuple(c for c in self._box.children if c is not self.output and not _is_figure_widget(c))
+        self._box.children = kids + (view,)
 
     def show(self):
         """Display the widget in a live kernel (returns None); elsewhere return ``fn``'s result
@@ -582,6 +617,39 @@ def _make_control(name, spec):
         return W.Dropdown(options=opts, value=opts[0], description=name, style=style)
     raise TypeError(f"control {name!r}: expected a list of options, a dict label -> value, a "
                     f"range or an ipywidgets value widget, got {type(spec).__name__}")
+
+
+def _is_figure_widget(w) -> bool:
+    return type(w).__name__ == "FigureWidget"
+
+
+def _check_value(name, widget, value):
+    """Refuse a value a slider would silently clamp (``update(channel=99)`` on ``range(64)``) or
+    that a dropdown does not offer, before anything is set."""
+    options = getattr(widget, "options", None)
+    if options is not None and not isinstance(options, str):
+        valid = [o[1] if isinstance(o, tuple) and len(o) == 2 else o for o in options]
+        if not any(value is v or _same(value, v) for v in valid):
+            shown = ", ".join(repr(v) for v in valid[:10]) + (" ..." if len(valid) > 10 else "")
+            raise ValueError(f"control {name!r}: {value!r} is not one of its options ({shown})")
+        return
+    lo, hi = getattr(widget, "min", None), getattr(widget, "max", None)
+    if lo is None or hi is None or isinstance(value, bool):
+        return
+    try:
+        inside = lo <= value <= hi
+    except TypeError:
+        raise TypeError(f"control {name!r}: expected a number in [{lo}, {hi}], got {value!r}") from None
+    if not inside:
+        raise ValueError(f"control {name!r}: {value!r} is outside its range [{lo}, {hi}]; the slider "
+                         f"would clamp it to {min(max(value, lo), hi)!r}. Pass a value in range.")
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - arrays and odd types: not equal
+        return False
 
 
 def _fmt_values(values):

@@ -177,7 +177,7 @@ def test_voc_errors(tmp_path):
                        r"Did you mean root='[^']*VOCdevkit/VOC2007'\? It holds JPEGImages"):
         real.voc2007(top)
     (tmp_path / "Annotations" / "000002.xml").write_text("<annotation><object><name>dragon</name></object></annotation>")
-    with pytest.raises(DatasetLayoutError, match=r"Annotations/000002.xml could not be read \(unknown class 'dragon'\)"):
+    with pytest.raises(DatasetLayoutError, match=r"Annotations/000002.xml is malformed: it could not be read \(unknown class 'dragon'\)"):
         real.voc2007(tmp_path, "train")
     (tmp_path / "Annotations" / "000002.xml").unlink()
     with pytest.raises(DatasetLayoutError, match=r"1 of 2 listed annotations are missing \(Annotations/000002.xml\)"):

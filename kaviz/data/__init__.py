@@ -1,8 +1,9 @@
 """Embedded datasets (synthetic shapes/scenes, scikit-learn digits), the comprehensive label space
-(union), splits, fingerprints and seeded loaders. Importing this package imports torch and NumPy
-only; scikit-learn and pandas are imported when a dataset is built."""
+(union), splits, fingerprints, seeded loaders and :func:`is_random` (does a transform augment?).
+Importing this package imports torch and NumPy only; scikit-learn and pandas are imported when a dataset is built."""
 from .core import ImageDataset, Splits, Unlabeled, UnionDataset, fingerprint, loader, split, union
 from .digits import digits
+from .transforms import has_random_transform, is_random
 from .synthetic import (
     ATTRIBUTES,
     BACKGROUNDS,
@@ -24,6 +25,8 @@ __all__ = [
     "split",
     "fingerprint",
     "loader",
+    "is_random",
+    "has_random_transform",
     "SHAPES",
     "TEXTURES",
     "BACKGROUNDS",

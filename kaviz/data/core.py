@@ -120,6 +120,14 @@ def _as_images(images) -> torch.Tensor:
             f"images must have shape (N, C, H, W), got {tuple(images.shape)}; add a channel axis "
             "for grey images (x[:, None]) or move channels first (x.permute(0, 3, 1, 2))"
         )
+    c, last = images.shape[1], images.shape[3]
+    if last in (1, 3, 4) and c > 4 and images.shape[2] > 4:
+        # (N, H, W, 3) read as channels-first would be images of H channels, 3 pixels wide
+        raise ValueError(
+            f"images have shape {tuple(images.shape)}, which looks channels-last (N, H, W, {last}); "
+            f"ImageDataset takes (N, C, H, W). Move channels first: images.permute(0, 3, 1, 2) "
+            f"(torch) or np.moveaxis(images, -1, 1) (NumPy)"
+        )
     return images
 
 
@@ -193,7 +201,8 @@ def _to_display(chw: torch.Tensor) -> np.ndarray:
 class ImageDataset(Dataset):
     """In-memory image dataset.
 
-    ``images``: uint8 tensor (N, C, H, W); ``targets``: a tensor whose first dim is N (int64 class
+    ``images``: uint8 tensor (N, C, H, W) (channels-last arrays (N, H, W, 1|3|4) are refused with
+    the permutation to use, not silently misread); ``targets``: a tensor whose first dim is N (int64 class
     ids (N,), or (N, A) attribute bits, or multi-hot (N, K) float) OR a dict of such tensors
     (dense/scene targets). ``dataset[i]`` returns ``(image float32 (C, H, W) in [0, 1], target)``
     where target is ``targets[i]`` (a 0-dim int64 tensor for class ids) or ``{k: v[i]}``.

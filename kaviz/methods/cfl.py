@@ -43,7 +43,7 @@ from torch import nn
 from ..features import FeatureTap, eval_mode, pool_features
 from ..losses import mmd, soft_cross_entropy
 from ..train import Frozen, freeze
-from .kd import MultiTeacherKD, images_of, union_accuracy
+from .kd import MultiTeacherKD, check_teachers, images_of, union_accuracy
 
 __all__ = [
     "LOSS_WEIGHTS",
@@ -254,6 +254,8 @@ class CommonFeatureLearning(nn.Module):
         (:meth:`param_groups`, used by :func:`kaviz.train.fit`). The paper: lr 1e-4, head 10×,
         block 5e-4 (5×).
     weights : loss weights (default :data:`LOSS_WEIGHTS`, 1 : 10 : 10).
+    union : the training data (a :class:`kaviz.data.UnionDataset` or a wrapper of one); when given,
+        each teacher's class count is checked against its source's here (:func:`kaviz.methods.kd.check_teachers`).
 
     A batch is images, ``(images, anything)`` (the second element is never read), or the
     ``(images, {"teacher_logits", "teacher_features"})`` pairs of :class:`TeacherOutputs`, in which
@@ -264,7 +266,7 @@ class CommonFeatureLearning(nn.Module):
                  teacher_layers: Sequence[str], *, example: torch.Tensor | None = None,
                  block: nn.Module | None = None, hidden: int = 128, T: float = 1.0, head: str | None = "auto",
                  head_lr_mult: float = 10.0, block_lr_mult: float = 5.0,
-                 weights: Mapping[str, float] | None = None):
+                 weights: Mapping[str, float] | None = None, union=None):
         super().__init__()
         if len(teachers) == 0:
             raise ValueError("CommonFeatureLearning needs at least one teacher")
@@ -289,6 +291,8 @@ class CommonFeatureLearning(nn.Module):
         if unknown:
             raise ValueError(f"unknown loss terms {sorted(unknown)} in weights; the terms are {list(LOSS_WEIGHTS)}")
         _head_params(student, head)  # a wrong head name fails here, not at the first epoch
+        if union is not None:
+            check_teachers(self.teachers, union, student, method="CommonFeatureLearning")
         if block is None:
             if example is None:
                 raise ValueError("pass example=<one batch of images> (to read the layers' channel counts) "
@@ -415,12 +419,20 @@ def precompute_teachers(teachers: Sequence[nn.Module], teacher_layers: Sequence[
                         batch_size: int = 256, device=None) -> TeacherOutputs:
     """Run the frozen teachers once over ``data`` (images only) and keep their concatenated logits
     and the features of ``teacher_layers`` (unpooled), so that training epochs, seeds and methods
-    reuse them. Use only without random augmentation."""
-    from ..data import Unlabeled
+    reuse them. Use only without random augmentation: on data with a random transform
+    (:func:`kaviz.data.has_random_transform`) it warns, since the outputs of one augmented view would
+    be reused every epoch."""
+    import warnings
+
+    from ..data import Unlabeled, has_random_transform
     from ..features import OUTPUT, extract
 
     if isinstance(teacher_layers, str) or len(teacher_layers) != len(teachers):
         raise ValueError(f"teacher_layers must list one layer per teacher ({len(teachers)}), got {teacher_layers!r}")
+    if has_random_transform(data):
+        warnings.warn(f"precompute_teachers on data with a random transform ({getattr(data, 'transform', None)!r}): "
+                      "the teachers' outputs of one augmented view are reused every epoch. Use "
+                      "cache_teachers='auto' (or False) for augmented data.", stacklevel=2)
     images = Unlabeled(data)
     logits, feats = [], []
     for t, layer in zip(teachers, teacher_layers):
@@ -484,7 +496,10 @@ def amalgamate(student: nn.Module, teachers: Sequence[nn.Module], student_layer:
 
     method = CommonFeatureLearning(student, teachers, student_layer, teacher_layers,
                                    example=_first_images(train_data), hidden=hidden, T=T, head=head,
-                                   head_lr_mult=head_lr_mult, block_lr_mult=block_lr_mult, weights=weights)
+                                   head_lr_mult=head_lr_mult, block_lr_mult=block_lr_mult, weights=weights,
+                                   union=train_data)
+    if val_data is not None:
+        check_teachers(method.teachers, val_data, student, method="CommonFeatureLearning (val_data)")
     train = train_data if isinstance(train_data, TeacherOutputs) else Unlabeled(train_data)
     if val_data is not None:
         fit_kwargs.setdefault("monitor", "val/task_agnostic")
@@ -498,8 +513,9 @@ class KDBaseline(MultiTeacherKD):
     learning rates as CFL's student (head at ``lr * head_lr_mult``) and the same cached teacher
     outputs, so that KD and CFL differ only by the CFL terms."""
 
-    def __init__(self, student, teachers, T: float = 1.0, head: str | None = "auto", head_lr_mult: float = 10.0):
-        super().__init__(student, teachers, T=T)
+    def __init__(self, student, teachers, T: float = 1.0, head: str | None = "auto", head_lr_mult: float = 10.0,
+                 *, union=None):
+        super().__init__(student, teachers, T=T, union=union)
         _head_params(student, head)
         self.head = head
         self.head_lr_mult = float(head_lr_mult)
@@ -543,13 +559,15 @@ def run_students(student: str | Callable[[], nn.Module], teachers: Sequence[nn.M
                  hidden: int = 128, T: float = 1.0, weights: Mapping[str, float] | None = None,
                  head_lr_mult: float = 10.0, block_lr_mult: float = 5.0, optimizer: str = "adam",
                  weight_decay: float = 1e-4, schedule="step", arch_kwargs: Mapping | None = None,
-                 cache_teachers: bool = False, tag: str = "", device=None, **fit_kwargs) -> list[Run]:
+                 cache_teachers: bool | str = "auto", tag: str = "", device=None, **fit_kwargs) -> list[Run]:
     """Train a KD student and a CFL student per seed with the same budget (epochs, batch, data,
     optimiser, learning rates of the backbone and the head), select each on the validation split by
     task-agnostic accuracy, and score it on ``test_data``. ``student`` is an architecture name for
     :func:`kaviz.models.build` (with ``arch_kwargs``, e.g. ``weights_path``) or a callable returning
-    a fresh student. With ``cache_teachers`` the teachers' outputs are computed once
-    (:func:`precompute_teachers`; only without random augmentation). ``tag`` is appended to the
+    a fresh student. ``cache_teachers``: ``"auto"`` computes the teachers' outputs once
+    (:func:`precompute_teachers`) when ``train_data`` has no random augmentation
+    (:func:`kaviz.data.has_random_transform`); True forces it (warning on augmented data), False
+    runs the teachers on every batch. ``tag`` is appended to the
     method's name in the runs (e.g. ``" (mmd weight 1)"`` for an ablation). KD and CFL students of
     one seed start from the same weights. Returns a list of :class:`Run`.
     """
@@ -574,6 +592,14 @@ def run_students(student: str | Callable[[], nn.Module], teachers: Sequence[nn.M
         make, arch = student, None
     else:
         raise TypeError(f"student must be an architecture name or a callable returning a model, got {student!r}")
+    for what, d in (("val_data", val_data), ("test_data", test_data)):
+        check_teachers(teachers, d, method=f"run_students ({what})")
+    if cache_teachers not in (True, False, "auto"):
+        raise ValueError(f"cache_teachers must be True, False or 'auto', got {cache_teachers!r}")
+    if cache_teachers == "auto":
+        from ..data import has_random_transform
+
+        cache_teachers = not has_random_transform(train_data)
     train = precompute_teachers(teachers, teacher_layers, train_data, device=device) if cache_teachers \
         else Unlabeled(train_data)
     runs = []
@@ -586,9 +612,10 @@ def run_students(student: str | Callable[[], nn.Module], teachers: Sequence[nn.M
         seed_everything(int(seed))
         net = make()
         if m == "KD":
-            return KDBaseline(net, teachers, T=T, head_lr_mult=head_lr_mult)
+            return KDBaseline(net, teachers, T=T, head_lr_mult=head_lr_mult, union=train_data)
         return CommonFeatureLearning(net, teachers, student_layer, teacher_layers, example=example, hidden=hidden,
-                                     T=T, head_lr_mult=head_lr_mult, block_lr_mult=block_lr_mult, weights=weights)
+                                     T=T, head_lr_mult=head_lr_mult, block_lr_mult=block_lr_mult, weights=weights,
+                                     union=train_data)
 
     for seed in seeds:
         for m in methods:

@@ -14,7 +14,8 @@ from torch import nn
 from ..losses import soft_cross_entropy
 from ..train import freeze
 
-__all__ = ["images_of", "MultiTeacherKD", "concat_logits", "union_accuracy", "teacher_accuracy", "distill"]
+__all__ = ["images_of", "MultiTeacherKD", "concat_logits", "union_accuracy", "teacher_accuracy", "distill",
+           "check_teachers"]
 
 
 def images_of(batch) -> torch.Tensor:
@@ -33,21 +34,85 @@ def concat_logits(teachers: Sequence[nn.Module], x: torch.Tensor) -> torch.Tenso
         return torch.cat([t(x) for t in teachers], dim=1)
 
 
+def _union_of(data, depth: int = 0):
+    """The :class:`kaviz.data.UnionDataset` (anything with ``class_counts`` and ``sources``) inside
+    ``data``, looking through ``Unlabeled``, ``Subset`` and teacher-output wrappers; else None."""
+    if data is None or depth > 8:
+        return None
+    if hasattr(data, "class_counts") and hasattr(data, "sources") and hasattr(data, "slices"):
+        return data
+    for attr in ("dataset", "data"):
+        inner = getattr(data, attr, None)
+        if inner is not None and inner is not data and hasattr(inner, "__len__") and not torch.is_tensor(inner):
+            found = _union_of(inner, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def _num_outputs(model: nn.Module, x: torch.Tensor) -> int | None:
+    from ..features import eval_mode
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
+    with torch.no_grad(), eval_mode(model):
+        out = model(x.to(device=device, dtype=dtype))
+    return int(out.shape[1]) if torch.is_tensor(out) and out.dim() == 2 else None
+
+
+def check_teachers(teachers: Sequence[nn.Module], data, student: nn.Module | None = None, *,
+                   method: str = "KD") -> None:
+    """Raise when the teachers do not match the union's label space: one teacher per source of the
+    :class:`kaviz.data.UnionDataset` in ``data`` (also inside ``Unlabeled``/teacher-output
+    wrappers), in source order, teacher k with as many outputs as source k has classes; and, when
+    ``student`` is given, a student with ``union.num_classes`` outputs. One forward pass of one
+    image per network. Data without a union (plain datasets) is not checked."""
+    union = _union_of(data)
+    if union is None or len(union) == 0:
+        return
+    counts, names, slices = list(union.class_counts), list(union.sources), list(union.slices)
+    if len(teachers) != len(counts):
+        raise ValueError(f"{method}: {len(teachers)} teacher(s) for a union of {len(counts)} sources {names}; "
+                         "pass one teacher per source, in the union's order.")
+    with torch.random.fork_rng(devices=[]):  # a random transform must not shift the caller's RNG stream
+        x = union.get_image(0)[None]
+    bad = []
+    for k, (t, name, sl, n) in enumerate(zip(teachers, names, slices, counts)):
+        out = _num_outputs(t, x)
+        if out is not None and out != n:
+            bad.append(f"teacher {k + 1} has {out} outputs but source {k + 1} ({name!r}) has {n} classes "
+                       f"(union labels {sl.start}..{sl.stop - 1})")
+    if bad:
+        raise ValueError(f"{method}: the teachers do not match the union's label space: " + "; ".join(bad)
+                         + f". Pass the teachers in the union's source order {names}, each trained on its "
+                         "source's classes.")
+    if student is not None:
+        out = _num_outputs(student, x)
+        if out is not None and out != union.num_classes:
+            raise ValueError(f"{method}: the student has {out} outputs but the union has {union.num_classes} "
+                             f"classes ({' + '.join(map(str, counts))}); build it with "
+                             f"num_classes={union.num_classes}.")
+
+
 class MultiTeacherKD(nn.Module):
     """Student trained on the concatenated soft targets of frozen teachers: ``{"kd": soft_ce}``.
 
     ``evaluate(data)`` reports task-agnostic and task-aware accuracy when ``data`` is a
     :class:`kaviz.data.UnionDataset` (plain ``accuracy`` otherwise); used for model selection on
-    the validation split only.
+    the validation split only. ``union``: the training data (a union, or a wrapper of one); when
+    given, the teachers' class counts are checked against it here (:func:`check_teachers`), not
+    after an epoch.
     """
 
-    def __init__(self, student: nn.Module, teachers: Sequence[nn.Module], T: float = 1.0):
+    def __init__(self, student: nn.Module, teachers: Sequence[nn.Module], T: float = 1.0, *, union=None):
         super().__init__()
         if len(teachers) == 0:
             raise ValueError("MultiTeacherKD needs at least one teacher")
         self.student = student
         self.teachers = nn.ModuleList([freeze(t) for t in teachers])
         self.T = T
+        if union is not None:
+            check_teachers(self.teachers, union, student, method=type(self).__name__)
 
     def forward(self, batch):
         x = images_of(batch)
@@ -103,5 +168,7 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], train_data, val_d
     from ..data import Unlabeled
     from ..train import fit
 
-    method = MultiTeacherKD(student, teachers, T=T)
+    method = MultiTeacherKD(student, teachers, T=T, union=train_data)
+    if val_data is not None:
+        check_teachers(method.teachers, val_data, student, method="MultiTeacherKD (val_data)")
     return fit(method, Unlabeled(train_data), val_data, epochs=epochs, lr=lr, **fit_kwargs)

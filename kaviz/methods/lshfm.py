@@ -159,7 +159,7 @@ class LSHLoss(nn.Module):
             raise ValueError(f"teacher features have {f.shape[1]} dimensions, this LSHLoss expects {self.dim}")
         if f.shape[0] == 0:
             raise ValueError("fit_bias needs at least one teacher feature vector")
-        f = f.to(self.weight.device, torch.float32)
+        f = f.to(self.weight.device, self.weight.dtype)  # the module's dtype: a .double() loss works
         if not torch.isfinite(f).all():
             raise ValueError("teacher features contain NaN/inf; check the teacher")
         proj = f @ self.weight.T
@@ -174,9 +174,12 @@ class LSHLoss(nn.Module):
         return self
 
     def hash(self, f: torch.Tensor) -> torch.Tensor:
-        """``h(f) = f Wᵀ + b``, (B, N): the hash logits (their signs are the bits)."""
+        """``h(f) = f Wᵀ + b``, (B, N): the hash logits (their signs are the bits), in the module's
+        dtype (features of another floating dtype are cast, keeping their graph)."""
         if f.dim() != 2 or f.shape[1] != self.dim:
             raise ValueError(f"features must be (B, {self.dim}), got {tuple(f.shape)}")
+        if f.dtype != self.weight.dtype and f.is_floating_point():
+            f = f.to(self.weight.dtype)
         return F.linear(f, self.weight, self.bias)
 
     def bits(self, f: torch.Tensor) -> torch.Tensor:
@@ -191,8 +194,9 @@ class LSHLoss(nn.Module):
             raise RuntimeError(f"the LSH bias ({self.bias_mode!r}) is not fitted: call "
                                "lsh.fit_bias(teacher_training_features) first, or use bias='zero'")
         f_t = f_t.detach()
-        y = (self.hash(f_t) > 0).to(f_s.dtype)
-        per_sample = {"lsh": F.binary_cross_entropy_with_logits(self.hash(f_s), y, reduction="none").mean(1)}
+        logits = self.hash(f_s)
+        y = (self.hash(f_t) > 0).to(logits.dtype)
+        per_sample = {"lsh": F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(1)}
         if self.with_l2:
             per_sample = {"l2": (f_s - f_t).pow(2).mean(1), **per_sample}
         return {k: _masked_mean(v, mask) for k, v in per_sample.items()}
@@ -398,19 +402,31 @@ class TeacherOutputs(torch.utils.data.Dataset):
         return f"TeacherOutputs({self.dataset!r}, layer={self.layer!r})"
 
 
-def _deterministic(data) -> bool:
-    """No transform, or one without random steps (torchvision's random transforms are Random*)."""
-    t = getattr(data, "transform", None)
-    return t is None or "Random" not in repr(t)
-
-
 def teacher_outputs(data, teacher: nn.Module, **kwargs):
-    """``TeacherOutputs(data, teacher)`` when ``data`` returns the same images every time (no
-    transform, or one without ``Random*`` steps), else ``data`` unchanged (the teacher then runs on
-    every augmented batch)."""
-    if data is None or isinstance(data, TeacherOutputs) or not _deterministic(data):
+    """``TeacherOutputs(data, teacher)`` when ``data`` returns the same images every time
+    (:func:`kaviz.data.has_random_transform` is False: no transform, or a deterministic one), else
+    ``data`` unchanged (the teacher then runs on every augmented batch)."""
+    from ..data import has_random_transform
+
+    if data is None or isinstance(data, TeacherOutputs) or has_random_transform(data):
         return data
     return TeacherOutputs(data, teacher, **kwargs)
+
+
+def _forced_cache(data, teacher):
+    """``cache_teacher=True``: the caller overrides the check (e.g. a custom transform kaviz cannot
+    see into); warn when kaviz thinks the data is augmented."""
+    import warnings
+
+    from ..data import has_random_transform
+
+    if data is None or isinstance(data, TeacherOutputs):
+        return data
+    if has_random_transform(data):
+        warnings.warn(f"cache_teacher=True on data with a random transform ({getattr(data, 'transform', None)!r}): "
+                      "the teacher's outputs of one augmented view are reused every epoch. Pass "
+                      "cache_teacher='auto' to cache only deterministic data.", stacklevel=3)
+    return TeacherOutputs(data, teacher)
 
 
 def _teacher_features(teacher, data, layer, batch_size=256):
@@ -631,7 +647,8 @@ def run(variant: str, student: nn.Module | str, teacher: nn.Module, train_data, 
     features before each stage (SPEC §2: re-fitted before stage 2; with cached teacher outputs the
     re-fit gives the same bias, with augmentation a fresh pass). ``cache_teacher``: ``"auto"``
     caches the teacher's outputs (:func:`teacher_outputs`) when the data has no random
-    augmentation. Other keywords go to :func:`kaviz.train.fit` (``batch_size``,
+    augmentation (:func:`kaviz.data.has_random_transform`); True forces the cache (with a warning
+    on augmented data), False never caches. Other keywords go to :func:`kaviz.train.fit` (``batch_size``,
     ``optimizer="sgd"``, ``schedule="cosine"``, ``weight_decay``, ``device``...).
 
     Epoch numbers: stage 1 is epochs ``1..stage1_epochs``, stage 2 starts at
@@ -658,9 +675,7 @@ def run(variant: str, student: nn.Module | str, teacher: nn.Module, train_data, 
     if cache_teacher == "auto":
         train_data, val_data = teacher_outputs(train_data, teacher), teacher_outputs(val_data, teacher)
     elif cache_teacher:
-        train_data = train_data if isinstance(train_data, TeacherOutputs) else TeacherOutputs(train_data, teacher)
-        if val_data is not None and not isinstance(val_data, TeacherOutputs):
-            val_data = TeacherOutputs(val_data, teacher)
+        train_data, val_data = _forced_cache(train_data, teacher), _forced_cache(val_data, teacher)
     method = FeatureMimic(student, teacher, variant, beta=beta, beta1=beta1, n_hashes=n_hashes, std=std,
                           bias=bias, kd_weight=kd_weight, T=T, loss=loss, target_key=target_key, lsh_seed=seed)
     t_train = (_teacher_features(method.teacher.module, train_data, method.teacher_layer)

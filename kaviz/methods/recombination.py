@@ -502,6 +502,13 @@ def _block_diagonal_conv(convs: Sequence[nn.Conv2d], offset_bug: bool = False) -
     return new
 
 
+def _factory(bn: nn.BatchNorm2d) -> dict:
+    """``device``/``dtype`` of a batch norm's floating tensors, so a new one matches it (a float64
+    network stays float64: combine() and prune() on ``.double()`` teachers)."""
+    ref = bn.weight if bn.affine else bn.running_mean
+    return {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+
+
 def _concat_bn(bns: Sequence[nn.BatchNorm2d]) -> nn.BatchNorm2d:
     first = bns[0]
     for b in bns[1:]:
@@ -509,7 +516,7 @@ def _concat_bn(bns: Sequence[nn.BatchNorm2d]) -> nn.BatchNorm2d:
             raise ValueError("teacher batch norms differ in eps/affine/track_running_stats; cannot concatenate them")
     new = nn.BatchNorm2d(sum(b.num_features for b in bns), eps=first.eps, momentum=first.momentum,
                          affine=first.affine, track_running_stats=first.track_running_stats,
-                         device=first.weight.device if first.affine else None)
+                         **_factory(first))
     with torch.no_grad():
         if first.affine:
             new.weight.copy_(torch.cat([b.weight for b in bns]))
@@ -543,6 +550,10 @@ def combine(teachers: Mapping[str, nn.Module], *, kinds: Mapping[str, str] | Non
     if len(cins) != 1:
         raise ValueError(f"the teachers read images with different channel counts {sorted(cins)}; they must see the "
                          "same image")
+    dtypes = {name: t.enc1.conv1.weight.dtype for name, t in teachers.items()}
+    if len(set(dtypes.values())) > 1:
+        raise ValueError(f"the teachers hold different dtypes {dtypes}; convert them alike first "
+                         "(e.g. teacher.float() or teacher.double())")
     blocks, offsets = {}, {}
     for b in _BLOCKS:
         src = [getattr(t, b) for t in models]
@@ -653,8 +664,7 @@ def _conv_like(old: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None) 
 
 def _bn_like(old: nn.BatchNorm2d, keep: torch.Tensor) -> nn.BatchNorm2d:
     new = nn.BatchNorm2d(len(keep), eps=old.eps, momentum=old.momentum, affine=old.affine,
-                         track_running_stats=old.track_running_stats,
-                         device=old.weight.device if old.affine else None)
+                         track_running_stats=old.track_running_stats, **_factory(old))
     with torch.no_grad():
         if old.affine:
             new.weight.copy_(old.weight[keep])

@@ -531,11 +531,6 @@ class TeacherTargets(torch.utils.data.Dataset):
         return fingerprint(("teacher-targets", fingerprint(self.data), self.key))
 
 
-def _is_random(data) -> bool:
-    """True for data whose transform draws random geometry (a JointTransform with train=True)."""
-    return bool(getattr(getattr(data, "transform", None), "train", False))
-
-
 class SBM(nn.Module):
     """The SBM training method for :func:`kaviz.train.fit`: ``forward(batch)`` returns one loss term
     per task and branch point of the student, named ``"<task>@<point>"`` (``"<task>"`` once each
@@ -594,10 +589,12 @@ class SBM(nn.Module):
 
     def precompute(self, data, batch_size: int = 128) -> TeacherTargets:
         """The teachers' targets for every item of ``data``, computed once (:class:`TeacherTargets`).
-        Refuses data with a random (training) transform: its images change every epoch."""
+        Refuses data with a random (training) transform (:func:`kaviz.data.has_random_transform`):
+        its images change every epoch."""
+        from ..data import has_random_transform
         from ..features import eval_mode
 
-        if _is_random(data):
+        if has_random_transform(data):
             raise ValueError("this data applies a random transform (augmentation), so the teachers' predictions "
                              "change every epoch and cannot be computed once; train on it directly "
                              "(run(..., precompute=False)) or load it with augment=False")

@@ -85,8 +85,11 @@ def build(name: str, num_classes: int, *, weights_path: str | None = None, **kwa
     has another number of classes the head is left freshly initialised (and said so in
     ``model.kaviz_spec["head_reinitialised"]``).
     """
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if not isinstance(name, str):
+        raise TypeError(f"build(name, num_classes): name must be an architecture name (a str), got "
+                        f"{name!r} ({type(name).__name__}). kaviz's own: {sorted(_REGISTRY)}; "
+                        "kaviz.models.available() also lists torchvision's classifiers.")
+    num_classes = _positive_int(num_classes)
     if name in _REGISTRY:
         model = _REGISTRY[name](num_classes=num_classes, **kwargs)
     else:
@@ -103,6 +106,22 @@ def build(name: str, num_classes: int, *, weights_path: str | None = None, **kwa
     if weights_path is not None:
         load_weights(model, weights_path, skip_mismatched_head=True)
     return model
+
+
+def _positive_int(num_classes) -> int:
+    """Any integral number (int, NumPy or 0-dim torch integers) >= 1, as a plain int."""
+    import operator
+
+    if isinstance(num_classes, bool):
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    try:
+        k = operator.index(num_classes)
+    except TypeError:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r} "
+                         f"({type(num_classes).__name__})") from None
+    if k < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    return int(k)
 
 
 def _jsonable(kwargs: dict) -> dict:

@@ -10,14 +10,15 @@ training splits: RandomResizedCrop(scale=(0.5, 1)) + flip; evaluation splits res
 ``augment=False`` gives the evaluation transform on any split) and returns a dataset with ``name``,
 ``classes``, ``num_classes``, ``targets``, ``fingerprint``, ``image_array(i)``, ``subset(indices)``.
 A missing or incomplete folder raises :class:`DatasetLayoutError` (a ``FileNotFoundError``) showing
-the expected layout. ``data/README.md`` ("Real datasets") lists where each dataset comes from.
+the expected layout; a present but malformed file (a bad line, named by its number; a file name
+that leaves the folder; a truncated image) raises its subclass :class:`DatasetFormatError`. ``data/README.md`` ("Real datasets") lists where each dataset comes from.
 """
 from __future__ import annotations
 
 import difflib
 from typing import Callable
 
-from .base import (IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, DatasetLayoutError, DenseDataset,
+from .base import (IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, DatasetFormatError, DatasetLayoutError, DenseDataset,
                    JointTransform, RealImageDataset, ResizeCover, default_transform)
 from .camvid import CAMVID_CLASSES, camvid
 from .celeba import celeba
@@ -29,7 +30,7 @@ from .voc import VOC_CLASSES, voc2007
 
 __all__ = [
     "load", "available", "cub200", "stanford_dogs", "voc2007", "coco2014_multilabel", "celeba", "nyuv2",
-    "camvid", "DatasetLayoutError", "RealImageDataset", "DenseDataset", "JointTransform", "ResizeCover",
+    "camvid", "DatasetLayoutError", "DatasetFormatError", "RealImageDataset", "DenseDataset", "JointTransform", "ResizeCover",
     "default_transform", "IGNORE_INDEX", "IMAGENET_MEAN", "IMAGENET_STD", "VOC_CLASSES", "NYU13_CLASSES",
     "CAMVID_CLASSES",
 ]

@@ -26,6 +26,7 @@ from torchvision.transforms.v2 import functional as F
 
 __all__ = [
     "DatasetLayoutError",
+    "DatasetFormatError",
     "RealImageDataset",
     "DenseDataset",
     "JointTransform",
@@ -53,6 +54,12 @@ class DatasetLayoutError(FileNotFoundError):
 
     The message names the dataset, what is missing, and shows the expected folder tree.
     """
+
+
+class DatasetFormatError(DatasetLayoutError, ValueError):
+    """A file of a real dataset is there but its content is wrong: a malformed line (named by its
+    number), a path that leaves the dataset folder, an unreadable or truncated image. A
+    :class:`DatasetLayoutError` (so existing handlers still catch it) and a ``ValueError``."""
 
 
 def _find_nested(root: Path, marker: str, depth: int = 2, max_dirs: int = 64) -> Path | None:
@@ -84,6 +91,35 @@ def layout_error(title: str, root: Path, problem: str, layout: str, marker: str 
     return DatasetLayoutError(
         f"{title} not found at {root}: {problem}.{hint}\nExpected layout:\n{layout.rstrip()}\n{_NO_DOWNLOAD}"
     )
+
+
+def malformed_error(title: str, root: Path, file: str, problem: str, layout: str | None = None,
+                    line: int | None = None) -> DatasetFormatError:
+    """The error for a present but malformed file: ``<title> at <root>: <file> is malformed at line
+    N: <problem>`` (no "not found": the file was found, its content is wrong)."""
+    where = f" at line {line}" if line is not None else ""
+    tail = f"\nExpected layout:\n{layout.rstrip()}" if layout else ""
+    return DatasetFormatError(
+        f"{title} at {root}: {file} is malformed{where}: {problem}. Fix or re-extract that file from the "
+        f"dataset's archive.{tail}")
+
+
+def safe_relpath(title: str, root: Path, rel: str, source: str, line: int | None = None,
+                 prefix: str = "") -> str:
+    """``prefix + rel`` after checking that ``rel`` (a file name read from ``source``, an index file
+    of the dataset) stays inside the dataset folder: no absolute path, no ``..`` component, no
+    drive. A name like ``../../x.png`` is refused with the line named (a crafted index file must
+    not make kaviz read files elsewhere)."""
+    text = str(rel)
+    if text and ".." not in text and not text.startswith(("/", "\\")) and ":" not in text and "\0" not in text:
+        return prefix + text  # the common case, checked fast (CelebA lists 200k names)
+    parts = re.split(r"[\\/]+", text)
+    bad = (not text or text.startswith(("/", "\\")) or os.path.isabs(text) or re.match(r"^[A-Za-z]:", text)
+           or any(p == ".." for p in parts) or "\0" in text)
+    if bad:
+        raise malformed_error(title, root, source, f"the file name {text!r} leaves the dataset folder "
+                              "(absolute, or with '..'); index files must name files inside it", line=line)
+    return prefix + text
 
 
 def check_root(title: str, root, layout: str, required: Sequence[str]) -> Path:
@@ -139,8 +175,18 @@ def natural_key(s: str):
 
 def read_lines(path: Path) -> list[list[str]]:
     """Whitespace-split non-empty lines of a text index file."""
-    with open(path, encoding="utf-8") as fh:
-        return [line.split() for line in fh if line.strip()]
+    return [fields for _, fields in read_numbered_lines(path)]
+
+
+def read_numbered_lines(path: Path) -> list[tuple[int, list[str]]]:
+    """``(line number, fields)`` of the non-empty lines of a text index file (numbers from 1, as an
+    editor shows them). A file that is not UTF-8 text raises :class:`DatasetFormatError`."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return [(n, line.split()) for n, line in enumerate(fh, 1) if line.strip()]
+    except UnicodeDecodeError as e:
+        raise DatasetFormatError(f"{path}: not a UTF-8 text file ({e}); re-extract it from the dataset's "
+                                 "archive.") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,8 +321,16 @@ class JointTransform:
 def _load_rgb(path: Path):
     from PIL import Image
 
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: image file not found (moved or deleted since the dataset was "
+                                "loaded?); check the dataset folder, or rebuild the dataset.") from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated, corrupt, not an image (PIL's errors)
+        raise DatasetFormatError(f"{path}: cannot read this image ({type(e).__name__}: {e}); the file is "
+                                 "truncated or corrupt. Re-extract it from the dataset's archive, or "
+                                 "leave it out with dataset.subset(...).") from e
 
 
 def _as_indices(indices, n: int) -> list[int]:
@@ -514,11 +568,24 @@ def _read_array(path: Path) -> np.ndarray:
     """A stored map as a NumPy array: ``.npy`` as saved, images with PIL (16-bit PNGs stay 16-bit)."""
     if path.suffix.lower() == ".npy":
         # allow_pickle=False: a .npy from someone else's disk must not be able to run code.
-        return np.load(path, allow_pickle=False)
+        try:
+            return np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, EOFError) as e:  # truncated, not a .npy, or an object array
+            raise DatasetFormatError(f"{path}: cannot read this map ({type(e).__name__}: {e}); the file is "
+                                     "truncated, corrupt or holds Python objects. Re-create it with "
+                                     "np.save(path, array) from a numeric array.") from e
     from PIL import Image
 
-    with Image.open(path) as im:
-        return np.array(im)
+    try:
+        with Image.open(path) as im:
+            return np.array(im)
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetFormatError(f"{path}: cannot read this map ({type(e).__name__}: {e}); the file is "
+                                 "truncated or corrupt. Re-extract it from the dataset's archive.") from e
 
 
 def pair_by_stem(title: str, root: Path, layout: str, folders: Mapping[str, str],

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import RealImageDataset, check_files, check_root, check_split, layout_error
+from .base import (RealImageDataset, check_files, check_root, check_split, layout_error, malformed_error,
+                   read_numbered_lines, safe_relpath)
 
 TITLE = "CelebA"
 LAYOUT = """\
@@ -81,25 +82,36 @@ def celeba(root, split: str = "train", attributes=None, image_size=224, transfor
     if missing:
         raise layout_error(TITLE, root, "missing " + ", ".join(missing), LAYOUT, marker=missing[0])
 
-    with open(part_file, encoding="utf-8") as fh:
-        part = dict(line.split()[:2] for line in fh if line.strip())
+    part_name = str(part_file.relative_to(root))
+    part = {}
+    for n, fields in read_numbered_lines(part_file):
+        if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
+            raise malformed_error(TITLE, root, part_name, f"{' '.join(fields)!r} is not '<image> <0|1|2>' "
+                                  "(a truncated line?)", LAYOUT, line=n)
+        part[fields[0]] = fields[1]
     with open(attr_file, encoding="utf-8") as fh:
-        lines = [line for line in fh if line.strip()]
-    if len(lines) < 2:
-        raise layout_error(TITLE, root, f"{attr_file.name} is truncated (no attribute-name line)", LAYOUT)
-    names = lines[1].split()
+        numbered = [(n, line) for n, line in enumerate(fh, 1) if line.strip()]
+    if len(numbered) < 2:
+        raise malformed_error(TITLE, root, str(attr_file.relative_to(root)),
+                              "truncated (no attribute-name line)", LAYOUT)
+    names = numbered[1][1].split()
     cols = select_attributes(names, attributes) if attributes is not None else list(range(len(names)))
 
     want = _PARTITION[split]
-    rows = [line.split(None, 1) for line in lines[2:]]
-    rows = [r for r in rows if part.get(r[0]) == want]
-    files = ["img_align_celeba/" + r[0] for r in rows]
+    rows, line_no = [], []
+    for n, line in numbered[2:]:
+        r = line.split(None, 1)
+        if part.get(r[0]) == want:
+            rows.append(r)
+            line_no.append(n)
+    files = [safe_relpath(TITLE, root, r[0], attr_file.name, n, prefix="img_align_celeba/")
+             for r, n in zip(rows, line_no)]
     arr = _parse_values([r[1] if len(r) > 1 else "" for r in rows], len(names))
     if arr is None:  # find the culprit for the message
-        bad = next((r for r in rows if len(r) < 2 or len(r[1].split()) != len(names)
-                    or not set(r[1].split()) <= {"-1", "1", "0"}), rows[0])
-        raise layout_error(TITLE, root, f"{attr_file.name}: the line for {bad[0]} does not hold {len(names)} "
-                           "values of -1/1", LAYOUT)
+        k = next((k for k, r in enumerate(rows) if len(r) < 2 or len(r[1].split()) != len(names)
+                  or not set(r[1].split()) <= {"-1", "1", "0"}), 0)
+        raise malformed_error(TITLE, root, attr_file.name, f"the line for {rows[k][0]} does not hold {len(names)} "
+                              "values of -1/1", LAYOUT, line=line_no[k])
     arr = arr[:, cols]
     y = torch.from_numpy(np.ascontiguousarray(arr))
     if check_images:

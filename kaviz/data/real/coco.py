@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from .base import RealImageDataset, check_files, check_root, check_split, layout_error
+from .base import RealImageDataset, check_files, check_root, check_split, malformed_error, safe_relpath
 
 TITLE = "COCO 2014"
 LAYOUT = """\
@@ -36,15 +36,19 @@ def coco2014_multilabel(root, split: str = "train", image_size=224, transform=No
         cats = sorted(data["categories"], key=lambda c: c["id"])
         images = {im["id"]: im["file_name"] for im in data["images"]}
         pairs = [(a["image_id"], a["category_id"]) for a in data["annotations"]]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise layout_error(TITLE, root, f"{ann_file} is not a COCO instances file ({exc!r})", LAYOUT) from None
+    except json.JSONDecodeError as exc:
+        raise malformed_error(TITLE, root, ann_file, f"{ann_file} is not a COCO instances file (invalid JSON: "
+                              f"{exc.msg})", LAYOUT, line=exc.lineno) from None
+    except (KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise malformed_error(TITLE, root, ann_file, f"{ann_file} is not a COCO instances file ({exc!r})",
+                              LAYOUT) from None
     del data
     cat_index = {c["id"]: k for k, c in enumerate(cats)}
     present: dict[int, set[int]] = {}
     for img_id, cat_id in pairs:
         if cat_id not in cat_index or img_id not in images:
-            raise layout_error(TITLE, root, f"{ann_file} has an annotation with unknown image id {img_id} "
-                               f"or category id {cat_id}", LAYOUT)
+            raise malformed_error(TITLE, root, ann_file, f"an annotation has unknown image id {img_id} "
+                                  f"or category id {cat_id}", LAYOUT)
         present.setdefault(img_id, set()).add(cat_index[cat_id])
 
     ids = sorted(present)
@@ -53,7 +57,8 @@ def coco2014_multilabel(root, split: str = "train", image_size=224, transform=No
     cols = torch.tensor([k for ks in present.values() for k in ks], dtype=torch.long)
     labels = torch.zeros(len(ids), len(cats), dtype=torch.float32)
     labels[rows, cols] = 1.0
-    files = [f"{split}2014/{images[i]}" for i in ids]
+    files = [safe_relpath(TITLE, root, str(images[i]), f"{ann_file} (image id {i})", prefix=f"{split}2014/")
+             for i in ids]
     if check_images:
         check_files(TITLE, root, LAYOUT, files)
     return RealImageDataset(name="coco2014_multilabel", root=root, split=split, files=files,

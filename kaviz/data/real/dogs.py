@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import RealImageDataset, check_files, check_root, check_split, layout_error
+from .base import (RealImageDataset, check_files, check_root, check_split, layout_error,
+                   malformed_error, read_numbered_lines, safe_relpath)
 
 TITLE = "Stanford Dogs"
 LAYOUT = """\
@@ -24,17 +25,27 @@ SPLITS = ("train", "test")
 def _read_mat_list(path: Path) -> tuple[list[str], list[int]]:
     from scipy.io import loadmat
 
-    m = loadmat(path)
+    try:
+        m = loadmat(path)
+    except Exception as e:  # noqa: BLE001 - scipy raises IndexError, ValueError, TypeError, MatReadError ...
+        raise ValueError(f"it could not be read as a MATLAB file ({type(e).__name__}: {e}); the file is truncated "
+                         f"or corrupt. Re-extract lists.tar, or put {path.stem}.txt (one "
+                         "'n02085620-Chihuahua/n02085620_5927.jpg' per line) beside it and delete the .mat") from None
     if "file_list" not in m or "labels" not in m:
         raise KeyError(f"{path.name} has no 'file_list'/'labels' variables (found {sorted(k for k in m if not k.startswith('__'))})")
-    files = [str(np.asarray(x).ravel()[0]) for x in np.asarray(m["file_list"], dtype=object).ravel()]
-    labels = [int(v) for v in np.asarray(m["labels"]).ravel()]
+    try:
+        files = [str(np.asarray(x).ravel()[0]) for x in np.asarray(m["file_list"], dtype=object).ravel()]
+        labels = [int(v) for v in np.asarray(m["labels"]).ravel()]
+    except (IndexError, TypeError, ValueError) as e:
+        raise ValueError(f"its file_list/labels variables are not a list of names and integer labels ({e})") from None
+    if len(files) != len(labels):
+        raise ValueError(f"file_list has {len(files)} entries but labels has {len(labels)}")
     return files, labels
 
 
-def _read_txt_list(path: Path) -> list[str]:
-    with open(path, encoding="utf-8") as fh:
-        return [line.split()[0] for line in fh if line.strip()]
+def _read_txt_list(path: Path) -> tuple[list[str], list[int]]:
+    lines = read_numbered_lines(path)
+    return [fields[0] for _, fields in lines], [n for n, _ in lines]
 
 
 def _union_box(xml_path: Path) -> list[float]:
@@ -76,11 +87,18 @@ def stanford_dogs(root, split: str = "train", image_size=224, transform=None, au
         try:
             rel, mat_labels = _read_mat_list(mat)
         except (KeyError, ValueError) as exc:
-            raise layout_error(TITLE, root, f"{mat.name} is not a Stanford Dogs list ({exc})", LAYOUT) from None
-        source = mat.name
+            raise malformed_error(TITLE, root, mat.name, f"not a Stanford Dogs list: {str(exc).strip(chr(39))}",
+                                  LAYOUT) from None
+        source, lines = mat.name, [None] * len(rel)
     else:
-        rel, mat_labels, source = _read_txt_list(txt), None, txt.name
+        (rel, lines), mat_labels, source = _read_txt_list(txt), None, txt.name
     rel = [r[len("Images/"):] if r.startswith("Images/") else r for r in rel]
+    rel = [safe_relpath(TITLE, root, r, source, n if n is not None else None) for r, n in zip(rel, lines)]
+    for r, n in zip(rel, lines):
+        if "/" not in r:
+            where = f"line {n}" if n is not None else "an entry"
+            raise malformed_error(TITLE, root, source, f"{r!r} ({where}) is not '<breed folder>/<image>.jpg'",
+                                  LAYOUT, line=n)
 
     unknown = sorted({r.split("/")[0] for r in rel} - index.keys())
     if unknown:
@@ -105,7 +123,8 @@ def stanford_dogs(root, split: str = "train", image_size=224, transform=None, au
         try:
             boxes = torch.tensor([_union_box(root / a) for a in ann], dtype=torch.float32).reshape(-1, 4)
         except (ET.ParseError, ValueError, TypeError) as exc:
-            raise layout_error(TITLE, root, f"an annotation could not be read ({exc})", LAYOUT) from None
+            raise malformed_error(TITLE, root, "Annotation/", f"an annotation could not be read ({exc})",
+                                  LAYOUT) from None
     return RealImageDataset(name="stanford_dogs", root=root, split=split, files=files, targets=y,
                             classes=classes, image_size=image_size, transform=transform,
                             train=split == "train", augment=augment, boxes=boxes, crop_to_box=crop_to_box,
