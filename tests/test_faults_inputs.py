@@ -229,7 +229,7 @@ def test_cfl_cache_teachers_defaults_to_is_random(monkeypatch):
         calls.append(a[2])
         return real(*a, **k)
 
-    monkeypatch.setattr(cfl, "precompute_teachers", spy)
+    monkeypatch.setattr(cfl.runs, "precompute_teachers", spy)
     teachers = [_conv_net(3), _conv_net(2, stride=2)]
     kw = dict(seeds=[0], methods=["KD"], epochs=1, lr=1e-2, hidden=4, batch_size=8, progress=False)
     fixed, aug = _tiny_union(), _tiny_union(transform=T2.ColorJitter(0.4))

@@ -1,0 +1,188 @@
+"""The CFL method: CommonFeatureLearning, ``forward(batch) -> {kd, mmd, recon}`` (SPEC §1)."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...features import FeatureTap, eval_mode
+from ...losses import mmd, soft_cross_entropy
+from ...train import Frozen, freeze
+from ..kd import check_teachers, images_of, union_accuracy
+from .block import CFLBlock, CFLBlockFC, match_spatial
+
+#: Weights of the named loss terms (SPEC §1: KD : MMD : reconstruction = 1 : 10 : 10).
+LOSS_WEIGHTS = {"kd": 1.0, "mmd": 10.0, "recon": 10.0}
+
+
+def unwrap_frozen(teacher: nn.Module) -> nn.Module:
+    return teacher.module if isinstance(teacher, Frozen) else teacher
+
+
+def student_head_params(student: nn.Module, head: str | None):
+    from ...models import classifier_name
+
+    if head is None:
+        return []
+    name = classifier_name(student) if head == "auto" else head
+    modules = dict(student.named_modules())
+    if name not in modules:
+        raise ValueError(f"head {name!r} is not a module of the student; pass head='<dotted name of the "
+                         f"classifier>' (e.g. 'fc', 'classifier') or head=None")
+    return list(modules[name].parameters())
+
+
+def split_student_params(student, head, lr, head_lr_mult):
+    head_params = student_head_params(student, head)
+    ids = {id(p) for p in head_params}
+    groups = [{"params": [p for p in student.parameters() if id(p) not in ids], "lr": lr, "name": "backbone"}]
+    if head_params:
+        groups.append({"params": head_params, "lr": lr * head_lr_mult, "name": "head"})
+    return groups
+
+
+class CommonFeatureLearning(nn.Module):
+    """CFL as a kaviz method: ``forward(batch) -> {"kd", "mmd", "recon"}`` (SPEC §1).
+
+    Parameters
+    ----------
+    student : the network to train, with ΣK_t outputs (the comprehensive label space).
+    teachers : frozen on entry (:func:`kaviz.train.freeze`: eval mode, no gradients, ``no_grad``).
+    student_layer, teacher_layers : dotted names from ``named_modules()`` (one per teacher); conv
+        maps select :class:`CFLBlock`, vectors (e.g. ``"fc:in"``) :class:`CFLBlockFC`.
+    example : one batch of images, used once to read the layers' channel counts (not needed when
+        ``block`` is given).
+    hidden : width h of the common space (128 in the paper for 512-channel features).
+    T : temperature of the KD term (1 in the paper).
+    head : the student's classifier (``"auto"``: its last ``nn.Linear``), trained at
+        ``lr * head_lr_mult``; the block at ``lr * block_lr_mult``; the rest of the student at ``lr``
+        (:meth:`param_groups`, used by :func:`kaviz.train.fit`). The paper: lr 1e-4, head 10×,
+        block 5e-4 (5×).
+    weights : loss weights (default :data:`LOSS_WEIGHTS`, 1 : 10 : 10).
+    union : the training data (a :class:`kaviz.data.UnionDataset` or a wrapper of one); when given,
+        each teacher's class count is checked against its source's here (:func:`kaviz.methods.kd.check_teachers`).
+
+    A batch is images, ``(images, anything)`` (the second element is never read), or the
+    ``(images, {"teacher_logits", "teacher_features"})`` pairs of :class:`TeacherOutputs`, in which
+    case the teachers are not run again.
+    """
+
+    def __init__(self, student: nn.Module, teachers: Sequence[nn.Module], student_layer: str,
+                 teacher_layers: Sequence[str], *, example: torch.Tensor | None = None,
+                 block: nn.Module | None = None, hidden: int = 128, T: float = 1.0, head: str | None = "auto",
+                 head_lr_mult: float = 10.0, block_lr_mult: float = 5.0,
+                 weights: Mapping[str, float] | None = None, union=None):
+        super().__init__()
+        if len(teachers) == 0:
+            raise ValueError("CommonFeatureLearning needs at least one teacher")
+        if isinstance(teacher_layers, str) or len(teacher_layers) != len(teachers):
+            raise ValueError(f"teacher_layers must list one layer name per teacher ({len(teachers)} teachers), "
+                             f"got {teacher_layers!r}")
+        if T <= 0:
+            raise ValueError(f"temperature T must be positive, got {T}")
+        for name, v in (("head_lr_mult", head_lr_mult), ("block_lr_mult", block_lr_mult)):
+            if not v > 0:
+                raise ValueError(f"{name} must be positive, got {v!r}")
+        self.student = student
+        self.teachers = nn.ModuleList([freeze(t) for t in teachers])
+        self.student_layer = str(student_layer)
+        self.teacher_layers = [str(l) for l in teacher_layers]
+        self.T = float(T)
+        self.head = head
+        self.head_lr_mult = float(head_lr_mult)
+        self.block_lr_mult = float(block_lr_mult)
+        self.loss_weights = dict(LOSS_WEIGHTS if weights is None else weights)
+        unknown = set(self.loss_weights) - set(LOSS_WEIGHTS)
+        if unknown:
+            raise ValueError(f"unknown loss terms {sorted(unknown)} in weights; the terms are {list(LOSS_WEIGHTS)}")
+        student_head_params(student, head)  # a wrong head name fails here, not at the first epoch
+        if union is not None:
+            check_teachers(self.teachers, union, student, method="CommonFeatureLearning")
+        if block is None:
+            if example is None:
+                raise ValueError("pass example=<one batch of images> (to read the layers' channel counts) "
+                                 "or a ready block=CFLBlock(...)")
+            block = self._build_block(example, hidden)
+        self.block = block
+
+    # -- construction ----------------------------------------------------------------------------
+    def _build_block(self, example, hidden):
+        x = images_of(example)
+        if x.dim() == 3:
+            x = x[None]
+        x = x[:2].to(next((p.device for p in self.student.parameters()), torch.device("cpu")))
+        with torch.no_grad(), eval_mode(self.student):
+            logits_t, f_ts = self._teacher_outputs(x)
+            with FeatureTap(self.student, self.student_layer, clone=True) as tap:
+                logits_s = self.student(x)
+            f_s = tap[self.student_layer]
+        if logits_s.shape[1] != logits_t.shape[1]:
+            raise ValueError(f"the student has {logits_s.shape[1]} outputs but the teachers have "
+                             f"{logits_t.shape[1]} classes together; build the student with "
+                             f"num_classes={logits_t.shape[1]} (the comprehensive label space)")
+        dims = {f_s.dim(), *(f.dim() for f in f_ts)}
+        if dims == {4}:
+            return CFLBlock(f_s.shape[1], [f.shape[1] for f in f_ts], hidden)
+        if dims == {2}:
+            return CFLBlockFC(f_s.shape[1], [f.shape[1] for f in f_ts], hidden)
+        shapes = [("student", self.student_layer, tuple(f_s.shape[1:]))] + [
+            (f"teacher {k + 1}", l, tuple(f.shape[1:])) for k, (l, f) in enumerate(zip(self.teacher_layers, f_ts))]
+        raise ValueError(f"CFL needs conv maps (C, H, W) from every network, or vectors (C,) from every "
+                         f"network; got {shapes}. Tap the last conv stage of each (e.g. 'layer4'), or "
+                         "'fc:in' of each for the fully-connected variant.")
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def _teacher_outputs(self, x):
+        logits, feats = [], []
+        for t, layer in zip(self.teachers, self.teacher_layers):
+            with FeatureTap(unwrap_frozen(t), layer, clone=True) as tap:
+                logits.append(t(x))  # Frozen: eval mode and no_grad
+            feats.append(tap[layer])
+        return torch.cat(logits, 1), feats
+
+    @staticmethod
+    def _cached(batch):
+        if isinstance(batch, (list, tuple)) and len(batch) == 2 and isinstance(batch[1], Mapping) \
+                and "teacher_logits" in batch[1]:
+            return batch[1]["teacher_logits"], list(batch[1]["teacher_features"])
+        return None
+
+    def encode(self, x: torch.Tensor):
+        """Student logits, features and codes for images ``x``, with the teachers' features, codes
+        and reconstructions: a dict with ``logits_s, logits_t, f_s, f_t, h_s, h_t, rec_t`` (feature
+        maps after :func:`match_spatial`; ``f_s``/``h_s`` keep the student's graph)."""
+        return self._encode(x, None)
+
+    def _encode(self, x, cached):
+        logits_t, f_ts = cached if cached is not None else self._teacher_outputs(x)
+        with FeatureTap(self.student, self.student_layer, detach=False, clone=True) as tap:
+            logits_s = self.student(x)
+        f_s = tap[self.student_layer]
+        f_s, *f_ts = match_spatial([f_s, *f_ts])
+        h_s, h_ts, rec = self.block(f_s, f_ts)
+        return {"logits_s": logits_s, "logits_t": logits_t, "f_s": f_s, "f_t": f_ts, "h_s": h_s,
+                "h_t": h_ts, "rec_t": rec}
+
+    def forward(self, batch):
+        x = images_of(batch)
+        cached = self._cached(batch)
+        if cached is not None:
+            cached = (cached[0].to(x.device), [f.to(x.device) for f in cached[1]])
+        e = self._encode(x, cached)
+        return {
+            "kd": soft_cross_entropy(e["logits_s"], e["logits_t"], self.T),
+            "mmd": sum(mmd(e["h_s"], h) for h in e["h_t"]),
+            "recon": sum(F.mse_loss(r, f) for r, f in zip(e["rec_t"], e["f_t"])),
+        }
+
+    def param_groups(self, lr: float):
+        """Backbone at ``lr``, the new head at ``lr * head_lr_mult``, the block at ``lr * block_lr_mult``."""
+        groups = split_student_params(self.student, self.head, lr, self.head_lr_mult)
+        groups.append({"params": list(self.block.parameters()), "lr": lr * self.block_lr_mult, "name": "block"})
+        return groups
+
+    def evaluate(self, data) -> dict:
+        """Task-agnostic and task-aware accuracy of the student (``union_accuracy``)."""
+        return union_accuracy(self.student, data)
