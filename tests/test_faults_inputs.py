@@ -186,7 +186,7 @@ def test_lshfm_auto_cache_refuses_colorjitter_data():
     fixed = ds.with_transform(T2.Normalize([0.5] * 3, [0.2] * 3))
     assert isinstance(lshfm.teacher_outputs(fixed, teacher), lshfm.TeacherOutputs)
     with pytest.warns(UserWarning, match="cache_teacher=True on data with a random transform"):
-        lshfm._forced_cache(ds.with_transform(T2.ColorJitter(0.4)), teacher)
+        lshfm.teachers.forced_cache(ds.with_transform(T2.ColorJitter(0.4)), teacher)
 
 
 def lshfm_teacher():

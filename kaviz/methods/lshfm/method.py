@@ -1,0 +1,220 @@
+"""The LSH feature mimicking method: FeatureMimic, ``forward(batch) -> {bce, l2, lsh, kd}`` per variant (SPEC §2)."""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...features import OUTPUT, FeatureTap, extract
+from ...train import freeze
+from .heads import (
+    adapt,
+    adapted_layer,
+    classifier_std,
+    feature_layer,
+    head_name,
+    pooled_feature_dim,
+    pooled_layer,
+    submodule_at,
+)
+from .loss import LSHLoss, binary_kd, l2_loss, teacher_correct
+from .teachers import teacher_pooled_features
+
+#: Student variants: the mimicking terms each one optimises (besides the classification loss).
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "bce": (),              # the student alone
+    "l2": ("l2",),          # L2 feature mimicking
+    "lsh": ("lsh",),        # LSH (direction) mimicking
+    "lshl2": ("l2", "lsh"),  # both: the paper's method
+    "kd": ("kd",),          # logit KD (per-class sigmoid soft targets for multi-label teachers)
+}
+MIMIC_VARIANTS = tuple(v for v, terms in VARIANTS.items() if set(terms) & {"l2", "lsh"})
+
+
+class FeatureMimic(nn.Module):
+    """LSHFM student training as a kaviz method: ``forward(batch) -> {term: scalar}``.
+
+    ``variant`` (see :data:`VARIANTS`): ``"bce"`` (classification loss only), ``"l2"``, ``"lsh"``,
+    ``"lshl2"`` (feature mimicking, SPEC §2) or ``"kd"`` (logit KD: :func:`binary_kd` for BCE
+    teachers, :func:`kaviz.losses.soft_cross_entropy` for softmax ones). Every variant gets the
+    same adapted student (:func:`adapt` is applied here when the student has no adaptation layer),
+    so the variants differ by their loss only.
+
+    ``stage=1`` (mimicking variants): ``β₁·L`` alone (``beta1 = 1``); only ``feat_fc`` is
+    optimised (:meth:`param_groups`), the backbone runs without gradients but in training mode, so
+    its batch-norm statistics still update (``fit`` calls ``method.train()``); the classifier is not
+    trained (nor copied from the teacher). ``stage=2``: ``L = CE/BCE + β·L_mimic`` over everything.
+
+    ``loss="bce"`` (multi-label, targets ``batch[1][target_key]``) or ``"ce"`` (single-label: the
+    mimicking terms average over the samples the teacher gets right). The teacher is frozen; when
+    the batch targets carry ``teacher_feature``/``teacher_logits`` (:class:`TeacherOutputs`) it is
+    not run at all. ``evaluate(data)`` reports ``mAP`` (or ``accuracy``) and ``cos``, the mean
+    cosine between the student's adapted feature and the teacher's feature.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, variant: str = "lshl2", *, beta: float = 0.5,
+                 beta1: float = 1.0, n_hashes: int | None = None, std: float | None = None, bias: str = "median",
+                 kd_weight: float = 1.0, T: float = 1.0, loss: str = "bce", target_key: str | None = "labels",
+                 teacher_layer: str | None = None, lsh_seed: int = 0, stage: int = 2):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}")
+        if loss not in ("bce", "ce"):
+            raise ValueError(f"loss must be 'bce' (multi-label) or 'ce' (single-label), got {loss!r}")
+        for name, v in (("beta", beta), ("beta1", beta1), ("kd_weight", kd_weight)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a non-negative number, got {v!r}")
+        self.teacher = freeze(teacher)
+        inner = self.teacher.module
+        self.teacher_layer = teacher_layer or feature_layer(inner)
+        d_t = pooled_feature_dim(inner) if teacher_layer is None else None
+        if d_t is None:
+            raise ValueError("teacher_layer other than the classifier input is not supported by the default "
+                             "adaptation; adapt the student yourself with kaviz.methods.lshfm.adapt(student, d_t)")
+        if head_name(student) is None:
+            adapt(student, d_t)
+        self.student = student
+        self.student_layer = adapted_layer(student)
+        head = submodule_at(student, head_name(student))
+        if head.feat_fc.out_features != d_t:
+            raise ValueError(f"the student's adaptation layer outputs {head.feat_fc.out_features} features but the "
+                             f"teacher's {self.teacher_layer!r} has {d_t}")
+        self.variant = variant
+        self.terms = VARIANTS[variant]
+        self.beta, self.beta1, self.kd_weight, self.T = float(beta), float(beta1), float(kd_weight), float(T)
+        self.loss = loss
+        self.target_key = target_key
+        self.lsh = None
+        if "lsh" in self.terms:
+            std = classifier_std(inner) if std is None else std
+            self.lsh = LSHLoss(d_t, n_hashes if n_hashes is not None else 4 * d_t, std, bias=bias,
+                               with_l2="l2" in self.terms, seed=lsh_seed)
+        self.stage = stage
+        self._val_teacher: dict[str, torch.Tensor] = {}
+
+    # -- configuration ---------------------------------------------------------------------------
+    @property
+    def stage(self) -> int:
+        return self._stage
+
+    @stage.setter
+    def stage(self, value: int):
+        if value not in (1, 2):
+            raise ValueError(f"stage must be 1 (align feat_fc) or 2 (train everything), got {value!r}")
+        if value == 1 and not set(self.terms) & {"l2", "lsh"}:
+            raise ValueError(f"variant {self.variant!r} has no feature-mimicking term: stage 1 is for "
+                             f"{list(MIMIC_VARIANTS)}")
+        self._stage = value
+
+    @property
+    def feat_fc(self) -> nn.Linear:
+        return submodule_at(self.student, self.student_layer)
+
+    @property
+    def loss_weights(self) -> dict:
+        if self.stage == 1:
+            return {t: self.beta1 for t in ("l2", "lsh")}
+        return {self.loss: 1.0, "l2": self.beta, "lsh": self.beta, "kd": self.kd_weight}
+
+    def param_groups(self, lr):
+        if self.stage == 1:
+            return [{"params": list(self.feat_fc.parameters())}]
+        return [{"params": [p for p in self.student.parameters() if p.requires_grad]}]
+
+    def fit_bias(self, teacher_features) -> None:
+        """Re-fit the LSH bias on the teacher's training features (no-op for variants without LSH)."""
+        if self.lsh is not None:
+            self.lsh.fit_bias(teacher_features)
+
+    # -- forward ---------------------------------------------------------------------------------
+    def _split(self, batch):
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            raise TypeError("FeatureMimic needs (images, targets) batches")
+        x, y = batch[0], batch[1]
+        if isinstance(y, Mapping):
+            key = self.target_key or "target"
+            if key not in y:
+                raise KeyError(f"target_key {key!r} not in the batch targets {list(y)}")
+            return x, y[key], y.get("teacher_feature"), y.get("teacher_logits")
+        return x, y, None, None
+
+    def _teacher(self, x):
+        with FeatureTap(self.teacher.module, self.teacher_layer) as tap:
+            logits = self.teacher(x)
+            return tap[self.teacher_layer], logits
+
+    def forward(self, batch):
+        x, y, f_t, z_t = self._split(batch)
+        need_logits = "kd" in self.terms or self.loss == "ce"
+        if f_t is None or (need_logits and z_t is None):
+            f_t, z_t = self._teacher(x)
+        mask = teacher_correct(z_t, y) if (self.loss == "ce" and set(self.terms) & {"l2", "lsh"}) else None
+        if self.stage == 1:
+            # the backbone only provides features here: no graph through it, but train-mode batch norm
+            pooled_name = pooled_layer(self.student)
+            with torch.no_grad(), FeatureTap(self.student, pooled_name) as tap:
+                self.student(x)
+                pooled = tap[pooled_name]
+            return self._mimic(self.feat_fc(pooled), f_t, mask)
+        with FeatureTap(self.student, self.student_layer, detach=False) as tap:
+            logits = self.student(x)
+            f_s = tap[self.student_layer]
+        if self.loss == "bce":
+            out = {"bce": F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype))}
+        else:
+            out = {"ce": F.cross_entropy(logits, y)}
+        out.update(self._mimic(f_s, f_t, mask))
+        if "kd" in self.terms:
+            if self.loss == "bce":
+                out["kd"] = binary_kd(logits, z_t, self.T)
+            else:
+                from ...losses import soft_cross_entropy
+
+                out["kd"] = soft_cross_entropy(logits, z_t, self.T)
+        return out
+
+    def _mimic(self, f_s, f_t, mask) -> dict:
+        if self.lsh is not None:
+            return self.lsh(f_s, f_t, mask)
+        if "l2" in self.terms:
+            return {"l2": l2_loss(f_s, f_t, mask)}
+        return {}
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def _teacher_val(self, data, targets):
+        if isinstance(targets, dict) and "teacher_feature" in targets:
+            return torch.as_tensor(np.asarray(targets["teacher_feature"]))
+        from ...data import fingerprint
+
+        try:
+            key = fingerprint(data)
+        except TypeError:
+            key = None
+        if key is None or key not in self._val_teacher:
+            feats = teacher_pooled_features(self.teacher.module, data, self.teacher_layer)
+            if key is None:
+                return feats
+            self._val_teacher[key] = feats
+        return self._val_teacher[key]
+
+    def evaluate(self, data) -> dict:
+        from ... import metrics
+
+        store = extract(self.student, data, [OUTPUT, self.student_layer], pool="none", progress=False)
+        logits = store[OUTPUT]
+        targets = store.targets
+        out = {}
+        labels = targets[self.target_key or "target"] if isinstance(targets, dict) else targets
+        if self.loss == "bce":
+            difficult = targets.get("difficult") if isinstance(targets, dict) else None
+            out["mAP"] = metrics.multilabel_map(logits, labels, difficult=difficult)
+        else:
+            out["accuracy"] = metrics.accuracy(logits, labels)
+        f_t = self._teacher_val(data, targets)
+        f_s = store.tensor(self.student_layer)
+        out["cos"] = float(F.cosine_similarity(f_s, f_t.to(f_s.dtype), dim=1).mean())
+        return out
