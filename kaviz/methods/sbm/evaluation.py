@@ -1,0 +1,267 @@
+"""SBM evaluation: the supervised dense method (DenseSupervised), the streaming DenseMeter, scoring students, teachers and the constant control; prediction panels."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..kd import images_of
+from .student import SBMStudent
+from .tasks import IGNORE_INDEX, TARGET_KEYS, check_kind, depth_valid
+
+
+class DenseSupervised(nn.Module):
+    """Supervised training of one dense model (the SBM teachers), for :func:`kaviz.train.fit`.
+
+    ``task="segmentation"``: ``{"ce": CE(logits, mask)}`` over pixels whose label is not
+    ``ignore_index`` (255, void in NYUv2/CamVid). ``task="depth"``: ``{"l1": mean |d̂ − d|}`` over
+    valid pixels (finite, > ``min_depth``; NYUv2 stores 0 where the sensor saw nothing).
+    ``evaluate(data)`` reports ``pixel_accuracy`` and ``mIoU``, or ``rmse``, ``abs_rel`` and
+    ``delta1`` (see :class:`DenseMeter`). ``target_key`` defaults to ``"mask"`` / ``"depth"``.
+    """
+
+    def __init__(self, model: nn.Module, task: str = "segmentation", target_key: str | None = None,
+                 ignore_index: int = IGNORE_INDEX, min_depth: float = 1e-3):
+        super().__init__()
+        self.model = model
+        self.task = check_kind(task)
+        self.target_key = target_key or TARGET_KEYS[task]
+        self.ignore_index = ignore_index
+        self.min_depth = min_depth
+
+    def _target(self, batch):
+        y = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
+        if not isinstance(y, Mapping) or self.target_key not in y:
+            have = list(y) if isinstance(y, Mapping) else type(y).__name__
+            raise KeyError(f"DenseSupervised({self.task!r}) needs batches (images, {{{self.target_key!r}: ...}}); "
+                           f"the targets are {have}. Pass target_key=... to name the map to learn.")
+        return y[self.target_key]
+
+    def forward(self, batch):
+        x, y = images_of(batch), self._target(batch)
+        out = self.model(x)
+        if self.task == "segmentation":
+            return {"ce": F.cross_entropy(out, y.long(), ignore_index=self.ignore_index)}
+        pred = out[:, 0]
+        valid = depth_valid(y, self.min_depth)
+        if not bool(valid.any()):
+            return {"l1": (pred * 0).sum()}  # keeps the graph: a batch without depth teaches nothing
+        return {"l1": (pred - y).abs()[valid].mean()}
+
+    def evaluate(self, data) -> dict:
+        return score(self.model, data, kinds={self.task: self.task}, task=self.task,
+                     target_keys={self.task: self.target_key}, prefix=False,
+                     ignore_index=self.ignore_index)
+
+
+class DenseMeter:
+    """Streaming dense metrics (batch by batch, so a large test set never sits in memory at once).
+
+    ``kind="segmentation"``: a confusion matrix over pixels whose target is not ``ignore_index``;
+    ``result()`` gives ``pixel_accuracy`` and ``mIoU`` as :func:`kaviz.metrics.segmentation_scores`
+    (mean IoU over the classes that occur in targets or predictions). ``kind="depth"``: sums over
+    valid pixels (finite, > ``min_depth``), predictions clamped below at ``min_depth``; ``result()``
+    gives ``rmse``, ``abs_rel`` and ``delta1`` as :func:`kaviz.metrics.depth_scores`.
+    """
+
+    def __init__(self, kind: str, num_classes: int | None = None, ignore_index: int = IGNORE_INDEX,
+                 min_depth: float = 1e-3):
+        self.kind = check_kind(kind)
+        if kind == "segmentation" and (not isinstance(num_classes, int) or num_classes < 2):
+            raise ValueError(f"a segmentation meter needs num_classes >= 2, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.min_depth = min_depth
+        self.cm = np.zeros((num_classes, num_classes), dtype=np.int64) if kind == "segmentation" else None
+        self.sums = {"sq": 0.0, "rel": 0.0, "delta": 0.0, "n": 0}
+
+    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        """``output``: logits (B, K, H, W) or ids (B, H, W) for segmentation; depth (B, 1, H, W) or
+        (B, H, W). ``target``: (B, H, W)."""
+        from ... import metrics
+
+        output, target = output.detach().cpu(), target.detach().cpu()
+        if self.kind == "segmentation":
+            pred = output.argmax(1) if output.dim() == 4 else output
+            if pred.shape != target.shape:
+                raise ValueError(f"predictions {tuple(pred.shape)} and targets {tuple(target.shape)} differ in shape")
+            valid = target != self.ignore_index
+            self.cm += metrics.confusion_matrix(pred[valid].numpy(), target[valid].numpy(), self.num_classes)
+            return
+        pred = output[:, 0] if output.dim() == 4 else output
+        if pred.shape != target.shape:
+            raise ValueError(f"depth predictions {tuple(pred.shape)} and targets {tuple(target.shape)} differ in shape")
+        t = target.double()
+        m = depth_valid(t, self.min_depth)
+        p, t = pred.double()[m].clamp_min(self.min_depth), t[m]
+        ratio = torch.maximum(p / t, t / p)
+        self.sums["sq"] += float(((p - t) ** 2).sum())
+        self.sums["rel"] += float(((p - t).abs() / t).sum())
+        self.sums["delta"] += float((ratio < 1.25).sum())
+        self.sums["n"] += int(m.sum())
+
+    def result(self) -> dict:
+        if self.kind == "segmentation":
+            cm = self.cm
+            if cm.sum() == 0:
+                raise ValueError("no labelled pixels were scored (every target pixel is ignore_index?)")
+            tp = np.diag(cm).astype(np.float64)
+            union = cm.sum(0) + cm.sum(1) - tp
+            with np.errstate(invalid="ignore", divide="ignore"):
+                iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+            return {"pixel_accuracy": float(tp.sum() / cm.sum()), "mIoU": float(np.nanmean(iou))}
+        n = self.sums["n"]
+        if n == 0:
+            raise ValueError("no valid depth pixels were scored")
+        return {"rmse": float(np.sqrt(self.sums["sq"] / n)), "abs_rel": self.sums["rel"] / n,
+                "delta1": self.sums["delta"] / n}
+
+
+def _outputs(model, x, task=None) -> dict[str, torch.Tensor]:
+    out = model(x)
+    if isinstance(out, Mapping):
+        return dict(out)
+    if task is None:
+        raise ValueError("this model returns one map: say which task it solves (task=...)")
+    return {task: out}
+
+
+class ConstantPredictor(nn.Module):
+    """The trivial baseline a dense model must beat: the same class (``majority``) at every pixel
+    and the same depth (``mean_depth``) everywhere. ``forward(x)`` → ``{task: output}``."""
+
+    def __init__(self, tasks: Mapping[str, str], num_classes: int, majority: int, mean_depth: float):
+        super().__init__()
+        self.tasks = {t: check_kind(k) for t, k in tasks.items()}
+        self.num_classes, self.majority, self.mean_depth = int(num_classes), int(majority), float(mean_depth)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        out = {}
+        for t, k in self.tasks.items():
+            if k == "segmentation":
+                logits = x.new_zeros(b, self.num_classes, h, w)
+                logits[:, self.majority] = 1.0
+                out[t] = logits
+            else:
+                out[t] = x.new_full((b, 1, h, w), self.mean_depth)
+        return out
+
+
+def constant_predictor(train_data, tasks: Mapping[str, str], num_classes: int, *, ignore_index: int = IGNORE_INDEX,
+                       min_depth: float = 1e-3, batch_size: int = 128) -> ConstantPredictor:
+    """:class:`ConstantPredictor` fitted on ``train_data``: its most frequent class (void pixels left
+    out) and its mean depth over valid pixels."""
+    counts = np.zeros(num_classes, dtype=np.int64)
+    depth_sum, depth_n = 0.0, 0
+    for _, y in torch.utils.data.DataLoader(train_data, batch_size=batch_size, shuffle=False):
+        m = y[TARGET_KEYS["segmentation"]]
+        m = m[m != ignore_index]
+        counts += np.bincount(m.numpy().ravel(), minlength=num_classes)[:num_classes]
+        d = y[TARGET_KEYS["depth"]].double()
+        v = depth_valid(d, min_depth)
+        depth_sum, depth_n = depth_sum + float(d[v].sum()), depth_n + int(v.sum())
+    return ConstantPredictor(tasks, num_classes, int(counts.argmax()), depth_sum / max(depth_n, 1))
+
+
+def score(model, data, *, kinds: Mapping[str, str], task: str | None = None, target_keys: Mapping[str, str] | None = None,
+          all_branches: bool = False, prefix: bool = True, batch_size: int = 64, ignore_index: int = IGNORE_INDEX,
+          device=None) -> dict:
+    """Dense metrics of ``model`` against the ground truth of ``data`` (streamed, see :class:`DenseMeter`).
+
+    ``model``: an :class:`SBMStudent` (dict outputs), a ``{task: model}`` dict (one model per task,
+    e.g. the teachers), or one model solving ``task``. ``kinds``: ``{task: "segmentation" | "depth"}``.
+    Keys ``"<task>/<metric>"`` (``prefix=False``: ``"<metric>"``, one task only); with
+    ``all_branches`` an SBMStudent is scored at every candidate branch: ``"<task>@<point>/<metric>"``.
+    """
+    from ...features import eval_mode
+    from ...train import to_device
+
+    target_keys = {t: (target_keys or {}).get(t, TARGET_KEYS[check_kind(k)]) for t, k in kinds.items()}
+    if isinstance(model, Mapping):
+        modules = dict(model)
+    else:
+        modules = {"_": model}
+    if device is None:
+        p = next((q for m in modules.values() for q in m.parameters()), None)
+        device = p.device if p is not None else torch.device("cpu")
+    meters: dict[str, DenseMeter] = {}
+
+    def meter(name, t, out):
+        if name not in meters:
+            k = kinds[t]
+            meters[name] = DenseMeter(k, num_classes=out.shape[1] if k == "segmentation" else None,
+                                      ignore_index=ignore_index)
+        return meters[name]
+
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+    stack = [eval_mode(m) for m in modules.values()]
+    for s in stack:
+        s.__enter__()
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                x = images_of(batch).to(device)
+                y = batch[1]
+                if not isinstance(y, Mapping):
+                    raise TypeError("score needs dense targets: batches (images, {'mask': ..., 'depth': ...})")
+                y = to_device(y, "cpu")
+                for key, m in modules.items():
+                    if isinstance(model, Mapping):
+                        outs = {key: {"": m(x)}}
+                    elif all_branches and isinstance(m, SBMStudent):
+                        outs = m.forward_all(x)
+                    else:
+                        outs = {t: {"": o} for t, o in _outputs(m, x, task).items()}
+                    for t, per in outs.items():
+                        if t not in kinds:
+                            continue
+                        for p, out in per.items():
+                            name = t if (not p or len(per) == 1) else f"{t}@{p}"
+                            meter(name, t, out).update(out, y[target_keys[t]])
+    finally:
+        for s in reversed(stack):
+            s.__exit__(None, None, None)
+    res = {}
+    for name, mt in meters.items():
+        for k, v in mt.result().items():
+            res[f"{name}/{k}" if prefix else k] = v
+    return res
+
+
+def score_table(models: Mapping[str, object], data, *, kinds: Mapping[str, str], **kwargs):
+    """One row per model (``{name: model or {task: model}}``), columns ``"<task>/<metric>"``."""
+    import pandas as pd
+
+    rows = {name: score(m, data, kinds=kinds, **kwargs) for name, m in models.items()}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def predict(models: Mapping[str, object], data, indices: Sequence[int], *, kinds: Mapping[str, str],
+            target_keys: Mapping[str, str] | None = None) -> dict:
+    """Predictions for a few items, for figures: ``{"image": uint8 (n, H, W, 3), "truth": {task: maps},
+    name: {task: maps}}`` where segmentation maps are class ids (n, H, W) and depth maps (n, H, W)."""
+    from ...features import eval_mode
+
+    target_keys = {t: (target_keys or {}).get(t, TARGET_KEYS[check_kind(k)]) for t, k in kinds.items()}
+    items = [data[int(i)] for i in indices]
+    x = torch.stack([it[0] for it in items])
+    out = {"image": np.stack([data.image_array(int(i)) for i in indices]),
+           "truth": {t: torch.stack([torch.as_tensor(it[1][target_keys[t]]) for it in items]).numpy() for t in kinds}}
+    for name, m in models.items():
+        res = {}
+        modules = dict(m) if isinstance(m, Mapping) else {"_": m}
+        for key, mod in modules.items():
+            dev = next(mod.parameters()).device
+            with eval_mode(mod), torch.no_grad():
+                o = mod(x.to(dev))
+            o = {key: o} if not isinstance(o, Mapping) else o
+            for t, v in o.items():
+                if t in kinds:
+                    v = v.cpu()
+                    res[t] = (v.argmax(1) if kinds[t] == "segmentation" else v[:, 0]).numpy()
+        out[name] = res
+    return out

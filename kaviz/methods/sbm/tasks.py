@@ -1,0 +1,23 @@
+"""SBM dense tasks: kinds (segmentation, depth), their target keys, branch points, the ignore index."""
+from __future__ import annotations
+
+import torch
+
+#: Dense task kinds: per-pixel classes, per-pixel depth.
+KINDS = ("segmentation", "depth")
+#: Ground-truth entry of a batch's target dict for each kind.
+TARGET_KEYS = {"segmentation": "mask", "depth": "depth"}
+#: Candidate branch points of a SegNetSmall, shallow to deep: the block after which a task leaves
+#: the shared trunk (``enc3``: only the encoder is shared; ``dec1``: all but the head is shared).
+BRANCH_POINTS = ("enc3", "dec3", "dec2", "dec1")
+IGNORE_INDEX = 255
+
+
+def check_kind(kind) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"task kind must be one of {KINDS}, got {kind!r}")
+    return kind
+
+
+def depth_valid(t: torch.Tensor, min_depth: float) -> torch.Tensor:
+    return torch.isfinite(t) & (t > min_depth)
