@@ -1,0 +1,150 @@
+"""Dense evaluation of recombined networks and teachers: PSNR, SSIM, mIoU, pixel accuracy, bits per pixel."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...models import param_count
+from ..kd import images_of
+from .network import RecombinedNet
+from .tasks import IGNORE_INDEX, TASK_KINDS, check_segnet_teachers, mask_of, task_kinds
+
+
+def _batches(data, batch_size):
+    from torch.utils.data import DataLoader
+
+    loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size, shuffle=False)
+    for batch in loader:
+        x = images_of(batch)
+        try:
+            mask = mask_of(batch)
+        except KeyError:
+            mask = None
+        yield x, mask
+
+
+def _iou_from_confusion(cm: np.ndarray) -> dict:
+    # same definitions as kaviz.metrics.segmentation_scores, from a confusion matrix summed over batches
+    tp = np.diag(cm).astype(np.float64)
+    union = cm.sum(0) + cm.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+    return {"pixel_accuracy": float(tp.sum() / max(cm.sum(), 1)), "mIoU": float(np.nanmean(iou)), "iou": iou}
+
+
+def _entropy_bits(hist: dict) -> float:
+    bits = 0.0
+    for counts in hist.values():
+        c = np.fromiter(counts.values(), dtype=np.float64)
+        p = c / c.sum()
+        bits += float(-(p * np.log2(p)).sum())
+    return bits
+
+
+def evaluate_dense(model: nn.Module, data, *, kinds: Mapping[str, str] | None = None, num_classes: int | None = None,
+                   ignore_index: int = IGNORE_INDEX, batch_size: int = 64, device=None, per_class: bool = False) -> dict:
+    """Dense scores of ``model`` on ``data`` (eval mode, no gradients, mode restored).
+
+    ``model`` returns ``{task: output}`` (a :class:`RecombinedNet`, kinds taken from it) or one
+    tensor (pass ``kinds={"out": "reconstruction" | "segmentation"}``). Reconstruction: ``psnr``
+    (dB, mean over images) and ``ssim`` against the input image; segmentation: ``mIoU`` and
+    ``pixel_accuracy`` against the ground-truth masks (``ignore_index`` pixels left out; the
+    confusion matrix is summed over batches). A :class:`RecombinedNet` also gets ``bpp``: the
+    zeroth-order empirical entropy of its quantised code symbols (per channel, over ``data``) in
+    bits per image pixel — the rate an ideal per-channel entropy coder would approach (no entropy
+    model is learned). With two tasks of one kind the keys are prefixed ``<task>/``.
+    """
+    from ... import metrics
+    from ...features import eval_mode
+
+    if isinstance(model, RecombinedNet):
+        kinds = dict(model.kinds)
+    elif not kinds:
+        raise ValueError("a single-output model needs kinds={'out': 'reconstruction' | 'segmentation'}")
+    counts = {k: list(kinds.values()).count(k) for k in TASK_KINDS}
+    seg_tasks = [t for t, k in kinds.items() if k == "segmentation"]
+    if seg_tasks and num_classes is None:
+        num_classes = (model.decoders[seg_tasks[0]].head.out_channels if isinstance(model, RecombinedNet)
+                       else getattr(getattr(model, "head", None), "out_channels", None))
+        if num_classes is None:
+            raise ValueError("pass num_classes= for segmentation scores")
+    dev = device if device is not None else next((p.device for p in model.parameters()), torch.device("cpu"))
+    sums = {t: {"psnr": 0.0, "ssim": 0.0} for t, k in kinds.items() if k == "reconstruction"}
+    cms = {t: np.zeros((num_classes, num_classes), dtype=np.int64) for t in seg_tasks}
+    hist: dict = {}
+    n = 0
+    pixels = 0
+    with eval_mode(model), torch.no_grad():
+        for x, mask in _batches(data, batch_size):
+            x = x.to(dev)
+            if isinstance(model, RecombinedNet):
+                z = model.bottleneck(model.encode(x))
+                out = model.decode(model.quantiser(z), size=x.shape[-2:])
+            else:
+                out = model(x)
+            if not isinstance(out, Mapping):
+                if len(kinds) != 1:
+                    raise ValueError(f"the model returns one tensor but kinds names {len(kinds)} tasks")
+                out = {next(iter(kinds)): out}
+            b = x.shape[0]
+            for task, kind in kinds.items():
+                y = out[task]
+                if kind == "reconstruction":
+                    yc = y.clamp(0, 1)
+                    sums[task]["psnr"] += metrics.psnr(yc, x) * b
+                    sums[task]["ssim"] += metrics.ssim(yc, x) * b
+                else:
+                    if mask is None:
+                        raise KeyError("segmentation scores need ground-truth masks in the data "
+                                       "(items (image, {'mask': ...}))")
+                    pred = y.argmax(1).cpu().numpy().ravel()
+                    t = mask.cpu().numpy().astype(np.int64).ravel()
+                    valid = t != ignore_index
+                    cms[task] += metrics.confusion_matrix(pred[valid], t[valid], num_classes)
+            if isinstance(model, RecombinedNet) and model.quantiser.step > 0:
+                sym = model.quantiser.symbols(z).cpu()
+                flat = sym.transpose(0, 1).reshape(sym.shape[1], -1).numpy()
+                for c in range(flat.shape[0]):
+                    vals, cnt = np.unique(flat[c], return_counts=True)
+                    h = hist.setdefault(c, {})
+                    for v, k in zip(vals.tolist(), cnt.tolist()):
+                        h[v] = h.get(v, 0) + k
+                pixels += b * x.shape[-2] * x.shape[-1]
+            n += b
+    if n == 0:
+        raise ValueError("evaluate_dense got empty data")
+    out: dict = {}
+    for task, s in sums.items():
+        pre = f"{task}/" if counts["reconstruction"] > 1 else ""
+        out[f"{pre}psnr"] = s["psnr"] / n
+        out[f"{pre}ssim"] = s["ssim"] / n
+    for task, cm in cms.items():
+        pre = f"{task}/" if counts["segmentation"] > 1 else ""
+        sc = _iou_from_confusion(cm)
+        out[f"{pre}mIoU"] = sc["mIoU"]
+        out[f"{pre}pixel_accuracy"] = sc["pixel_accuracy"]
+        if per_class:
+            out[f"{pre}iou"] = sc["iou"]
+    if hist:
+        # symbols per image: every channel at every code position; bits = Σ_c H_c · positions
+        positions = sum(sum(h.values()) for h in hist.values()) / len(hist)
+        out["bpp"] = _entropy_bits(hist) * positions / pixels
+    return out
+
+
+def teacher_scores(teachers: Mapping[str, nn.Module], data, *, num_classes: int | None = None,
+                   ignore_index: int = IGNORE_INDEX, batch_size: int = 64):
+    """One row per teacher: its task, kind, parameter count and :func:`evaluate_dense` scores."""
+    import pandas as pd
+
+    teachers = check_segnet_teachers(teachers)
+    kinds = task_kinds(teachers, None)
+    rows = []
+    for task, t in teachers.items():
+        s = evaluate_dense(t, data, kinds={"out": kinds[task]}, num_classes=num_classes,
+                           ignore_index=ignore_index, batch_size=batch_size)
+        rows.append({"teacher": task, "kind": kinds[task], "params": param_count(t), **s})
+    return pd.DataFrame(rows)

@@ -1,0 +1,120 @@
+"""Recombination teachers: the reconstruction and segmentation methods, SSIM loss, dense teacher training."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..kd import images_of
+from .evaluation import evaluate_dense
+from .tasks import IGNORE_INDEX, TASK_KINDS, mask_of
+
+
+# losses and teacher training
+def _gauss_kernel(channels: int, window: int, sigma: float, dtype, device) -> torch.Tensor:
+    x = torch.arange(window, dtype=dtype, device=device) - (window - 1) / 2
+    g = torch.exp(-(x ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).expand(channels, 1, window, window).contiguous()
+
+
+def ssim_loss(images: torch.Tensor, references: torch.Tensor, data_range: float = 1.0, window: int = 7,
+              sigma: float = 1.5) -> torch.Tensor:
+    """``1 − SSIM(images, references)``, differentiable (Wang et al. 2004; Gaussian window, the same
+    constants as :func:`kaviz.metrics.ssim`: c1 = (0.01·L)², c2 = (0.03·L)², mean over channels,
+    positions and images)."""
+    if images.shape != references.shape or images.dim() != 4:
+        raise ValueError(f"ssim_loss needs two (N, C, H, W) tensors of one shape, got {tuple(images.shape)} "
+                         f"and {tuple(references.shape)}")
+    if min(images.shape[-2:]) < window:
+        raise ValueError(f"images of {tuple(images.shape[-2:])} are smaller than the {window}×{window} SSIM window")
+    c = images.shape[1]
+    k = _gauss_kernel(c, window, sigma, images.dtype, images.device)
+
+    def blur(z):
+        return F.conv2d(z, k, groups=c)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_a, mu_b = blur(images), blur(references)
+    var_a = blur(images * images) - mu_a ** 2
+    var_b = blur(references * references) - mu_b ** 2
+    cov = blur(images * references) - mu_a * mu_b
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return 1.0 - s.mean()
+
+
+class Reconstruction(nn.Module):
+    """Train an autoencoder teacher: ``{"l1": mean |x̂ − x|, "ssim_loss": 1 − SSIM(x̂, x)}`` (labels
+    never read); ``evaluate`` reports ``psnr`` and ``ssim`` on the given data."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        x = images_of(batch)
+        y = self.model(x)
+        if y.shape != x.shape:
+            raise ValueError(f"a reconstruction teacher must output the image's shape {tuple(x.shape)}, got "
+                             f"{tuple(y.shape)} (build it with 3 output channels and output='sigmoid')")
+        return {"l1": (y - x).abs().mean(), "ssim_loss": ssim_loss(y, x)}
+
+    def evaluate(self, data) -> dict:
+        return evaluate_dense(self.model, data, kinds={"out": "reconstruction"})
+
+
+class Segmentation(nn.Module):
+    """Train a segmentation teacher: ``{"ce": per-pixel cross-entropy}`` (``ignore_index`` pixels
+    skipped); ``evaluate`` reports ``mIoU`` and ``pixel_accuracy``."""
+
+    def __init__(self, model: nn.Module, num_classes: int, ignore_index: int = IGNORE_INDEX):
+        super().__init__()
+        self.model = model
+        self.num_classes = int(num_classes)
+        self.ignore_index = ignore_index
+
+    def forward(self, batch):
+        x, mask = images_of(batch), mask_of(batch)
+        logits = self.model(x)
+        if logits.shape[1] != self.num_classes:
+            raise ValueError(f"the model outputs {logits.shape[1]} channels but num_classes is {self.num_classes}")
+        return {"ce": F.cross_entropy(logits, mask.long(), ignore_index=self.ignore_index)}
+
+    def evaluate(self, data) -> dict:
+        return evaluate_dense(self.model, data, kinds={"out": "segmentation"}, num_classes=self.num_classes,
+                              ignore_index=self.ignore_index)
+
+
+def train_dense_teacher(kind: str, train_data, val_data=None, *, num_classes: int | None = None,
+                        widths=(16, 32, 64), epochs: int = 5, lr: float = 2e-3, batch_size: int = 32,
+                        weight_decay: float = 0.0, schedule: str | None = "cosine", seed: int = 0,
+                        ignore_index: int = IGNORE_INDEX, cache=True, device=None, progress=None):
+    """Train (or load from the teacher cache) a ``segnet_small`` teacher; returns ``(model, history)``.
+
+    ``kind="reconstruction"``: an autoencoder ``segnet_small(3, output="sigmoid")`` trained with
+    :class:`Reconstruction` (best epoch on ``val/loss``); ``kind="segmentation"``: a
+    ``segnet_small(num_classes)`` trained with :class:`Segmentation` (best epoch on ``val/mIoU``).
+    Both go through :func:`kaviz.train.train_teacher` with ``method=``, so they are cached like any
+    teacher (keyed by the loss, the data fingerprints, every setting, the device type and the CPU
+    thread count).
+    """
+    import functools
+
+    from ...train import train_teacher
+
+    if kind not in TASK_KINDS:
+        raise ValueError(f"kind must be one of {TASK_KINDS}, got {kind!r}")
+    if kind == "segmentation":
+        num_classes = num_classes if num_classes is not None else getattr(train_data, "num_classes", None)
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"a segmentation teacher needs num_classes >= 2 (the number of mask classes), got "
+                             f"{num_classes!r}")
+        out, arch_kwargs = num_classes, {"widths": list(widths)}
+        method, monitor = functools.partial(Segmentation, num_classes=num_classes, ignore_index=ignore_index), "val/mIoU"
+    else:
+        out, arch_kwargs = 3, {"widths": list(widths), "output": "sigmoid"}
+        method, monitor = Reconstruction, "val/loss"
+    return train_teacher("segnet_small", train_data, val_data, num_classes=out, epochs=epochs, lr=lr,
+                         batch_size=batch_size, optimizer="adam", weight_decay=weight_decay, schedule=schedule,
+                         seed=seed, arch_kwargs=arch_kwargs, cache=cache, device=device, progress=progress,
+                         method=method, monitor=monitor if val_data is not None else "train/loss")
