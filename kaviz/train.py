@@ -31,6 +31,7 @@ from .cache import key as cache_key
 __all__ = [
     "fit",
     "freeze",
+    "unfrozen",
     "Frozen",
     "Supervised",
     "train_teacher",
@@ -90,6 +91,11 @@ def freeze(module: nn.Module) -> Frozen:
     if isinstance(module, Frozen):
         return module
     return Frozen(module)
+
+
+def unfrozen(module: nn.Module) -> nn.Module:
+    """The network inside a :class:`Frozen` wrapper (hooks and layer names refer to it), or ``module`` itself."""
+    return module.module if isinstance(module, Frozen) else module
 
 
 def _frozen_prefixes(method: nn.Module) -> list[str]:

@@ -217,7 +217,7 @@ def test_tail_after_reproduces_the_model_output(arch, layers):
     m = models.build(arch, 5).eval()
     x = torch.rand(2, 3, 16, 16)
     for layer in layers:
-        kc._check_tail(m, layer, kc.tail_after(m, layer), x)  # raises on a mismatch
+        kc.transclass.check_tail(m, layer, kc.tail_after(m, layer), x)  # raises on a mismatch
 
 
 def test_tail_after_bad_cuts():
@@ -240,7 +240,7 @@ def test_tail_after_bad_cuts():
     tail = kc.tail_after(m, "layer3.0.merge")
     m.eval()
     with pytest.raises(ValueError, match="do not reproduce"):
-        kc._check_tail(m, "layer2.0.merge", tail, torch.rand(2, 3, 16, 16))
+        kc.transclass.check_tail(m, "layer2.0.merge", tail, torch.rand(2, 3, 16, 16))
 
 
 # ---------------------------------------------------------------------------- the whole pipeline

@@ -9,16 +9,12 @@ from torch import nn
 
 from ...features import FeatureTap, eval_mode
 from ...losses import mmd, soft_cross_entropy
-from ...train import Frozen, freeze
+from ...train import freeze, unfrozen
 from ..kd import check_teachers, images_of, union_accuracy
 from .block import CFLBlock, CFLBlockFC, match_spatial
 
 #: Weights of the named loss terms (SPEC §1: KD : MMD : reconstruction = 1 : 10 : 10).
 LOSS_WEIGHTS = {"kd": 1.0, "mmd": 10.0, "recon": 10.0}
-
-
-def unwrap_frozen(teacher: nn.Module) -> nn.Module:
-    return teacher.module if isinstance(teacher, Frozen) else teacher
 
 
 def student_head_params(student: nn.Module, head: str | None):
@@ -137,7 +133,7 @@ class CommonFeatureLearning(nn.Module):
     def _teacher_outputs(self, x):
         logits, feats = [], []
         for t, layer in zip(self.teachers, self.teacher_layers):
-            with FeatureTap(unwrap_frozen(t), layer, clone=True) as tap:
+            with FeatureTap(unfrozen(t), layer, clone=True) as tap:
                 logits.append(t(x))  # Frozen: eval mode and no_grad
             feats.append(tap[layer])
         return torch.cat(logits, 1), feats

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from ...features import eval_mode, pool_features
+from ...train import unfrozen
 from ..kd import images_of
-from .method import unwrap_frozen
 from .runs import Run
 
 
@@ -134,7 +134,7 @@ class Spaces:
     def _teacher_feat(self, k_teacher, layer):
         key = ("teacher", id(k_teacher), layer)
         if key not in self._feat:
-            self._feat[key] = self._extract(unwrap_frozen(k_teacher), layer)
+            self._feat[key] = self._extract(unfrozen(k_teacher), layer)
         return self._feat[key]
 
     def common_space(self, model: str) -> dict[str, np.ndarray]:

@@ -7,13 +7,13 @@ import torch
 from torch import nn
 
 from ...losses import soft_cross_entropy
+from ...train import unfrozen
 from ..kd import MultiTeacherKD, check_teachers, images_of
 from .data import PairData
 from .method import (
     CommonFeatureLearning,
     split_student_params,
     student_head_params,
-    unwrap_frozen,
 )
 
 
@@ -71,7 +71,7 @@ def precompute_teachers(teachers: Sequence[nn.Module], teacher_layers: Sequence[
     images = Unlabeled(data)
     logits, feats = [], []
     for t, layer in zip(teachers, teacher_layers):
-        store = extract(unwrap_frozen(t), images, [OUTPUT, layer], pool="none", batch_size=batch_size,
+        store = extract(unfrozen(t), images, [OUTPUT, layer], pool="none", batch_size=batch_size,
                         device=device, progress=False, clone=True)
         logits.append(store.tensor(OUTPUT))
         feats.append(store.tensor(layer))
