@@ -515,12 +515,10 @@ class _Keyed(torch.utils.data.Dataset):
 def _keyed(part, whole, tag: str):
     if isinstance(getattr(part, "fingerprint", None), str):
         return part
-    import hashlib
-
-    from .data import fingerprint
+    from .data import digest, fingerprint
 
     idx = np.asarray(getattr(part, "indices", range(len(part))), dtype=np.int64)
-    return _Keyed(part, f"{fingerprint(whole)}-{tag}-{hashlib.sha1(idx.tobytes()).hexdigest()[:12]}")
+    return _Keyed(part, f"{fingerprint(whole)}-{tag}-{digest(idx)[:12]}")
 
 
 def teacher_consistency(student: nn.Module, teachers, data, student_layer: str, teacher_layers, *,

@@ -485,7 +485,7 @@ def _concat_labels(label_col, names, sizes):
 
 
 def _cache_key(sources, labels, index, method, params, mode, reference, pca, seed) -> str:
-    h = hashlib.blake2b(digest_size=20)
+    h = hashlib.sha256()
 
     def put(tag, arr):
         arr = np.asarray(arr)

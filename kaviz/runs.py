@@ -29,7 +29,7 @@ __all__ = ["register", "register_checkpoint", "list", "load", "info", "remove", 
 
 WEIGHTS = "weights.pt"
 RECORD = "run.json"
-FORMAT = "kaviz-run-1"
+FORMAT = "kaviz-run-2"  # 2: weights_sha256 (1 held a SHA-1)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 COLUMNS = ["name", "paper", "method", "arch", "seed", "data", "metrics"]
 
@@ -161,7 +161,7 @@ def register(name: str, model: nn.Module, *, arch: str | None = None, arch_kwarg
         "data": _data_label(data),
         "metrics": metrics,
         "notes": str(notes),
-        "weights_sha1": weights_hash(probe),
+        "weights_sha256": weights_hash(probe),
         "params": sum(int(v.numel()) for v in state.values()),
         "registered": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__.split("+")[0],
@@ -199,7 +199,7 @@ def info(name: str) -> dict:
 
 def load(name: str, *, device=None, eval: bool = True) -> nn.Module:
     """Rebuild the run's architecture (:func:`kaviz.models.build`) and load its weights
-    (``weights_only=True``), checking them against the SHA-1 in the record. The model comes back in
+    (``weights_only=True``), checking them against the SHA-256 in the record. The model comes back in
     eval mode (``eval=False``: as built) on ``device`` (default CPU), with the record in ``model.kaviz_run``."""
     from .models import build, load_state, weights_hash
     from .train import load_checkpoint
@@ -210,7 +210,10 @@ def load(name: str, *, device=None, eval: bool = True) -> nn.Module:
         raise FileNotFoundError(f"run {name!r} has a record but no weights file {folder / WEIGHTS}; register it again")
     model = build(record["arch"], record["num_classes"], **record.get("arch_kwargs", {}))
     load_state(model, load_checkpoint(folder / WEIGHTS), source=f"run {name!r} ({folder / WEIGHTS})")
-    if weights_hash(model) != record.get("weights_sha1"):
+    if "weights_sha256" not in record:
+        raise ValueError(f"run {name!r} ({folder}) was registered by an older kaviz (its record holds a SHA-1, not the "
+                         "SHA-256 kaviz now checks weights against); register the run again")
+    if weights_hash(model) != record["weights_sha256"]:
         raise ValueError(f"the weights of run {name!r} ({folder / WEIGHTS}) do not match its record (the file was "
                          "changed after registering); register the run again")
     model.kaviz_run = record

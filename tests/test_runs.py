@@ -98,4 +98,4 @@ def test_a_tampered_or_half_written_run_is_caught(_registry):
     torch.save(m.state_dict(), _registry / "half" / "weights.pt")  # weights without a record: not a run
     assert runs.list()["name"].tolist() == ["r"]
     rec = json.loads((_registry / "r" / "run.json").read_text())
-    assert rec["format"] == "kaviz-run-1" and len(rec["weights_sha1"]) == 40
+    assert rec["format"] == "kaviz-run-2" and len(rec["weights_sha256"]) == 64

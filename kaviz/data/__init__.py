@@ -1,7 +1,7 @@
 """Embedded datasets (synthetic shapes/scenes, scikit-learn digits), the comprehensive label space
 (union), splits, fingerprints, seeded loaders and :func:`is_random` (does a transform augment?).
 Importing this package imports torch and NumPy only; scikit-learn and pandas are imported when a dataset is built."""
-from .core import ImageDataset, Splits, Unlabeled, UnionDataset, fingerprint, loader, split, union
+from .core import ImageDataset, Splits, Unlabeled, UnionDataset, digest, fingerprint, loader, split, union
 from .digits import digits
 from .transforms import has_random_transform, is_random
 from .synthetic import (
@@ -24,6 +24,7 @@ __all__ = [
     "Splits",
     "split",
     "fingerprint",
+    "digest",
     "loader",
     "is_random",
     "has_random_transform",

@@ -83,24 +83,27 @@ def _feed(h, obj, path="obj"):
         )
 
 
-def _digest(obj) -> str:
-    h = hashlib.blake2b(digest_size=16)
+def digest(obj) -> str:
+    """SHA-256 (first 128 bits, 32 hex digits) of ``obj``'s content: tensors and arrays by dtype, shape and
+    bytes (so ``x`` and ``x.reshape(...)`` differ), also inside lists, tuples and dicts, with numbers and strings.
+    The one content hash of kaviz: :func:`fingerprint` and the fingerprints of every dataset use it."""
+    h = hashlib.sha256()
     _feed(h, obj)
-    return h.hexdigest()
+    return h.hexdigest()[:32]
 
 
 def fingerprint(obj) -> str:
     """A stable hex digest identifying exactly ``obj``'s data, for cache keys.
 
     ``obj.fingerprint`` when the object carries one (``ImageDataset``, ``UnionDataset``,
-    ``Unlabeled``...); otherwise a content hash (BLAKE2b-128 over dtype, shape and bytes) of tensors
+    ``Unlabeled``...); otherwise a content hash (:func:`digest`: SHA-256 over dtype, shape and bytes) of tensors
     and arrays, also inside lists, tuples and dicts (numbers and strings allowed there). Anything
     else raises ``TypeError`` saying what to pass.
     """
     fp = getattr(obj, "fingerprint", None)
     if isinstance(fp, str):
         return fp
-    return _digest(obj)
+    return digest(obj)
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -255,14 +258,14 @@ class ImageDataset(Dataset):
     def data_fingerprint(self) -> str:
         """Fingerprint of the images and targets, without the transform."""
         if self._base_fingerprint is None:
-            self._base_fingerprint = _digest(("ImageDataset", self.images, self.targets, self.classes))
+            self._base_fingerprint = digest(("ImageDataset", self.images, self.targets, self.classes))
         return self._base_fingerprint
 
     @property
     def fingerprint(self) -> str:
         if self.transform is None:
             return self.data_fingerprint
-        return _digest(("transform", self.data_fingerprint, repr(self.transform)))
+        return digest(("transform", self.data_fingerprint, repr(self.transform)))
 
     @property
     def num_classes(self) -> int | None:
@@ -308,7 +311,7 @@ class ImageDataset(Dataset):
         else:
             targets = self.targets[idx]
         meta = None if self.meta is None else self.meta.iloc[idx.numpy()].reset_index(drop=True)
-        fp = _digest(("subset", self.data_fingerprint, idx))
+        fp = digest(("subset", self.data_fingerprint, idx))
         return self._derived(self.images[idx], targets, meta, fp, self.transform)
 
     def with_transform(self, transform) -> "ImageDataset":
@@ -349,7 +352,7 @@ class Unlabeled(Dataset):
 
     @property
     def fingerprint(self) -> str:
-        return _digest(("unlabeled", fingerprint(self.dataset)))
+        return digest(("unlabeled", fingerprint(self.dataset)))
 
     def image_array(self, i):
         return self.dataset.image_array(i)
@@ -451,7 +454,7 @@ class UnionDataset(Dataset):
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = _digest((
+            self._fingerprint = digest((
                 "union", [fingerprint(ds) for ds in self.datasets], self.sources,
                 self.origin, self.local_index,
             ))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .core import ImageDataset, _digest
+from .core import ImageDataset, digest
 from .synthetic import COLOURS, GENERATOR_VERSION, _check_seed, _hsv_to_rgb, _noise_windows
 
 __all__ = ["digits"]
@@ -68,7 +68,7 @@ def digits(size: int = 32, seed: int = 0, colour: bool = True) -> ImageDataset:
         classes=[str(k) for k in range(10)],
         name="digits",
         meta=meta,
-        fingerprint=_digest(("digits", GENERATOR_VERSION, size, seed if colour else None, bool(colour))),
+        fingerprint=digest(("digits", GENERATOR_VERSION, size, seed if colour else None, bool(colour))),
         info={"task": "classification", "source": "sklearn.datasets.load_digits", "size": size,
               "seed": seed, "colour": bool(colour)},
     )

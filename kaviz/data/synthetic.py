@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import numpy as np
 
-from .core import ImageDataset, _digest
+from .core import ImageDataset, digest
 
 __all__ = [
     "SHAPES",
@@ -600,7 +600,7 @@ def shapes(n: int = 6000, seed: int = 0, size: int = 32) -> ImageDataset:
         classes=list(SHAPES),
         name="shapes",
         meta=_object_meta(r),
-        fingerprint=_digest(("shapes", GENERATOR_VERSION, n, seed, size)),
+        fingerprint=digest(("shapes", GENERATOR_VERSION, n, seed, size)),
         info={"task": "classification", "generator": "kaviz.data.synthetic.render_scenes",
               "seed": seed, "size": size},
     )
@@ -643,7 +643,7 @@ def shape_attributes(n: int = 6000, seed: int = 0, size: int = 32) -> ImageDatas
         classes=list(ATTRIBUTES),
         name="shape_attributes",
         meta=meta,
-        fingerprint=_digest(("shape_attributes", GENERATOR_VERSION, n, seed, size)),
+        fingerprint=digest(("shape_attributes", GENERATOR_VERSION, n, seed, size)),
         info={"task": "attributes", "attributes": list(ATTRIBUTES), "seed": seed, "size": size,
               "generator": "kaviz.data.synthetic.render_scenes"},
     )
@@ -715,7 +715,7 @@ def scenes(n: int = 3000, seed: int = 0, size: int = 48, max_objects: int = 4) -
         classes=list(SHAPES),
         name="scenes",
         meta=meta,
-        fingerprint=_digest(("scenes", GENERATOR_VERSION, n, seed, size, int(max_objects))),
+        fingerprint=digest(("scenes", GENERATOR_VERSION, n, seed, size, int(max_objects))),
         info={"task": "scene", "mask_classes": ["background", *SHAPES], "objects": objects,
               "background_depth_range": BACKGROUND_DEPTH, "object_depth_range": OBJECT_DEPTH,
               "seed": seed, "size": size, "max_objects": int(max_objects),

@@ -167,8 +167,8 @@ def param_count(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 def weights_hash(model: nn.Module) -> str:
-    """SHA-1 of the state dict's names, shapes and bytes: identifies exactly these weights."""
-    h = hashlib.sha1()
+    """SHA-256 of the state dict's names, shapes and bytes: identifies exactly these weights."""
+    h = hashlib.sha256()
     for k, v in model.state_dict().items():
         h.update(k.encode())
         t = v.detach().cpu().contiguous().reshape(-1)

@@ -45,9 +45,9 @@ class TeacherOutputs(torch.utils.data.Dataset):
 
     @property
     def fingerprint(self) -> str:
-        from ...data.core import _digest
+        from ...data import digest
 
-        return _digest(("teacher-outputs", self.data.fingerprint, self.layers, self.logits))
+        return digest(("teacher-outputs", self.data.fingerprint, self.layers, self.logits))
 
 
 def precompute_teachers(teachers: Sequence[nn.Module], teacher_layers: Sequence[str], data, *,

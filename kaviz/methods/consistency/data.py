@@ -1,8 +1,6 @@
 """Knowledge-consistency notebook data: a relabelled coarse task, the embedded shapes or CUB-200, halves."""
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
@@ -40,10 +38,9 @@ class Relabelled(Dataset):
 
     @property
     def fingerprint(self):
-        from ...data import fingerprint
+        from ...data import digest, fingerprint
 
-        return hashlib.sha1(json.dumps([fingerprint(self.dataset), self.mapping.tolist(), self.classes]).encode()
-                            ).hexdigest()
+        return digest(("relabelled", fingerprint(self.dataset), self.mapping, list(self.classes)))
 
     def __len__(self):
         return len(self.dataset)

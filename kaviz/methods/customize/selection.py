@@ -1,7 +1,6 @@
 """Choosing, for each image and attribute, the source whose head is most confident (lowest entropy)."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -121,8 +120,6 @@ class AssignedImages(torch.utils.data.Dataset):
 
     @property
     def fingerprint(self) -> str:
-        from ...data import fingerprint
+        from ...data import digest, fingerprint
 
-        h = hashlib.sha1(fingerprint(self.images).encode())
-        h.update(self.index.numpy().tobytes())
-        return h.hexdigest()
+        return digest(("assigned", fingerprint(self.images), self.index))

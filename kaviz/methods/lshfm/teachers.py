@@ -56,9 +56,9 @@ class TeacherOutputs(torch.utils.data.Dataset):
     @property
     def fingerprint(self) -> str:
         from ...data import fingerprint
-        from ...data.core import _digest
+        from ...data import digest
 
-        return _digest(("teacher-outputs", fingerprint(self.dataset), self._teacher_hash, self.layer, self.keys))
+        return digest(("teacher-outputs", fingerprint(self.dataset), self._teacher_hash, self.layer, self.keys))
 
     @property
     def num_classes(self):
