@@ -28,6 +28,8 @@ import os
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from .stats import SeedStats, seed_stats, seed_table  # noqa: F401 (re-exported: they live low, in kaviz.stats)
+
 __all__ = [
     "ExpectationError",
     "SeedStats",
@@ -51,70 +53,6 @@ class ExpectationError(AssertionError):
     """A re-run left the band its stored run set (the message holds both numbers and the band)."""
 
 
-# ------------------------------------------------------------------------------------------ seeds
-@dataclass(frozen=True)
-class SeedStats:
-    """Mean and sample standard deviation (ddof = 1) of one quantity over seeds."""
-
-    mean: float
-    std: float
-    n: int
-
-    def __str__(self) -> str:
-        return self.format()
-
-    def format(self, digits: int = 3) -> str:
-        if self.n < 2 or math.isnan(self.std):
-            return f"{self.mean:.{digits}f} (1 seed)"
-        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
-
-
-def _as_floats(values, what: str) -> list[float]:
-    if isinstance(values, (int, float)):
-        values = [values]
-    try:
-        out = [float(v) for v in values]
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{what} must be a number or a sequence of numbers (one per seed), got {values!r}") from exc
-    if not out:
-        raise ValueError(f"{what} is empty: pass one value per seed")
-    return out
-
-
-def seed_stats(values: Iterable[float] | float) -> SeedStats:
-    """Mean and **sample** std (ddof = 1) over seeds; std is NaN for a single seed (never 0)."""
-    xs = _as_floats(values, "values")
-    n = len(xs)
-    mean = math.fsum(xs) / n
-    std = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else float("nan")
-    return SeedStats(mean, std, n)
-
-
-def seed_table(df, by: str | Sequence[str], columns: Sequence[str], *, digits: int = 3, as_text: bool = True):
-    """The one results-table shape: one row per group of ``by``, a ``seeds`` column, and per column
-    ``"mean ± std"`` text (``as_text``) or ``<col> mean`` / ``<col> std`` numbers. Sample std."""
-    import pandas as pd
-
-    by = [by] if isinstance(by, str) else list(by)
-    missing = [c for c in [*by, *columns] if c not in df.columns]
-    if missing:
-        raise KeyError(f"seed_table: no column(s) {missing} in the table (columns: {list(df.columns)})")
-    rows = []
-    for key, group in df.groupby(by, sort=False):
-        key = key if isinstance(key, tuple) else (key,)
-        row = dict(zip(by, key))
-        row["seeds"] = len(group)
-        for c in columns:
-            s = seed_stats(group[c].astype(float).tolist())
-            if as_text:
-                row[c] = s.format(digits)
-            else:
-                row[f"{c} mean"], row[f"{c} std"] = s.mean, s.std
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-# ----------------------------------------------------------------------------------- expectations
 def _recording() -> bool:
     return os.environ.get("KAVIZ_EXPECT", "").strip().lower() == "record"
 

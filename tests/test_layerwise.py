@@ -432,7 +432,8 @@ def test_accuracy_table_and_seed_summary():
     a = pd.DataFrame({"model": ["x", "y"], "acc": [0.5, np.nan]})
     b = pd.DataFrame({"model": ["x", "y"], "acc": [0.7, np.nan]})
     s = lw.summarize_seeds([a, b])
-    assert s.loc["x", "acc"] == "0.600 ± 0.100" and s.loc["y", "acc"] == "-" and s.loc["x", "seeds"] == 2
+    # sample std (ddof = 1): 0.5 and 0.7 give 0.1414, not the population 0.100
+    assert s.loc["x", "acc"] == "0.600 ± 0.141" and s.loc["y", "acc"] == "-" and s.loc["x", "seeds"] == 2
 
 
 def test_feature_maps_and_param_table():
@@ -462,5 +463,5 @@ def test_seed_stats_long_form():
     s = lw.seed_stats([a, b])
     assert list(s.columns) == ["model", "column", "mean", "std", "seeds"]
     assert s[(s.model == "x") & (s.column == "acc")]["mean"].item() == pytest.approx(0.6)
-    assert s[(s.model == "x") & (s.column == "b")]["std"].item() == pytest.approx(1.0)
+    assert s[(s.model == "x") & (s.column == "b")]["std"].item() == pytest.approx(2 ** 0.5)  # sample std of 1, 3
     assert ((s.model == "y") & (s.column == "acc")).sum() == 0  # undefined cells are dropped

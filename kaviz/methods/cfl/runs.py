@@ -132,21 +132,10 @@ def results_table(runs: Sequence[Run], decimals: int = 3, as_text: bool = True):
     """Mean ± std over seeds of the test accuracies (task-agnostic and task-aware), each student
     taken at its best epoch on validation; one row per (student, method). ``as_text``: the cells
     read ``"0.812 ± 0.010"``; else numeric ``<accuracy> mean`` / ``<accuracy> std`` columns."""
-    import pandas as pd
+    from ...stats import seed_table
 
-    df = per_seed_table(runs)
-    rows = []
-    for (arch, method), g in df.groupby(["student", "method"], sort=False):
-        row = {"student": arch, "method": method, "seeds": len(g)}
-        for col in ("test task-agnostic", "test task-aware"):
-            v = g[col].to_numpy(dtype=float)
-            sd = float(v.std(ddof=1)) if len(v) > 1 else 0.0
-            if as_text:
-                row[col] = f"{v.mean():.{decimals}f} ± {sd:.{decimals}f}"
-            else:
-                row[f"{col} mean"], row[f"{col} std"] = float(v.mean()), sd
-        rows.append(row)
-    return pd.DataFrame(rows)
+    return seed_table(per_seed_table(runs), ["student", "method"], ["test task-agnostic", "test task-aware"],
+                      digits=decimals, as_text=as_text)
 
 
 def term_gradients(method: nn.Module, batch, weights: Mapping[str, float] | None = None):

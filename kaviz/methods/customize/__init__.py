@@ -80,6 +80,7 @@ from .tables import (
     majority_baseline,
     selection_table,
     summarise,
+    summarize,
 )
 
 __all__ = [
@@ -111,6 +112,7 @@ __all__ = [
     "CELEBA_SOURCES",
     "run",
     "CustomizeResult",
+    "summarize",
     "summarise",
     "comparison",
     "assignment_table",

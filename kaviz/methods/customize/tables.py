@@ -45,7 +45,7 @@ def accuracy_table(models: Mapping[str, nn.Module], data, attributes: Sequence[s
     return df
 
 
-def summarise(table, decimals: int = 3):
+def summarize(table, decimals: int = 3):
     """Mean ± std over seeds of the per-attribute accuracy: rows = model, columns = (attribute, mean |
     std), plus ``group mean`` (the mean over the attributes, per seed, then over seeds) for the models
     that have every attribute of the table (a source covering part of the group gets NaN there)."""
@@ -160,3 +160,7 @@ def majority_baseline(data, attributes: Sequence[str]) -> dict[str, float]:
     cols = attribute_columns(getattr(data, "classes", None), attributes)
     p = data.targets[:, cols].float().mean(0).numpy()
     return {a: float(max(v, 1 - v)) for a, v in zip(attributes, p)}
+
+
+#: The British spelling the notebooks called first; kaviz spells it ``summarize`` (as ``kaviz.train.summarize``).
+summarise = summarize

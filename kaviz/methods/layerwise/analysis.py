@@ -58,35 +58,44 @@ def accuracy_table(models: Mapping[str, nn.Module], data, teachers: Sequence[nn.
 
 def seed_stats(tables: Sequence, by: str = "model"):
     """Long form of per-seed tables with identical rows: one row per (``by``, column) with the
-    ``mean``, ``std`` (ddof=0) and number of ``seeds``; undefined cells (NaN in every seed) dropped.
+    ``mean``, sample ``std`` (ddof = 1, :func:`kaviz.stats.seed_stats`; NaN for one seed) and number of
+    ``seeds``; undefined cells (NaN in every seed) dropped; NaN seeds of a cell are left out of it.
     For bar charts with error bars (``kaviz.plots.bar(..., error="std")``)."""
     import pandas as pd
 
+    rows = [{by: r, "column": c, "mean": s.mean, "std": s.std, "seeds": s.n} for r, c, s in _cell_stats(tables, by)]
+    return pd.DataFrame(rows)
+
+
+def _cell_stats(tables: Sequence, by: str):
+    """``(row, column, SeedStats)`` of every numeric cell defined in at least one of the per-seed ``tables``."""
+    import pandas as pd
+
+    from ...stats import seed_stats
+
     frame = pd.concat(list(tables), ignore_index=True)
     order = list(dict.fromkeys(frame[by]))
-    g = frame.groupby(by, sort=False)
-    mean, std, n = g.mean(numeric_only=True), g.std(ddof=0, numeric_only=True), g.count()
-    rows = [{by: r, "column": c, "mean": mean.loc[r, c], "std": std.loc[r, c], "seeds": int(n.loc[r, c])}
-            for r in order for c in mean.columns if np.isfinite(mean.loc[r, c])]
-    return pd.DataFrame(rows)
+    numeric = [c for c in frame.columns if c != by and pd.api.types.is_numeric_dtype(frame[c])]
+    groups = dict(tuple(frame.groupby(by, sort=False)))
+    for r in order:
+        for c in numeric:
+            values = groups[r][c].dropna().astype(float).tolist()
+            if values:
+                yield r, c, seed_stats(values)
 
 
 def summarize_seeds(tables: Sequence, by: str = "model", decimals: int = 3):
     """Mean ± std over seeds of tables with identical rows (one table per seed): a DataFrame of
-    ``"0.912 ± 0.004"`` strings, rows in first-seen order (std with ddof=0; "-" where undefined)."""
+    ``"0.912 ± 0.004"`` strings, rows in first-seen order (sample std, ddof = 1, :mod:`kaviz.stats`;
+    "-" where undefined)."""
     import pandas as pd
 
     frame = pd.concat(list(tables), ignore_index=True)
     order = list(dict.fromkeys(frame[by]))
     g = frame.groupby(by, sort=False)
-    mean, std = g.mean(numeric_only=True), g.std(ddof=0, numeric_only=True)
-
-    def fmt(m, s):
-        if not np.isfinite(m):
-            return "-"
-        return f"{m:.{decimals}f} ± {s:.{decimals}f}"
-
-    out = pd.DataFrame({c: [fmt(mean.loc[r, c], std.loc[r, c]) for r in order] for c in mean.columns}, index=order)
+    columns = [c for c in frame.columns if c != by and pd.api.types.is_numeric_dtype(frame[c])]
+    cells = {(r, c): s.format(decimals) for r, c, s in _cell_stats(tables, by)}
+    out = pd.DataFrame({c: [cells.get((r, c), "-") for r in order] for c in columns}, index=order)
     out.index.name = by
     out.insert(0, "seeds", [int(g.size().loc[r]) for r in order])
     return out

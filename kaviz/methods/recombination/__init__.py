@@ -70,6 +70,7 @@ from .runs import (
     compare_criteria,
     recombine,
     summarise,
+    summarize,
 )
 from .tasks import (
     IGNORE_INDEX,
@@ -107,5 +108,6 @@ __all__ = [
     "recombine",
     "RecombinationResult",
     "compare_criteria",
+    "summarize",
     "summarise",
 ]

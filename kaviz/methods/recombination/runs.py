@@ -178,15 +178,20 @@ def compare_criteria(net: RecombinedNet, data, fraction: float, *, criteria: Seq
     return pd.DataFrame(rows)
 
 
-def summarise(results: Sequence[RecombinationResult], split: str = "test"):
-    """Mean ± std over seeds of :meth:`RecombinationResult.table` (one result per seed)."""
+def summarize(results: Sequence[RecombinationResult], split: str = "test"):
+    """Mean and sample std (ddof = 1, :mod:`kaviz.stats`; NaN for one seed) over seeds of
+    :meth:`RecombinationResult.table` (one result per seed): ``<score>`` and ``<score>_std`` columns."""
     import pandas as pd
 
     if not results:
-        raise ValueError("summarise needs at least one result")
+        raise ValueError("summarize needs at least one result")
     tabs = [r.table(split).assign(seed=k) for k, r in enumerate(results)]
     df = pd.concat(tabs, ignore_index=True)
     cols = [c for c in df.columns if c not in ("round", "stage", "seed")]
     g = df.groupby(["round", "stage"], sort=False)[cols]
-    mean, std = g.mean(), g.std(ddof=0).add_suffix("_std")
+    mean, std = g.mean(), g.std(ddof=1).add_suffix("_std")
     return mean.join(std).reset_index()
+
+
+#: The British spelling the notebooks called first; kaviz spells it ``summarize`` (as ``kaviz.train.summarize``).
+summarise = summarize
