@@ -36,6 +36,8 @@ __all__ = [
     "FeatureStore",
     "eval_mode",
     "LayerError",
+    "parse_layer",
+    "unknown_layer_error",
     "CorruptStoreError",
     "pool_features",
 ]
@@ -129,7 +131,7 @@ def eval_mode(model: nn.Module):
             m.training = flag
 
 
-def _parse(spec: str) -> tuple[str, str]:
+def parse_layer(spec: str) -> tuple[str, str]:
     """``"layer3"`` -> ("layer3", "out"); ``"fc:in"`` -> ("fc", "in"); OUTPUT -> ("", "out")."""
     if spec == OUTPUT:
         return "", "out"
@@ -163,7 +165,8 @@ def _layer_list(layers, who: str) -> list[str]:
     return list(dict.fromkeys(layers))
 
 
-def _unknown(model: nn.Module, name: str) -> LayerError:
+def unknown_layer_error(model: nn.Module, name: str) -> LayerError:
+    """The error for a layer ``name`` ``model`` does not have, listing the closest valid names."""
     valid = list_layers(model)
     close = difflib.get_close_matches(name, valid, n=6, cutoff=0.4)
     if not close:
@@ -208,9 +211,9 @@ class FeatureTap:
         modules = dict(model.named_modules())
         self._targets = []
         for spec in self.layers:
-            name, where = _parse(spec)
+            name, where = parse_layer(spec)
             if name not in modules:
-                raise _unknown(model, name)
+                raise unknown_layer_error(model, name)
             self._targets.append((spec, modules[name], where))
         self._handles: list = []
         self.features: dict[str, torch.Tensor | list] = {}
@@ -680,7 +683,12 @@ def _reusable(path: Path, meta: dict) -> FeatureStore | None:
 # -------------------------------------------------------------------------------------- extraction
 def _check_order(data) -> None:
     """Refuse a DataLoader that does not yield its dataset in order (rows would not match indices)."""
-    from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler
+    from torch.utils.data import (
+        BatchSampler,
+        DataLoader,
+        IterableDataset,
+        SequentialSampler,
+    )
 
     if not isinstance(data, DataLoader) or isinstance(data.dataset, IterableDataset):
         return

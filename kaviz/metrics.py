@@ -19,9 +19,17 @@ __all__ = [
     "per_class_accuracy",
     "knn_accuracy",
     "segmentation_scores",
+    "iou_scores",
+    "SegmentationMeter",
     "depth_scores",
+    "depth_valid",
+    "DepthMeter",
+    "dense_meter",
     "psnr",
+    "SSIM_WINDOW",
+    "ssim_index",
     "ssim",
+    "ssim_loss",
 ]
 
 
@@ -168,19 +176,12 @@ def knn_accuracy(features, labels, k: int = 5, metric: str = "cosine") -> float:
 # Segmentation, depth and reconstruction metrics for the dense papers (SPEC §4.2–4.3). Inputs are
 # per-pixel maps (N, H, W) or (N, C, H, W); ``ignore_index`` pixels (void) are left out.
 
-def segmentation_scores(predictions, targets, num_classes: int, ignore_index: int = 255) -> dict:
-    """Pixel accuracy, mean IoU over the classes that occur (in targets or predictions) and the
-    per-class IoU (NaN for a class absent from both). ``predictions``: ids (N,H,W) or logits (N,K,H,W)."""
-    p = _np(predictions)
-    if p.ndim == 4:
-        p = p.argmax(1)
-    t = _np(targets).astype(np.int64)
-    if p.shape != t.shape:
-        raise ValueError(f"predictions {p.shape} and targets {t.shape} must have the same shape (N, H, W)")
-    valid = t != ignore_index
-    if not valid.any():
-        raise ValueError("every target pixel is ignore_index: nothing to score")
-    cm = confusion_matrix(p[valid].ravel(), t[valid].ravel(), num_classes)
+def iou_scores(cm: np.ndarray) -> dict:
+    """Pixel accuracy, mean IoU over the classes that occur (in targets or predictions) and the per-class
+    IoU (NaN for a class absent from both) of a confusion matrix (rows = prediction, columns = target)."""
+    cm = np.asarray(cm)
+    if cm.sum() == 0:
+        raise ValueError("no labelled pixels were scored (every target pixel is ignore_index?)")
     tp = np.diag(cm).astype(np.float64)
     union = cm.sum(0) + cm.sum(1) - tp
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -188,9 +189,50 @@ def segmentation_scores(predictions, targets, num_classes: int, ignore_index: in
     return {"pixel_accuracy": float(tp.sum() / cm.sum()), "mIoU": float(np.nanmean(iou)), "iou": iou}
 
 
+def segmentation_scores(predictions, targets, num_classes: int, ignore_index: int = 255) -> dict:
+    """Pixel accuracy, mean IoU over the classes that occur (in targets or predictions) and the
+    per-class IoU (NaN for a class absent from both). ``predictions``: ids (N,H,W) or logits (N,K,H,W).
+    For data that does not fit in memory use :class:`SegmentationMeter` (the same numbers, batch by batch)."""
+    meter = SegmentationMeter(num_classes, ignore_index)
+    meter.update(predictions, targets)
+    return meter.result(per_class=True)
+
+
+class SegmentationMeter:
+    """Streaming segmentation scores: a confusion matrix over the pixels whose target is not
+    ``ignore_index``, summed batch by batch; ``result()`` as :func:`segmentation_scores`
+    (``pixel_accuracy``, ``mIoU``; ``per_class=True`` adds ``iou``)."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255):
+        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
+            raise ValueError(f"a segmentation meter needs num_classes >= 2, got {num_classes!r}")
+        self.num_classes = int(num_classes)
+        self.ignore_index = ignore_index
+        self.cm = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
+
+    def update(self, predictions, targets) -> None:
+        """``predictions``: logits (B, K, H, W) or ids (B, H, W); ``targets``: ids (B, H, W)."""
+        p = _np(predictions)
+        if p.ndim == 4:
+            p = p.argmax(1)
+        t = _np(targets).astype(np.int64)
+        if p.shape != t.shape:
+            raise ValueError(f"predictions {p.shape} and targets {t.shape} differ in shape: they must have the same "
+                             "shape (N, H, W)")
+        valid = t != self.ignore_index
+        self.cm += confusion_matrix(p[valid].ravel(), t[valid].ravel(), self.num_classes)
+
+    def result(self, per_class: bool = False) -> dict:
+        out = iou_scores(self.cm)
+        if not per_class:
+            del out["iou"]
+        return out
+
+
 def depth_scores(predictions, targets, valid=None, min_depth: float = 1e-3) -> dict:
     """RMSE, absolute relative error and δ<1.25 (share of pixels with max(p/t, t/p) < 1.25) over
-    valid pixels (targets > ``min_depth`` and finite, and ``valid`` if given)."""
+    valid pixels (targets > ``min_depth`` and finite, and ``valid`` if given); predictions are clamped
+    below at ``min_depth``. For data that does not fit in memory use :class:`DepthMeter`."""
     p = _np(predictions).astype(np.float64)
     t = _np(targets).astype(np.float64)
     if p.shape != t.shape:
@@ -208,6 +250,53 @@ def depth_scores(predictions, targets, valid=None, min_depth: float = 1e-3) -> d
             "delta1": float(np.mean(ratio < 1.25))}
 
 
+def depth_valid(targets: torch.Tensor, min_depth: float = 1e-3) -> torch.Tensor:
+    """Pixels with a depth to score: finite and above ``min_depth`` (NYUv2 stores 0 where the sensor saw nothing)."""
+    return torch.isfinite(targets) & (targets > min_depth)
+
+
+class DepthMeter:
+    """Streaming depth scores: sums over valid pixels (:func:`depth_valid`), predictions clamped below at
+    ``min_depth``, in float64, batch by batch; ``result()`` gives ``rmse``, ``abs_rel`` and ``delta1``
+    as :func:`depth_scores`."""
+
+    def __init__(self, min_depth: float = 1e-3):
+        self.min_depth = min_depth
+        self.sums = {"sq": 0.0, "rel": 0.0, "delta": 0.0, "n": 0}
+
+    def update(self, predictions: torch.Tensor, targets: torch.Tensor) -> None:
+        """``predictions``: depth (B, 1, H, W) or (B, H, W); ``targets``: (B, H, W)."""
+        pred = predictions.detach().cpu()
+        pred = pred[:, 0] if pred.dim() == 4 else pred
+        t = targets.detach().cpu()
+        if pred.shape != t.shape:
+            raise ValueError(f"depth predictions {tuple(pred.shape)} and targets {tuple(t.shape)} differ in shape")
+        t = t.double()
+        m = depth_valid(t, self.min_depth)
+        p, t = pred.double()[m].clamp_min(self.min_depth), t[m]
+        ratio = torch.maximum(p / t, t / p)
+        self.sums["sq"] += float(((p - t) ** 2).sum())
+        self.sums["rel"] += float(((p - t).abs() / t).sum())
+        self.sums["delta"] += float((ratio < 1.25).sum())
+        self.sums["n"] += int(m.sum())
+
+    def result(self) -> dict:
+        n = self.sums["n"]
+        if n == 0:
+            raise ValueError("no valid depth pixels were scored")
+        return {"rmse": float(np.sqrt(self.sums["sq"] / n)), "abs_rel": self.sums["rel"] / n,
+                "delta1": self.sums["delta"] / n}
+
+
+def dense_meter(kind: str, num_classes: int | None = None, ignore_index: int = 255, min_depth: float = 1e-3):
+    """A :class:`SegmentationMeter` (``kind="segmentation"``) or a :class:`DepthMeter` (``kind="depth"``)."""
+    if kind == "segmentation":
+        return SegmentationMeter(num_classes, ignore_index)
+    if kind == "depth":
+        return DepthMeter(min_depth)
+    raise ValueError(f"dense_meter: kind must be 'segmentation' or 'depth', got {kind!r}")
+
+
 def psnr(images, references, data_range: float = 1.0) -> float:
     """Peak signal-to-noise ratio in dB, averaged over images: 10·log10(range² / MSE)."""
     a = _np(images).astype(np.float64)
@@ -220,33 +309,57 @@ def psnr(images, references, data_range: float = 1.0) -> float:
     return float(vals.mean())
 
 
-def ssim(images, references, data_range: float = 1.0, window: int = 7, sigma: float = 1.5) -> float:
-    """Structural similarity (Wang et al. 2004) with a Gaussian window, averaged over channels,
-    positions and images; images (N, C, H, W) in [0, data_range]. Computed with torch conv2d."""
+#: The standard SSIM window (Wang et al. 2004; scikit-image with ``gaussian_weights=True``): 11×11, σ = 1.5.
+SSIM_WINDOW = 11
+
+
+def _ssim_kernel(channels: int, window: int, sigma: float, dtype, device) -> torch.Tensor:
+    x = torch.arange(window, dtype=dtype, device=device) - (window - 1) / 2
+    g = torch.exp(-(x ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).expand(channels, 1, window, window).contiguous()
+
+
+def ssim_index(images: torch.Tensor, references: torch.Tensor, data_range: float = 1.0, window: int = SSIM_WINDOW,
+               sigma: float = 1.5) -> torch.Tensor:
+    """Structural similarity (Wang et al. 2004) as a differentiable scalar tensor in the inputs' dtype:
+    a Gaussian window (``window``×``window``, σ = ``sigma``; 11×11 by default, as the paper and scikit-image),
+    c1 = (0.01·L)², c2 = (0.03·L)², averaged over channels, valid positions and images.
+    Images (N, C, H, W) in [0, data_range]."""
     import torch.nn.functional as F
 
-    a = torch.as_tensor(_np(images), dtype=torch.float64)
-    b = torch.as_tensor(_np(references), dtype=torch.float64)
-    if a.shape != b.shape or a.dim() != 4:
-        raise ValueError(f"ssim needs two (N, C, H, W) arrays of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if min(a.shape[-2:]) < window:
-        raise ValueError(f"images of {tuple(a.shape[-2:])} are smaller than the {window}×{window} window")
-    c = a.shape[1]
-    x = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
-    g = torch.exp(-(x ** 2) / (2 * sigma ** 2))
-    g = (g / g.sum())
-    kernel = (g[:, None] * g[None, :]).expand(c, 1, window, window).contiguous()
+    if images.shape != references.shape or images.dim() != 4:
+        raise ValueError(f"ssim needs two (N, C, H, W) tensors of one shape, got {tuple(images.shape)} "
+                         f"and {tuple(references.shape)}")
+    if min(images.shape[-2:]) < window:
+        raise ValueError(f"images of {tuple(images.shape[-2:])} are smaller than the {window}×{window} SSIM window; "
+                         "pass a smaller window=")
+    c = images.shape[1]
+    kernel = _ssim_kernel(c, window, sigma, images.dtype, images.device)
 
     def blur(z):
         return F.conv2d(z, kernel, groups=c)
 
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a ** 2
-    var_b = blur(b * b) - mu_b ** 2
-    cov = blur(a * b) - mu_a * mu_b
+    mu_a, mu_b = blur(images), blur(references)
+    var_a = blur(images * images) - mu_a ** 2
+    var_b = blur(references * references) - mu_b ** 2
+    cov = blur(images * references) - mu_a * mu_b
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
-    return float(s.mean())
+    return s.mean()
+
+
+def ssim(images, references, data_range: float = 1.0, window: int = SSIM_WINDOW, sigma: float = 1.5) -> float:
+    """:func:`ssim_index` in float64 as a number (arrays or tensors, (N, C, H, W) in [0, data_range])."""
+    a = torch.as_tensor(_np(images), dtype=torch.float64)
+    b = torch.as_tensor(_np(references), dtype=torch.float64)
+    return float(ssim_index(a, b, data_range, window, sigma))
+
+
+def ssim_loss(images: torch.Tensor, references: torch.Tensor, data_range: float = 1.0, window: int = SSIM_WINDOW,
+              sigma: float = 1.5) -> torch.Tensor:
+    """``1 − ssim_index(images, references)``: a differentiable training loss."""
+    return 1.0 - ssim_index(images, references, data_range, window, sigma)
 
 
 # ------------------------------------------------------------------------------------ multi-label

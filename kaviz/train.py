@@ -25,7 +25,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cache import Cache, cache_dir, clean_stale_tmp, data_key, get_or_compute, write_atomic
+from .cache import (
+    Cache,
+    cache_dir,
+    clean_stale_tmp,
+    data_key,
+    get_or_compute,
+    write_atomic,
+)
 from .cache import key as cache_key
 
 __all__ = [
@@ -639,8 +646,8 @@ class Supervised(nn.Module):
         return {"bce": nn.functional.binary_cross_entropy_with_logits(logits, y.float())}
 
     def evaluate(self, data) -> dict:
-        from .features import OUTPUT, extract
         from . import metrics
+        from .features import OUTPUT, extract
 
         store = extract(self.model, data, OUTPUT, pool="none", progress=False)
         logits = store[OUTPUT]

@@ -63,3 +63,35 @@ def test_psnr_and_ssim_properties():
     assert metrics.psnr(a * 0 + 0.5, a * 0 + 0.6) == pytest.approx(20.0)
     with pytest.raises(ValueError, match="smaller than"):
         metrics.ssim(a[..., :4, :4], a[..., :4, :4])
+
+
+def test_ssim_default_window_is_the_standard_11_and_the_loss_is_one_minus_it():
+    torch.manual_seed(0)
+    a = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    b = (a + 0.1 * torch.randn_like(a)).clamp(0, 1)
+    assert metrics.SSIM_WINDOW == 11
+    assert metrics.ssim(a, b) == metrics.ssim(a, b, window=11) != metrics.ssim(a, b, window=7)
+    assert metrics.ssim_loss(a, b).item() == pytest.approx(1 - metrics.ssim(a, b), abs=1e-12)
+    with pytest.raises(ValueError, match="11×11"):
+        metrics.ssim(a[..., :10, :10], b[..., :10, :10])
+    x = a.float().requires_grad_()
+    metrics.ssim_loss(x, b.float()).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    # the tensor SSIM in float64 is the number metrics.ssim returns
+    assert metrics.ssim_index(a, b).item() == metrics.ssim(a, b)
+
+
+def test_segmentation_meter_is_segmentation_scores_batch_by_batch():
+    rng = np.random.default_rng(1)
+    logits = torch.from_numpy(rng.normal(size=(4, 3, 5, 5)).astype(np.float32))
+    t = torch.from_numpy(rng.integers(0, 3, size=(4, 5, 5)))
+    t[1, 0] = 255
+    m = metrics.SegmentationMeter(3)
+    for k in range(4):
+        m.update(logits[k:k + 1], t[k:k + 1])
+    whole = metrics.segmentation_scores(logits, t, 3)
+    got = m.result(per_class=True)
+    assert got["pixel_accuracy"] == whole["pixel_accuracy"] and got["mIoU"] == whole["mIoU"]
+    assert np.array_equal(got["iou"], whole["iou"], equal_nan=True) and "iou" not in m.result()
+    with pytest.raises(ValueError, match="num_classes >= 2"):
+        metrics.SegmentationMeter(1)

@@ -303,7 +303,8 @@ def test_ssim_loss_matches_the_metric_and_is_differentiable():
     g = torch.Generator().manual_seed(0)
     a = torch.rand(2, 3, 16, 16, generator=g)
     b = (a + 0.1 * torch.randn(2, 3, 16, 16, generator=g)).clamp(0, 1)
-    assert 1 - R.ssim_loss(a, b).item() == pytest.approx(metrics.ssim(a, b), abs=1e-5)
+    assert 1 - R.ssim_loss(a, b).item() == pytest.approx(metrics.ssim(a, b, window=7), abs=1e-5)  # its 7×7 window
+    assert R.ssim_loss(a, b).item() == metrics.ssim_loss(a, b, window=R.SSIM_WINDOW).item()  # one arithmetic
     assert R.ssim_loss(a, a).item() == pytest.approx(0.0, abs=1e-6)
     b.requires_grad_(True)
     R.ssim_loss(a, b).backward()

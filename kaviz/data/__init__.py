@@ -1,9 +1,19 @@
 """Embedded datasets (synthetic shapes/scenes, scikit-learn digits), the comprehensive label space
 (union), splits, fingerprints, seeded loaders and :func:`is_random` (does a transform augment?).
 Importing this package imports torch and NumPy only; scikit-learn and pandas are imported when a dataset is built."""
-from .core import ImageDataset, Splits, Unlabeled, UnionDataset, digest, fingerprint, loader, split, union
+from .core import (
+    ImageDataset,
+    Splits,
+    UnionDataset,
+    Unlabeled,
+    digest,
+    fingerprint,
+    images_of,
+    loader,
+    split,
+    union,
+)
 from .digits import digits
-from .transforms import has_random_transform, is_random
 from .synthetic import (
     ATTRIBUTES,
     BACKGROUNDS,
@@ -15,6 +25,7 @@ from .synthetic import (
     shape_attributes,
     shapes,
 )
+from .transforms import has_random_transform, is_random
 
 __all__ = [
     "ImageDataset",
@@ -26,6 +37,7 @@ __all__ = [
     "fingerprint",
     "digest",
     "loader",
+    "images_of",
     "is_random",
     "has_random_transform",
     "SHAPES",

@@ -106,6 +106,16 @@ def fingerprint(obj) -> str:
     return digest(obj)
 
 
+def images_of(batch) -> torch.Tensor:
+    """The images of a batch that is either images alone or ``(images, anything)``; the second
+    element (labels) is never looked at."""
+    if torch.is_tensor(batch):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch and torch.is_tensor(batch[0]):
+        return batch[0]
+    raise TypeError(f"a batch must be an image tensor or (images, ...), got {type(batch).__name__}")
+
+
 # --- helpers -------------------------------------------------------------------------------------
 
 def _as_images(images) -> torch.Tensor:

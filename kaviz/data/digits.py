@@ -7,7 +7,13 @@ import numpy as np
 import torch
 
 from .core import ImageDataset, digest
-from .synthetic import COLOURS, GENERATOR_VERSION, _check_seed, _hsv_to_rgb, _noise_windows
+from .synthetic import (
+    COLOURS,
+    GENERATOR_VERSION,
+    check_seed,
+    hsv_to_rgb,
+    noise_windows,
+)
 
 __all__ = ["digits"]
 
@@ -26,7 +32,7 @@ def digits(size: int = 32, seed: int = 0, colour: bool = True) -> ImageDataset:
     """
     from sklearn.datasets import load_digits  # lazy: scikit-learn is heavy to import
 
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 8:
         raise ValueError(f"size must be an int >= 8 (the digits are 8x8 originals), got {size!r}")
     size = int(size)
@@ -46,15 +52,15 @@ def digits(size: int = 32, seed: int = 0, colour: bool = True) -> ImageDataset:
         hue = np.array(list(COLOURS.values()))[hue_id] + (u[:, 1] - 0.5) * 0.05
         # Bright ink on dark paper, as in the originals. Mid-grey paper too (as for the shapes)
         # halved a small CNN's accuracy after 3 epochs: 1,259 training digits are only 60 steps.
-        paper = _hsv_to_rgb(u[:, 5], 0.3 * u[:, 6], 0.04 + 0.16 * u[:, 7])
-        ink_rgb = _hsv_to_rgb(hue, 0.55 + 0.45 * u[:, 3], 0.62 + 0.38 * u[:, 4])
+        paper = hsv_to_rgb(u[:, 5], 0.3 * u[:, 6], 0.04 + 0.16 * u[:, 7])
+        ink_rgb = hsv_to_rgb(hue, 0.55 + 0.45 * u[:, 3], 0.62 + 0.38 * u[:, 4])
         luma = np.array([0.2126, 0.7152, 0.0722])
         # at least 0.3 lighter (luminance) than the paper: a dark blue ink would hardly show
         lift = np.clip((paper @ luma + 0.3 - ink_rgb @ luma) / np.maximum(1 - ink_rgb @ luma, 1e-6), 0, 1)
         ink_rgb = ink_rgb + (1 - ink_rgb) * lift[:, None]
         a = ink[:, None]  # (n, 1, S, S)
         img = paper[:, :, None, None] * (1 - a) + ink_rgb[:, :, None, None] * a
-        windows = _noise_windows(size)
+        windows = noise_windows(size)
         oy = (u[:, 8] * windows.shape[0]).astype(np.int64)
         ox = (u[:, 9] * windows.shape[1]).astype(np.int64)
         img = img + 0.025 * windows[oy, ox]

@@ -23,6 +23,7 @@ lighter than the background behind them (see the difficulty knobs below for why)
 from __future__ import annotations
 
 import math
+
 import numpy as np
 
 from .core import ImageDataset, digest
@@ -112,7 +113,7 @@ _NOISE_BANK = 251  # side of the (prime-sized) pixel-noise tile
 _CHUNK_PIXELS = 128 * 32 * 32  # pixels rendered at once: bounds memory, never changes a pixel
 
 
-def _check_seed(seed):
+def check_seed(seed):
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     return int(seed)
@@ -145,7 +146,7 @@ def _noise_bank():
     return _NOISE_CACHE["bank"]
 
 
-def _noise_windows(size):
+def noise_windows(size):
     """View (251, 251, 3, size, size): the noise window at each offset, wrapping around the tile."""
     key = ("windows", size)
     if key not in _NOISE_CACHE:
@@ -168,7 +169,7 @@ def background_depth(horizon, size):
     return (far - (far - near) * np.abs(y - h) / np.maximum(h, 1 - h)).astype(np.float32)
 
 
-def _hsv_to_rgb(h, s, v):
+def hsv_to_rgb(h, s, v):
     """Vectorised HSV -> RGB; inputs broadcast together, output has a trailing axis of 3."""
     h = np.asarray(h, dtype=np.float64) % 1.0
     s = np.asarray(s, dtype=np.float64)
@@ -280,9 +281,9 @@ def _render_chunk(U, size, lo, hi, noise, antialias, return_footprints):
     b_hue, b_sat = B[:, 1], 0.3 * B[:, 2]
     b_val = np.where(dark, _DARK_BG[0] + (_DARK_BG[1] - _DARK_BG[0]) * B[:, 3],
                      _LIGHT_BG[0] + (_LIGHT_BG[1] - _LIGHT_BG[0]) * B[:, 3])
-    wall = _hsv_to_rgb(b_hue, b_sat, b_val).astype(f32)
+    wall = hsv_to_rgb(b_hue, b_sat, b_val).astype(f32)
     delta = (0.04 + 0.05 * B[:, 11]) * np.where(B[:, 12] < 0.5, -1.0, 1.0)
-    floor = _hsv_to_rgb(b_hue, b_sat, np.clip(b_val + delta, 0.03, 0.97)).astype(f32)
+    floor = hsv_to_rgb(b_hue, b_sat, np.clip(b_val + delta, 0.03, 0.97)).astype(f32)
     horizon = 0.3 + 0.4 * B[:, 10]
     h_px = (horizon * S).astype(f32)[:, None, None]
     t = np.clip(Y - h_px + f32(0.5), 0, 1)[:, None]  # (n, 1, S, 1): soft over one pixel
@@ -325,7 +326,7 @@ def _render_chunk(U, size, lo, hi, noise, antialias, return_footprints):
     kind = np.minimum((O[..., 0] * len(SHAPES)).astype(np.int64), len(SHAPES) - 1)
     colour = np.minimum((O[..., 1] * len(COLOURS)).astype(np.int64), len(COLOURS) - 1)
     hue = np.array(list(COLOURS.values()))[colour] + (O[..., 2] - 0.5) * 0.05
-    rgb = _hsv_to_rgb(hue, 0.55 + 0.45 * O[..., 3], 0.62 + 0.38 * O[..., 4])
+    rgb = hsv_to_rgb(hue, 0.55 + 0.45 * O[..., 3], 0.62 + 0.38 * O[..., 4])
     # Objects are always lighter than the background, by at least _MIN_CONTRAST in luminance
     # (mixed towards white just enough): random colours on random backgrounds are often nearly
     # invisible, and a polarity that flips between images makes the task slow to learn.
@@ -439,7 +440,7 @@ def _render_chunk(U, size, lo, hi, noise, antialias, return_footprints):
     if noise > 0:
         oy = (B[:, 13] * _NOISE_BANK).astype(np.int64)
         ox = (B[:, 15] * _NOISE_BANK).astype(np.int64)
-        img += f32(noise) * _noise_windows(S)[oy, ox]
+        img += f32(noise) * noise_windows(S)[oy, ox]
     image = np.clip(img * f32(255) + f32(0.5), 0, 255).astype(np.uint8)  # (n, 3, S, S)
 
     visible = (instance[:, None, :, :] == np.arange(M)[None, :, None, None]).sum(axis=(2, 3))
@@ -517,7 +518,7 @@ def render_scenes(
     pixel belongs to an object (mask, depth, instance) where the object's coverage is at least one
     half, i.e. where its signed distance is <= 0, so the mask follows what is painted on top.
     """
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     size = _check_size(size)
     if isinstance(indices, (int, np.integer)) and not isinstance(indices, bool):
         indices = range(_check_n(indices))
@@ -575,7 +576,7 @@ def _object_meta(r, slot=0):
 
 
 def _single(n, seed, size):
-    n, seed, size = _check_n(n), _check_seed(seed), _check_size(size)
+    n, seed, size = _check_n(n), check_seed(seed), _check_size(size)
     return render_scenes(range(n), seed, size, (1, 1))
 
 
@@ -666,7 +667,7 @@ def scenes(n: int = 3000, seed: int = 0, size: int = 48, max_objects: int = 4) -
     import pandas as pd
     import torch
 
-    n, seed, size = _check_n(n), _check_seed(seed), _check_size(size)
+    n, seed, size = _check_n(n), check_seed(seed), _check_size(size)
     if isinstance(max_objects, bool) or not isinstance(max_objects, (int, np.integer)) or max_objects < 1:
         raise ValueError(f"max_objects must be an int >= 1, got {max_objects!r}")
     r = render_scenes(range(n), seed, size, (1, int(max_objects)))

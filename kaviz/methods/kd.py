@@ -11,21 +11,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..data import images_of
 from ..losses import soft_cross_entropy
 from ..train import freeze
 
 __all__ = ["images_of", "MultiTeacherKD", "concat_logits", "union_accuracy", "teacher_accuracy", "distill",
            "check_teachers"]
-
-
-def images_of(batch) -> torch.Tensor:
-    """The images of a batch that is either images alone or ``(images, anything)``; the second
-    element (labels) is never looked at."""
-    if torch.is_tensor(batch):
-        return batch
-    if isinstance(batch, (list, tuple)) and batch and torch.is_tensor(batch[0]):
-        return batch[0]
-    raise TypeError(f"a batch must be an image tensor or (images, ...), got {type(batch).__name__}")
 
 
 def concat_logits(teachers: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,18 @@ from __future__ import annotations
 import difflib
 from typing import Callable
 
-from .base import (IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, DatasetFormatError, DatasetLayoutError, DenseDataset,
-                   JointTransform, RealImageDataset, ResizeCover, default_transform)
+from .base import (
+    IGNORE_INDEX,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DatasetFormatError,
+    DatasetLayoutError,
+    DenseDataset,
+    JointTransform,
+    RealImageDataset,
+    ResizeCover,
+    default_transform,
+)
 from .camvid import CAMVID_CLASSES, camvid
 from .celeba import celeba
 from .coco import coco2014_multilabel

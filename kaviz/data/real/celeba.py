@@ -8,8 +8,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import (RealImageDataset, check_files, check_root, check_split, layout_error, malformed_error,
-                   read_numbered_lines, safe_relpath)
+from .base import (
+    RealImageDataset,
+    check_files,
+    check_root,
+    check_split,
+    layout_error,
+    malformed_error,
+    read_numbered_lines,
+    safe_relpath,
+)
 
 TITLE = "CelebA"
 LAYOUT = """\

@@ -6,7 +6,14 @@ import json
 
 import torch
 
-from .base import RealImageDataset, check_files, check_root, check_split, malformed_error, safe_relpath
+from .base import (
+    RealImageDataset,
+    check_files,
+    check_root,
+    check_split,
+    malformed_error,
+    safe_relpath,
+)
 
 TITLE = "COCO 2014"
 LAYOUT = """\

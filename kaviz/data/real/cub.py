@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from .base import (RealImageDataset, check_files, check_root, check_split, malformed_error,
-                   read_numbered_lines, safe_relpath)
+from .base import (
+    RealImageDataset,
+    check_files,
+    check_root,
+    check_split,
+    malformed_error,
+    read_numbered_lines,
+    safe_relpath,
+)
 
 TITLE = "CUB-200-2011"
 LAYOUT = """\

@@ -7,8 +7,16 @@ import xml.etree.ElementTree as ET
 
 import torch
 
-from .base import (RealImageDataset, check_files, check_root, check_split, layout_error, malformed_error,
-                   read_numbered_lines, safe_relpath)
+from .base import (
+    RealImageDataset,
+    check_files,
+    check_root,
+    check_split,
+    layout_error,
+    malformed_error,
+    read_numbered_lines,
+    safe_relpath,
+)
 
 TITLE = "PASCAL VOC2007"
 LAYOUT = """\

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...data import images_of
 from ...features import FeatureTap, eval_mode
 from ...losses import mmd, soft_cross_entropy
 from ...train import freeze, unfrozen
-from ..kd import check_teachers, images_of, union_accuracy
+from ..kd import check_teachers, union_accuracy
 from .block import CFLBlock, CFLBlockFC, match_spatial
 
 #: Weights of the named loss terms (SPEC §1: KD : MMD : reconstruction = 1 : 10 : 10).
@@ -139,7 +140,7 @@ class CommonFeatureLearning(nn.Module):
         return torch.cat(logits, 1), feats
 
     @staticmethod
-    def _cached(batch):
+    def cached_outputs(batch):
         if isinstance(batch, (list, tuple)) and len(batch) == 2 and isinstance(batch[1], Mapping) \
                 and "teacher_logits" in batch[1]:
             return batch[1]["teacher_logits"], list(batch[1]["teacher_features"])
@@ -163,7 +164,7 @@ class CommonFeatureLearning(nn.Module):
 
     def forward(self, batch):
         x = images_of(batch)
-        cached = self._cached(batch)
+        cached = self.cached_outputs(batch)
         if cached is not None:
             cached = (cached[0].to(x.device), [f.to(x.device) for f in cached[1]])
         e = self._encode(x, cached)

@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...data import images_of
 from ...features import eval_mode, pool_features
 from ...train import unfrozen
-from ..kd import images_of
 from .runs import Run
 
 

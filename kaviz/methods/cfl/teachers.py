@@ -6,9 +6,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from ...data import images_of
 from ...losses import soft_cross_entropy
 from ...train import unfrozen
-from ..kd import MultiTeacherKD, check_teachers, images_of
+from ..kd import MultiTeacherKD, check_teachers
 from .data import PairData
 from .method import (
     CommonFeatureLearning,
@@ -156,7 +157,7 @@ class KDBaseline(MultiTeacherKD):
         self.head_lr_mult = float(head_lr_mult)
 
     def forward(self, batch):
-        cached = CommonFeatureLearning._cached(batch)
+        cached = CommonFeatureLearning.cached_outputs(batch)
         if cached is None:
             return super().forward(batch)
         x = images_of(batch)

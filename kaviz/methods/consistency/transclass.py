@@ -57,13 +57,13 @@ def tail_after(model: nn.Module, layer: str) -> nn.Sequential:
     plain ``nn.Sequential``; other places raise an error that says where a cut is possible.
     The modules are shared with ``model`` (deep-copy the result before fine-tuning it).
     """
-    from ...features import _parse, _unknown
+    from ...features import parse_layer, unknown_layer_error
     from ...models.small import BasicBlock
 
-    name, where = _parse(layer)
+    name, where = parse_layer(layer)
     modules = dict(model.named_modules())
     if name not in modules:
-        raise _unknown(model, name)
+        raise unknown_layer_error(model, name)
     if name == "":
         return nn.Sequential()
     parts = name.split(".")

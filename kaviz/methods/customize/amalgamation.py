@@ -182,7 +182,7 @@ class TargetAmalgamation(nn.Module):
         return self.proj[block].weight[start:start + self.channels[block][k]]
 
     def forward(self, batch):
-        from ..kd import images_of
+        from ...data import images_of
 
         x = images_of(batch)
         with _tap(self.target, self.blocks, detach=False) as tap:

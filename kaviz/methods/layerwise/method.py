@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...data import images_of
 from ...features import FeatureTap
 from ...losses import soft_cross_entropy
 from ...train import freeze
-from ..kd import concat_logits, images_of, union_accuracy
+from ..kd import concat_logits, union_accuracy
 from .layers import LINEAR_TYPES, NORM_TYPES, LayerPlan
 
 

@@ -31,9 +31,9 @@ class AdaptedHead(nn.Module):
 def submodule_at(model: nn.Module, name: str) -> nn.Module:
     modules = dict(model.named_modules())
     if name not in modules:
-        from ...features import _unknown
+        from ...features import unknown_layer_error
 
-        raise _unknown(model, name)
+        raise unknown_layer_error(model, name)
     return modules[name]
 
 

@@ -55,8 +55,7 @@ class TeacherOutputs(torch.utils.data.Dataset):
 
     @property
     def fingerprint(self) -> str:
-        from ...data import fingerprint
-        from ...data import digest
+        from ...data import digest, fingerprint
 
         return digest(("teacher-outputs", fingerprint(self.dataset), self._teacher_hash, self.layer, self.keys))
 

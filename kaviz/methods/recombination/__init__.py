@@ -74,6 +74,7 @@ from .runs import (
 )
 from .tasks import (
     IGNORE_INDEX,
+    SSIM_WINDOW,
     TASK_KINDS,
 )
 from .teachers import (
@@ -89,6 +90,7 @@ __all__ = [
     "DEFAULT_GROUPS",
     "CRITERIA",
     "IGNORE_INDEX",
+    "SSIM_WINDOW",
     "ssim_loss",
     "Reconstruction",
     "Segmentation",

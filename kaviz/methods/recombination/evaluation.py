@@ -7,10 +7,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...data import images_of
 from ...models import param_count
-from ..kd import images_of
 from .network import RecombinedNet
-from .tasks import IGNORE_INDEX, TASK_KINDS, check_segnet_teachers, mask_of, task_kinds
+from .tasks import (
+    IGNORE_INDEX,
+    SSIM_WINDOW,
+    TASK_KINDS,
+    check_segnet_teachers,
+    mask_of,
+    task_kinds,
+)
 
 
 def _batches(data, batch_size):
@@ -24,15 +31,6 @@ def _batches(data, batch_size):
         except KeyError:
             mask = None
         yield x, mask
-
-
-def _iou_from_confusion(cm: np.ndarray) -> dict:
-    # same definitions as kaviz.metrics.segmentation_scores, from a confusion matrix summed over batches
-    tp = np.diag(cm).astype(np.float64)
-    union = cm.sum(0) + cm.sum(1) - tp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
-    return {"pixel_accuracy": float(tp.sum() / max(cm.sum(), 1)), "mIoU": float(np.nanmean(iou)), "iou": iou}
 
 
 def _entropy_bits(hist: dict) -> float:
@@ -50,8 +48,8 @@ def evaluate_dense(model: nn.Module, data, *, kinds: Mapping[str, str] | None = 
 
     ``model`` returns ``{task: output}`` (a :class:`RecombinedNet`, kinds taken from it) or one
     tensor (pass ``kinds={"out": "reconstruction" | "segmentation"}``). Reconstruction: ``psnr``
-    (dB, mean over images) and ``ssim`` against the input image; segmentation: ``mIoU`` and
-    ``pixel_accuracy`` against the ground-truth masks (``ignore_index`` pixels left out; the
+    (dB, mean over images) and ``ssim`` (7×7 window, :data:`SSIM_WINDOW`) against the input image; segmentation: ``mIoU`` and
+    ``pixel_accuracy`` against the ground-truth masks (:class:`kaviz.metrics.SegmentationMeter`) (``ignore_index`` pixels left out; the
     confusion matrix is summed over batches). A :class:`RecombinedNet` also gets ``bpp``: the
     zeroth-order empirical entropy of its quantised code symbols (per channel, over ``data``) in
     bits per image pixel — the rate an ideal per-channel entropy coder would approach (no entropy
@@ -73,7 +71,7 @@ def evaluate_dense(model: nn.Module, data, *, kinds: Mapping[str, str] | None = 
             raise ValueError("pass num_classes= for segmentation scores")
     dev = device if device is not None else next((p.device for p in model.parameters()), torch.device("cpu"))
     sums = {t: {"psnr": 0.0, "ssim": 0.0} for t, k in kinds.items() if k == "reconstruction"}
-    cms = {t: np.zeros((num_classes, num_classes), dtype=np.int64) for t in seg_tasks}
+    meters = {t: metrics.SegmentationMeter(num_classes, ignore_index) for t in seg_tasks}
     hist: dict = {}
     n = 0
     pixels = 0
@@ -95,15 +93,12 @@ def evaluate_dense(model: nn.Module, data, *, kinds: Mapping[str, str] | None = 
                 if kind == "reconstruction":
                     yc = y.clamp(0, 1)
                     sums[task]["psnr"] += metrics.psnr(yc, x) * b
-                    sums[task]["ssim"] += metrics.ssim(yc, x) * b
+                    sums[task]["ssim"] += metrics.ssim(yc, x, window=SSIM_WINDOW) * b
                 else:
                     if mask is None:
                         raise KeyError("segmentation scores need ground-truth masks in the data "
                                        "(items (image, {'mask': ...}))")
-                    pred = y.argmax(1).cpu().numpy().ravel()
-                    t = mask.cpu().numpy().astype(np.int64).ravel()
-                    valid = t != ignore_index
-                    cms[task] += metrics.confusion_matrix(pred[valid], t[valid], num_classes)
+                    meters[task].update(y.argmax(1).cpu(), mask.cpu())
             if isinstance(model, RecombinedNet) and model.quantiser.step > 0:
                 sym = model.quantiser.symbols(z).cpu()
                 flat = sym.transpose(0, 1).reshape(sym.shape[1], -1).numpy()
@@ -121,9 +116,9 @@ def evaluate_dense(model: nn.Module, data, *, kinds: Mapping[str, str] | None = 
         pre = f"{task}/" if counts["reconstruction"] > 1 else ""
         out[f"{pre}psnr"] = s["psnr"] / n
         out[f"{pre}ssim"] = s["ssim"] / n
-    for task, cm in cms.items():
+    for task, meter in meters.items():
         pre = f"{task}/" if counts["segmentation"] > 1 else ""
-        sc = _iou_from_confusion(cm)
+        sc = meter.result(per_class=True)
         out[f"{pre}mIoU"] = sc["mIoU"]
         out[f"{pre}pixel_accuracy"] = sc["pixel_accuracy"]
         if per_class:

@@ -5,9 +5,9 @@ from typing import Mapping
 
 from torch import nn
 
+from ...data import images_of
 from ...losses import soft_cross_entropy
 from ...train import freeze
-from ..kd import images_of
 from .evaluation import evaluate_dense
 from .network import RecombinedNet
 from .tasks import IGNORE_INDEX, TASK_KINDS, check_segnet_teachers

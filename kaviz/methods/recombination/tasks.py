@@ -12,6 +12,11 @@ from .network import DECODER_BLOCKS, ENCODER_BLOCKS
 TASK_KINDS = ("reconstruction", "segmentation")
 IGNORE_INDEX = 255
 
+#: Recombination's SSIM window: 7×7, narrower than the standard 11×11 of :data:`kaviz.metrics.SSIM_WINDOW`,
+#: kept so that the trained teachers, students and stored numbers of the notebook do not move (and a
+#: 7×7 window still fits the 8×8 maps of the smallest test images).
+SSIM_WINDOW = 7
+
 
 def mask_of(batch) -> torch.Tensor:
     target = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None

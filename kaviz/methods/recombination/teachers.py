@@ -5,42 +5,19 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..kd import images_of
+from ...data import images_of
 from .evaluation import evaluate_dense
-from .tasks import IGNORE_INDEX, TASK_KINDS, mask_of
+from .tasks import IGNORE_INDEX, SSIM_WINDOW, TASK_KINDS, mask_of
 
 
 # losses and teacher training
-def _gauss_kernel(channels: int, window: int, sigma: float, dtype, device) -> torch.Tensor:
-    x = torch.arange(window, dtype=dtype, device=device) - (window - 1) / 2
-    g = torch.exp(-(x ** 2) / (2 * sigma ** 2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).expand(channels, 1, window, window).contiguous()
-
-
-def ssim_loss(images: torch.Tensor, references: torch.Tensor, data_range: float = 1.0, window: int = 7,
+def ssim_loss(images: torch.Tensor, references: torch.Tensor, data_range: float = 1.0, window: int = SSIM_WINDOW,
               sigma: float = 1.5) -> torch.Tensor:
-    """``1 − SSIM(images, references)``, differentiable (Wang et al. 2004; Gaussian window, the same
-    constants as :func:`kaviz.metrics.ssim`: c1 = (0.01·L)², c2 = (0.03·L)², mean over channels,
-    positions and images)."""
-    if images.shape != references.shape or images.dim() != 4:
-        raise ValueError(f"ssim_loss needs two (N, C, H, W) tensors of one shape, got {tuple(images.shape)} "
-                         f"and {tuple(references.shape)}")
-    if min(images.shape[-2:]) < window:
-        raise ValueError(f"images of {tuple(images.shape[-2:])} are smaller than the {window}×{window} SSIM window")
-    c = images.shape[1]
-    k = _gauss_kernel(c, window, sigma, images.dtype, images.device)
+    """``1 − SSIM(images, references)``, differentiable: :func:`kaviz.metrics.ssim_loss` with this paper's
+    7×7 window (:data:`SSIM_WINDOW`)."""
+    from ... import metrics
 
-    def blur(z):
-        return F.conv2d(z, k, groups=c)
-
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_a, mu_b = blur(images), blur(references)
-    var_a = blur(images * images) - mu_a ** 2
-    var_b = blur(references * references) - mu_b ** 2
-    cov = blur(images * references) - mu_a * mu_b
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
-    return 1.0 - s.mean()
+    return metrics.ssim_loss(images, references, data_range, window, sigma)
 
 
 class Reconstruction(nn.Module):

@@ -38,7 +38,6 @@ from .data import (
 )
 from .evaluation import (
     ConstantPredictor,
-    DenseMeter,
     DenseSupervised,
     constant_predictor,
     predict,
@@ -77,7 +76,6 @@ __all__ = [
     "TARGET_KEYS",
     "BRANCH_POINTS",
     "DenseSupervised",
-    "DenseMeter",
     "SEAdaptor",
     "TeacherTail",
     "Branch",

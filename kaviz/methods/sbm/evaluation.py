@@ -1,4 +1,4 @@
-"""SBM evaluation: the supervised dense method (DenseSupervised), the streaming DenseMeter, scoring students, teachers and the constant control; prediction panels."""
+"""SBM evaluation: the supervised dense method (DenseSupervised), scoring students, teachers and the constant control; prediction panels."""
 from __future__ import annotations
 
 from typing import Mapping, Sequence
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..kd import images_of
+from ...data import images_of
 from .student import SBMStudent
 from .tasks import IGNORE_INDEX, TARGET_KEYS, check_kind, depth_valid
 
@@ -20,7 +20,7 @@ class DenseSupervised(nn.Module):
     ``ignore_index`` (255, void in NYUv2/CamVid). ``task="depth"``: ``{"l1": mean |d̂ − d|}`` over
     valid pixels (finite, > ``min_depth``; NYUv2 stores 0 where the sensor saw nothing).
     ``evaluate(data)`` reports ``pixel_accuracy`` and ``mIoU``, or ``rmse``, ``abs_rel`` and
-    ``delta1`` (see :class:`DenseMeter`). ``target_key`` defaults to ``"mask"`` / ``"depth"``.
+    ``delta1`` (see :class:`kaviz.metrics.DepthMeter`). ``target_key`` defaults to ``"mask"`` / ``"depth"``.
     """
 
     def __init__(self, model: nn.Module, task: str = "segmentation", target_key: str | None = None,
@@ -55,69 +55,6 @@ class DenseSupervised(nn.Module):
         return score(self.model, data, kinds={self.task: self.task}, task=self.task,
                      target_keys={self.task: self.target_key}, prefix=False,
                      ignore_index=self.ignore_index)
-
-
-class DenseMeter:
-    """Streaming dense metrics (batch by batch, so a large test set never sits in memory at once).
-
-    ``kind="segmentation"``: a confusion matrix over pixels whose target is not ``ignore_index``;
-    ``result()`` gives ``pixel_accuracy`` and ``mIoU`` as :func:`kaviz.metrics.segmentation_scores`
-    (mean IoU over the classes that occur in targets or predictions). ``kind="depth"``: sums over
-    valid pixels (finite, > ``min_depth``), predictions clamped below at ``min_depth``; ``result()``
-    gives ``rmse``, ``abs_rel`` and ``delta1`` as :func:`kaviz.metrics.depth_scores`.
-    """
-
-    def __init__(self, kind: str, num_classes: int | None = None, ignore_index: int = IGNORE_INDEX,
-                 min_depth: float = 1e-3):
-        self.kind = check_kind(kind)
-        if kind == "segmentation" and (not isinstance(num_classes, int) or num_classes < 2):
-            raise ValueError(f"a segmentation meter needs num_classes >= 2, got {num_classes!r}")
-        self.num_classes = num_classes
-        self.ignore_index = ignore_index
-        self.min_depth = min_depth
-        self.cm = np.zeros((num_classes, num_classes), dtype=np.int64) if kind == "segmentation" else None
-        self.sums = {"sq": 0.0, "rel": 0.0, "delta": 0.0, "n": 0}
-
-    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
-        """``output``: logits (B, K, H, W) or ids (B, H, W) for segmentation; depth (B, 1, H, W) or
-        (B, H, W). ``target``: (B, H, W)."""
-        from ... import metrics
-
-        output, target = output.detach().cpu(), target.detach().cpu()
-        if self.kind == "segmentation":
-            pred = output.argmax(1) if output.dim() == 4 else output
-            if pred.shape != target.shape:
-                raise ValueError(f"predictions {tuple(pred.shape)} and targets {tuple(target.shape)} differ in shape")
-            valid = target != self.ignore_index
-            self.cm += metrics.confusion_matrix(pred[valid].numpy(), target[valid].numpy(), self.num_classes)
-            return
-        pred = output[:, 0] if output.dim() == 4 else output
-        if pred.shape != target.shape:
-            raise ValueError(f"depth predictions {tuple(pred.shape)} and targets {tuple(target.shape)} differ in shape")
-        t = target.double()
-        m = depth_valid(t, self.min_depth)
-        p, t = pred.double()[m].clamp_min(self.min_depth), t[m]
-        ratio = torch.maximum(p / t, t / p)
-        self.sums["sq"] += float(((p - t) ** 2).sum())
-        self.sums["rel"] += float(((p - t).abs() / t).sum())
-        self.sums["delta"] += float((ratio < 1.25).sum())
-        self.sums["n"] += int(m.sum())
-
-    def result(self) -> dict:
-        if self.kind == "segmentation":
-            cm = self.cm
-            if cm.sum() == 0:
-                raise ValueError("no labelled pixels were scored (every target pixel is ignore_index?)")
-            tp = np.diag(cm).astype(np.float64)
-            union = cm.sum(0) + cm.sum(1) - tp
-            with np.errstate(invalid="ignore", divide="ignore"):
-                iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
-            return {"pixel_accuracy": float(tp.sum() / cm.sum()), "mIoU": float(np.nanmean(iou))}
-        n = self.sums["n"]
-        if n == 0:
-            raise ValueError("no valid depth pixels were scored")
-        return {"rmse": float(np.sqrt(self.sums["sq"] / n)), "abs_rel": self.sums["rel"] / n,
-                "delta1": self.sums["delta"] / n}
 
 
 def _outputs(model, x, task=None) -> dict[str, torch.Tensor]:
@@ -170,7 +107,7 @@ def constant_predictor(train_data, tasks: Mapping[str, str], num_classes: int, *
 def score(model, data, *, kinds: Mapping[str, str], task: str | None = None, target_keys: Mapping[str, str] | None = None,
           all_branches: bool = False, prefix: bool = True, batch_size: int = 64, ignore_index: int = IGNORE_INDEX,
           device=None) -> dict:
-    """Dense metrics of ``model`` against the ground truth of ``data`` (streamed, see :class:`DenseMeter`).
+    """Dense metrics of ``model`` against the ground truth of ``data`` (streamed: :class:`kaviz.metrics.SegmentationMeter`, :class:`kaviz.metrics.DepthMeter`).
 
     ``model``: an :class:`SBMStudent` (dict outputs), a ``{task: model}`` dict (one model per task,
     e.g. the teachers), or one model solving ``task``. ``kinds``: ``{task: "segmentation" | "depth"}``.
@@ -188,13 +125,15 @@ def score(model, data, *, kinds: Mapping[str, str], task: str | None = None, tar
     if device is None:
         p = next((q for m in modules.values() for q in m.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
-    meters: dict[str, DenseMeter] = {}
+    from ... import metrics
+
+    meters: dict = {}
 
     def meter(name, t, out):
         if name not in meters:
             k = kinds[t]
-            meters[name] = DenseMeter(k, num_classes=out.shape[1] if k == "segmentation" else None,
-                                      ignore_index=ignore_index)
+            meters[name] = metrics.dense_meter(k, num_classes=out.shape[1] if k == "segmentation" else None,
+                                               ignore_index=ignore_index)
         return meters[name]
 
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)

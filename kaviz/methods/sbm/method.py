@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ...data import images_of
 from ...train import freeze
-from ..kd import images_of
 from .evaluation import score
 from .student import SBMStudent
 from .tasks import TARGET_KEYS

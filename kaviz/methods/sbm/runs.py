@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..kd import images_of
+from ...data import images_of
 from .method import SBM
 from .student import SBMStudent
 

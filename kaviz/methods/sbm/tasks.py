@@ -1,7 +1,7 @@
 """SBM dense tasks: kinds (segmentation, depth), their target keys, branch points, the ignore index."""
 from __future__ import annotations
 
-import torch
+from ...metrics import depth_valid  # noqa: F401 (the one definition of a scored depth pixel)
 
 #: Dense task kinds: per-pixel classes, per-pixel depth.
 KINDS = ("segmentation", "depth")
@@ -18,6 +18,3 @@ def check_kind(kind) -> str:
         raise ValueError(f"task kind must be one of {KINDS}, got {kind!r}")
     return kind
 
-
-def depth_valid(t: torch.Tensor, min_depth: float) -> torch.Tensor:
-    return torch.isfinite(t) & (t > min_depth)
