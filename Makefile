@@ -20,7 +20,7 @@ NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cf
 # are retrained on that path, not reused).
 ALT_FP ?= $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo "ATEN_CPU_CAPABILITY=avx512 ONEDNN_MAX_CPU_ISA=AVX512_CORE MKL_CBWR=AVX512" || echo "KAVIZ_THREADS=1")
 
-.PHONY: setup lab demo test unit notebooks portability execute bench clean
+.PHONY: setup lab demo lint test unit notebooks portability execute bench clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,10 @@ lab: setup
 demo: setup
 	CI=1 KAVIZ_PLOTLY_RENDERER=plotly_mimetype+notebook $(PY) -m kaviz run --out reports notebooks/*.ipynb
 
+# ruff (pinned in constraints.txt; configuration in pyproject.toml [tool.ruff]): zero findings.
+lint: setup
+	$(VENV)/bin/ruff check kaviz tests scripts bench
+
 unit: setup
 	CI=1 $(PY) -m pytest -q tests
 
@@ -55,7 +59,7 @@ portability: setup
 	@echo "nbval under another floating-point path: $(ALT_FP)"
 	CI=1 $(ALT_FP) $(PY) -m pytest -q $(NBVAL) notebooks
 
-test: setup
+test: setup lint
 	CI=1 $(PY) -m pytest -q tests
 	CI=1 $(PY) -m pytest -q $(NBVAL) notebooks
 

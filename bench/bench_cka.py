@@ -75,7 +75,8 @@ def main():
     if not args.no_time:
         t = alternate({"plain": plain, "cka": cka}, args.repeats)
         print(f"cka_matrix  (2 x torchvision resnet18, {args.n} images at 64 px, {len(LAYERS)} x {len(LAYERS)} layers, "
-              f"batch {bs}, {args.threads} threads): two plain forwards {t['plain']:.2f} s, cka_matrix {t['cka']:.2f} s, "
+              f"batch {bs}, {args.threads} threads): two plain forwards {t['plain']:.2f} s, cka_matrix {t['cka']:.2f} "
+              f"s, "
               f"ratio {t['cka'] / t['plain']:.2f} (target <= 2)")
     if not args.no_memory:
         sizes = (500, 2000)

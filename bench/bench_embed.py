@@ -55,7 +55,7 @@ def main():
         cases += [("umap joint", dict(method="umap")),
                   ("umap reference", dict(method="umap", mode="reference", reference="net0"))]
     for name, kw in cases:
-        sec, df = timed(lambda: embed(feats, y, cache=False, **kw), args.repeat)
+        sec, df = timed(lambda kw=kw: embed(feats, y, cache=False, **kw), args.repeat)
         print(f"{name:24s} {sec:6.2f} s  rows={len(df)}  "
               f"trustworthiness={df.attrs['trustworthiness']:.3f}  "
               f"knn_preservation={df.attrs['knn_preservation']:.3f}  "

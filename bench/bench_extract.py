@@ -6,20 +6,17 @@ store, peak memory does not grow with the dataset size.
 """
 import argparse
 import os
-import resource
 import subprocess
 import sys
-import tempfile
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import RandomImages, alternate  # noqa: E402
+from _common import alternate  # noqa: E402
 
 import kaviz  # noqa: E402
 from kaviz import models  # noqa: E402
 from kaviz.features import extract  # noqa: E402
-
 
 # An early layer with large maps, (16, 32, 32) floats = 64 KB per image, so that keeping the features in
 # memory visibly raises the peak while an on-disk store must not.
@@ -77,7 +74,8 @@ def main():
     mem = {n: peak_rss_mb(n, True) for n in sizes}
     ram = {n: peak_rss_mb(n, False) for n in sizes}
     feat_mb = {n: n * 4 * LAYER_SHAPE[0] * LAYER_SHAPE[1] * LAYER_SHAPE[2] / 2**20 for n in sizes}
-    print(f"peak memory (vgg8_small {LAYER}, unpooled {feat_mb[sizes[0]]:.0f} -> {feat_mb[sizes[1]]:.0f} MB of features): "
+    print(f"peak memory (vgg8_small {LAYER}, unpooled {feat_mb[sizes[0]]:.0f} -> {feat_mb[sizes[1]]:.0f} MB of "
+          f"features): "
           f"on-disk store {mem[sizes[0]]:.0f} -> {mem[sizes[1]]:.0f} MB (ratio {mem[sizes[1]] / mem[sizes[0]]:.2f}, "
           f"target ~1.0); in memory {ram[sizes[0]]:.0f} -> {ram[sizes[1]]:.0f} MB")
 

@@ -201,7 +201,8 @@ def cka(x, y, kernel: str = "linear", debiased: bool = False, sigma: float = 0.8
     _same_n(x, y)
     n = x.shape[0]
     if n < (4 if debiased else 2):
-        raise ValueError(f"CKA needs at least {4 if debiased else 2} samples{' (debiased)' if debiased else ''}, got {n}")
+        raise ValueError(f"CKA needs at least {4 if debiased else 2} samples{' (debiased)' if debiased else ''}, got "
+                         f"{n}")
     x = x - x.mean(0, keepdim=True)
     y = y - y.mean(0, keepdim=True)
     if kernel == "linear" and x.shape[1] * y.shape[1] <= n * n and max(x.shape[1], y.shape[1]) <= n:
@@ -355,7 +356,8 @@ def cka_matrix(model_a: nn.Module, model_b: nn.Module, data, layers_a: Sequence[
         raise ValueError("cka_matrix needs at least one layer of each model (layers_a, layers_b); "
                          "kaviz.models.stages(model) suggests some")
     if not isinstance(batch_size, int) or batch_size < 4:
-        raise ValueError(f"batch_size must be an int >= 4 (the unbiased HSIC needs 4 samples per batch), got {batch_size!r}")
+        raise ValueError(f"batch_size must be an int >= 4 (the unbiased HSIC needs 4 samples per batch), got "
+                         f"{batch_size!r}")
     _check_kernel(kernel, sigma)
     same = model_b is model_a
     dev_a = default_device(device) if device is not None else next((p.device for p in model_a.parameters()),
@@ -484,7 +486,7 @@ def linear_probe(features, targets=None, *, cv: int = 5, layers: Iterable[str] |
         if len(x) != len(y):
             raise ValueError(f"layer {layer!r} has {len(x)} samples but there are {len(y)} targets")
 
-        def score(labels):
+        def score(labels, x=x):
             probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
             return cross_val_score(probe, x, labels, cv=folds, scoring="accuracy")
 

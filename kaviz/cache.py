@@ -362,7 +362,8 @@ class Entry:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                print(f"kaviz: another process is computing {what} ({self.lockfile}); waiting for it to reuse its result",
+                print(f"kaviz: another process is computing {what} ({self.lockfile}); waiting for it to reuse its "
+                      f"result",
                       flush=True)
                 fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -419,7 +420,8 @@ class Entry:
         torch.save(tensors, buf)
         blob = buf.getvalue()
         write_atomic(self.weights, blob)
-        full = {**dict(meta), "format": CACHE_FORMAT, "key": self.key, "weights_sha256": hashlib.sha256(blob).hexdigest(),
+        full = {**dict(meta), "format": CACHE_FORMAT, "key": self.key,
+                "weights_sha256": hashlib.sha256(blob).hexdigest(),
                 "weights_bytes": len(blob)}
         write_atomic(self.meta, json.dumps(full, default=str, indent=None).encode())
         return full

@@ -243,7 +243,8 @@ class FeatureTap:
                 raise LayerError(
                     f"layer(s) {', '.join(map(repr, missing))} never fired during {type(self.model).__name__}.forward: "
                     "the module exists but its forward is not called (e.g. defined but unused, or replaced by a "
-                    "functional call). Pick a module that the forward pass uses (see kaviz.features.layer_table(model, x))."
+                    "functional call). Pick a module that the forward pass uses (see "
+                    "kaviz.features.layer_table(model, x))."
                 )
             self._check_versions()
 
@@ -253,7 +254,8 @@ class FeatureTap:
             if torch.is_tensor(t) and t._version != v:
                 raise LayerError(
                     f"the output of layer {spec!r} was modified in place after it was captured (typically by a "
-                    "following nn.ReLU(inplace=True)); the captured values would be wrong. Use FeatureTap(..., clone=True) "
+                    "following nn.ReLU(inplace=True)); the captured values would be wrong. Use FeatureTap(..., "
+                    "clone=True) "
                     "or extract(..., clone=True), or tap the in-place module itself."
                 )
 
@@ -487,7 +489,8 @@ class FeatureStore:
         if not isinstance(meta, dict):
             raise CorruptStoreError(f"{meta_file} does not hold a JSON object{again}")
         if not meta.get("complete"):
-            raise FileNotFoundError(f"the feature store at {path} is incomplete (extraction was interrupted); extract again")
+            raise FileNotFoundError(f"the feature store at {path} is incomplete (extraction was interrupted); extract "
+                                    f"again")
         if meta.get("format") != STORE_FORMAT:
             raise _OldFormat(f"{meta_file} has store format {meta.get('format')!r}, not {STORE_FORMAT} (written by "
                                     f"an older kaviz, without content hashes){again}")
@@ -533,7 +536,8 @@ def _open_array(path: Path, dfd: int, key: str, info: dict, n: int, verify: bool
             raise _Moved() from None
         raise CorruptStoreError(f"{file} is missing (meta.json lists it){again}") from None
     except OSError as e:  # ELOOP: a symbolic link, which could point outside the folder
-        raise CorruptStoreError(f"{file} is not a plain file inside the store ({e}); refusing to read it{again}") from None
+        raise CorruptStoreError(
+            f"{file} is not a plain file inside the store ({e}); refusing to read it{again}") from None
     with os.fdopen(fd, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size != info["size"]:
@@ -625,7 +629,8 @@ def _check_replaceable(path: Path) -> None:
         return
     if not path.is_dir():
         raise FileExistsError(f"store={str(path)!r} is a file, not a folder; pass a new or empty folder as store=")
-    other = [e for e in os.listdir(path) if not (e.endswith(".npy") or e in (FeatureStore.META, FeatureStore.META + ".tmp"))]
+    other = [
+        e for e in os.listdir(path) if not (e.endswith(".npy") or e in (FeatureStore.META, FeatureStore.META + ".tmp"))]
     if other:
         raise FileExistsError(
             f"the folder {path} holds files that are not part of a feature store ({', '.join(sorted(other)[:5])}); "

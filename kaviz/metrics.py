@@ -130,7 +130,8 @@ def confusion_matrix(predictions, targets, num_classes: int | None = None) -> np
         raise ValueError(f"{len(p)} predictions but {len(t)} targets")
     k = int(num_classes if num_classes is not None else max(p.max(initial=-1), t.max(initial=-1)) + 1)
     if len(t) and (max(p.max(), t.max()) >= k or min(p.min(), t.min()) < 0):
-        raise ValueError(f"class ids must lie in [0, {k}); got predictions in [{p.min()}, {p.max()}], targets in [{t.min()}, {t.max()}]")
+        raise ValueError(f"class ids must lie in [0, {k}); got predictions in [{p.min()}, {p.max()}], targets in "
+                         f"[{t.min()}, {t.max()}]")
     return np.bincount(t * k + p, minlength=k * k).reshape(k, k).astype(np.int64)
 
 

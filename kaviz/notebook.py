@@ -40,7 +40,8 @@ def setup(seed: int = 0, threads: int | None = 2, device: str | None = "auto", r
     try:
         import plotly.io as pio
 
-        pio.renderers.default = renderer or os.environ.get("KAVIZ_PLOTLY_RENDERER", "plotly_mimetype+notebook_connected")
+        pio.renderers.default = renderer or os.environ.get("KAVIZ_PLOTLY_RENDERER",
+                                                           "plotly_mimetype+notebook_connected")
     except ImportError:  # pragma: no cover
         pass
     return default_device(device)

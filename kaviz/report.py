@@ -150,7 +150,8 @@ class Comparison:
     def sentence(self, digits: int = 3) -> str:
         """The conclusion in words, with the numbers of this run (for :func:`prose`)."""
         rel = {">": "above", "<": "below"}.get(self.relation, "within ± %g of" % (self.band or 0))
-        m = "n/a" if math.isnan(self.margin_std) else ("∞" if math.isinf(self.margin_std) else f"{self.margin_std:+.1f}")
+        m = "n/a" if math.isnan(
+            self.margin_std) else ("∞" if math.isinf(self.margin_std) else f"{self.margin_std:+.1f}")
         return (f"**{self.claim}** — {self.verdict}: {self.a_name} {self.a.format(digits)} vs {self.b_name} "
                 f"{self.b.format(digits)} (difference {self.difference:+.{digits}f}; the claim is that "
                 f"{self.a_name} is {rel} {self.b_name}; margin {m} std)")

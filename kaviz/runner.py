@@ -4,7 +4,8 @@ Papermill-style: the cell tagged ``parameters`` is kept, and a cell tagged ``inj
 Papermill-style injection into the cell tagged ``parameters``: each ``NAME = value`` is inserted right
 after the statement of that cell that sets NAME (so parameters derived from it further down, like
 ``EPOCHS = 6 if QUICK else 20``, follow), and the cell is tagged ``injected-parameters``: the executed
-notebook shows both the defaults and what this run changed. Values are parsed as Python literals (``3``, ``True``, ``None``,
+notebook shows both the defaults and what this run changed. Values are parsed as Python literals (``3``, ``True``,
+``None``,
 ``[0, 1, 2]``, ``{"a": 1}``), anything else is taken as a string (``-p CUB_ROOT=/data/CUB_200_2011``).
 Only names the parameter cell defines can be set (a typo is an error with the closest names).
 
@@ -160,7 +161,8 @@ def plan(values: dict) -> list[str]:
     device = values.get("DEVICE", "auto")
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    lines.append(f"device: {device}" + ("" if device != "cpu" or not torch.cuda.is_available() else " (a GPU is available)"))
+    lines.append(f"device: {device}" + ("" if device != "cpu" or not torch.cuda.is_available() else " (a GPU is "
+                                        "available)"))
     return lines
 
 

@@ -150,7 +150,8 @@ def load_checkpoint(path) -> dict:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CorruptCheckpointError(
-            f"{path} is corrupt or not a kaviz checkpoint ({type(exc).__name__}: {str(exc).strip()[:300] or 'no detail'}). "
+            f"{path} is corrupt or not a kaviz checkpoint ({type(exc).__name__}: "
+            f"{str(exc).strip()[:300] or 'no detail'}). "
             "Delete it to start that run over, or use another checkpoint_dir or resume=False."
         ) from exc
     if not isinstance(ck, dict):
@@ -173,7 +174,8 @@ def _rng_state() -> dict:
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
         "python": random.getstate(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -434,7 +436,8 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
     device = default_device(device)
     method.to(device)
     weights = dict(weights if weights is not None else getattr(method, "loss_weights", {}) or {})
-    n_train = len(train_data.dataset) if hasattr(train_data, "dataset") and hasattr(train_data, "batch_size") else len(train_data)
+    n_train = len(train_data.dataset) if hasattr(train_data,
+                                                 "dataset") and hasattr(train_data, "batch_size") else len(train_data)
     drop_last = drop_last and n_train > batch_size
     world, rank = _distributed()
     loader, sampler = _train_loader(train_data, batch_size, world, rank, seed, drop_last, num_workers, collate_fn)
@@ -449,7 +452,8 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
     config = {
         "method": type(core).__name__, "epochs": epochs, "batch_size": batch_size, "lr": lr,
         "optimizer": optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "callable"),
-        "weight_decay": weight_decay, "schedule": schedule if (schedule is None or isinstance(schedule, str)) else "callable",
+        "weight_decay": weight_decay,
+        "schedule": schedule if (schedule is None or isinstance(schedule, str)) else "callable",
         "weights": weights, "seed": seed, "n_train": n_train,
     }
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -458,7 +462,8 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
         config.update({
             "train_data": _data_identity(train_data), "val_data": _data_identity(val_data),
             "data_type": _data_type(train_data), "val_data_type": _data_type(val_data),
-            "grad_clip": grad_clip, "momentum": momentum, "monitor": list(monitor) if isinstance(monitor, tuple) else monitor,
+            "grad_clip": grad_clip, "momentum": momentum,
+            "monitor": list(monitor) if isinstance(monitor, tuple) else monitor,
             "drop_last": drop_last, "restore": restore,
         })
         if rank == 0:
@@ -476,7 +481,8 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
             ck = load_checkpoint(last)
             if ck.get("format") != CHECKPOINT_FORMAT:
                 raise CheckpointMismatchError(f"{last} is not a kaviz checkpoint (format {ck.get('format')!r})")
-            missing = [k for k in ("config", "epoch", "model", "optimizer", "rng", "history", "best_epoch", "best_value")
+            missing = [k for k in ("config", "epoch", "model", "optimizer", "rng", "history", "best_epoch",
+                                   "best_value")
                        if k not in ck]
             if missing:
                 raise CorruptCheckpointError(f"{last} is incomplete (missing {missing}); delete it to start over, "
@@ -490,7 +496,8 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
                 listed = "; ".join(f"{k}: checkpoint {a!r}, this call {b!r}" for k, (a, b) in diff.items())
                 raise CheckpointMismatchError(
                     f"{last} was written with other settings ({listed}); resuming would "
-                    "not reproduce a single run. Use the same settings and data, another checkpoint_dir, or resume=False."
+                    "not reproduce a single run. Use the same settings and data, another checkpoint_dir, or "
+                    "resume=False."
                 )
             load_trainable_state(core, ck["model"], source=str(last))
             opt.load_state_dict(ck["optimizer"])
@@ -524,13 +531,17 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
                 loss = _weighted_total(terms, weights)
                 if not _all_finite(loss, world):
                     bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["loss (weighted sum)"]
-                    saved = f"; the last good checkpoint (epoch {epoch}) in {ckpt_dir} is intact" if (ckpt_dir and epoch > 0) else ""
+                    saved = f"; the last good checkpoint (epoch {epoch}) in {ckpt_dir} is intact" if (
+                        ckpt_dir and epoch > 0) else ""
                     load_trainable_state(core, good, source="the last good state")
-                    restored = (f"the model in memory was restored to its weights at the end of epoch {epoch}" if epoch > 0
+                    restored = (
+                        f"the model in memory was restored to its weights at the end of epoch {epoch}" if epoch > 0
                                 else "the model in memory was restored to its weights before training")
                     raise NonFiniteLossError(
-                        f"loss term {bad[0]!r} became {float(terms.get(bad[0], loss).detach())} at epoch {epoch + 1}, step {step} "
-                        f"(all terms: { {k: round(float(v.detach()), 6) for k, v in terms.items()} }){saved}; {restored}. "
+                        f"loss term {bad[0]!r} became {float(terms.get(bad[0], loss).detach())} at epoch {epoch + 1}, "
+                        f"step {step} "
+                        f"(all terms: { {k: round(float(v.detach()), 6) for k, v in terms.items()} }){saved}; "
+                        f"{restored}. "
                         "Lower the learning rate, check the inputs for NaN, or clip gradients (grad_clip=...)."
                     )
                 opt.zero_grad(set_to_none=True)
@@ -559,7 +570,8 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
             history.append(row)
 
             if mon_name is None:
-                mon_name = "val/accuracy" if "val/accuracy" in row else ("val/loss" if "val/loss" in row else "train/loss")
+                mon_name = "val/accuracy" if "val/accuracy" in row else (
+                    "val/loss" if "val/loss" in row else "train/loss")
             if mon_name not in row:
                 raise KeyError(f"monitor {mon_name!r} is not logged; available: {sorted(k for k in row if '/' in k)}")
             if mon_mode is None:
@@ -572,7 +584,8 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
                 best["epoch"], best["value"] = epoch + 1, value
                 best["state"] = {k: v.detach().cpu().clone() for k, v in trainable_state(core).items()}
                 if ckpt_dir is not None and rank == 0:
-                    save_atomic({"format": CHECKPOINT_FORMAT, "model": best["state"], "epoch": epoch + 1}, ckpt_dir / "best.pt")
+                    save_atomic({"format": CHECKPOINT_FORMAT, "model": best["state"], "epoch": epoch + 1},
+                                ckpt_dir / "best.pt")
             if ckpt_dir is not None and rank == 0:
                 save_atomic({
                     "format": CHECKPOINT_FORMAT,
@@ -787,7 +800,9 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
     key = teacher_key(arch, num_classes, train_data, val_data, **settings)
     folder = None
     if cache:
-        folder = Path(cache) if isinstance(cache, (str, os.PathLike)) and not isinstance(cache, bool) else cache_dir("teachers")
+        folder = Path(cache) if isinstance(cache,
+                                           (str,
+                                            os.PathLike)) and not isinstance(cache, bool) else cache_dir("teachers")
 
     fresh = {}
 
@@ -795,7 +810,8 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
         seed_everything(seed)
         model = build(arch, num_classes, **arch_kwargs)
         trainer = Supervised(model, loss=loss, target_key=target_key) if method is None else method(model)
-        history = fresh["history"] = fit(trainer, train_data, val_data, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
+        history = fresh["history"] = fit(trainer, train_data, val_data, epochs=epochs, lr=lr, batch_size=batch_size,
+                                         optimizer=optimizer,
                       weight_decay=weight_decay, schedule=schedule, seed=seed, device=device, progress=progress,
                       monitor=monitor)
         return model, {"arch": arch, "num_classes": num_classes, "settings": settings, **history_meta(history)}

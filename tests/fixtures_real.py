@@ -232,7 +232,8 @@ def make_nyu(root: Path, n_train: int = 3, n_test: int = 2, size: int = 32, bloc
             (root / split / "seg13").mkdir(parents=True, exist_ok=True)
             (root / split / "depth").mkdir(parents=True, exist_ok=True)
             if seg_format == "png":
-                Image.fromarray(np.where(mask < 0, 255, mask).astype(np.uint8), "L").save(root / split / "seg13" / f"{stem}.png")
+                Image.fromarray(np.where(mask < 0, 255, mask).astype(np.uint8),
+                                "L").save(root / split / "seg13" / f"{stem}.png")
             else:
                 np.save(root / split / "seg13" / f"{stem}.npy", mask)
             if depth_format == "npy":

@@ -242,7 +242,8 @@ def test_cka_matrix_sees_a_trained_relation_and_not_a_random_one():
     perm = torch.randperm(8)
     b = _net(0)
     with torch.no_grad():  # permute the second conv's output channels, and the classifier's inputs
-        b[2].weight.copy_(a[2].weight[perm]); b[2].bias.copy_(a[2].bias[perm])
+        b[2].weight.copy_(a[2].weight[perm])
+        b[2].bias.copy_(a[2].bias[perm])
         b[6].weight.copy_(a[6].weight[:, perm])
     x = torch.randn(64, 3, 8, 8)
     same = cka_matrix(a, b, x, ["3"], ["3"], batch_size=32).iloc[0, 0]
@@ -277,9 +278,9 @@ def test_linear_probe_reads_labels_where_they_are_and_not_in_noise():
 
 
 def test_linear_probe_on_a_feature_store_uses_its_targets():
-    from kaviz.features import extract
-
     from conftest import TinyImages
+
+    from kaviz.features import extract
 
     ds = TinyImages(n=60)
     store = extract(_net(0), ds, ["3", "6"], pool="avg")

@@ -58,7 +58,8 @@ def test_data_key_is_kaviz_data_fingerprint():
     assert kc.data_key(x) != kc.data_key(x.reshape(3, 4)), "shape is part of the fingerprint"
 
 
-@pytest.mark.parametrize("name", ["../x", "a/../../b", "..", "../../", "x\0y", "/etc/passwd", "a\\..\\b", ".hidden", ""])
+@pytest.mark.parametrize("name",
+                         ["../x", "a/../../b", "..", "../../", "x\0y", "/etc/passwd", "a\\..\\b", ".hidden", ""])
 def test_entry_names_never_leave_the_cache_folder(tmp_path, name):
     folder = tmp_path / "cache"
     entry = kc.Cache(folder).entry(name, kc.key("t", name=name))

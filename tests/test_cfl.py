@@ -410,7 +410,8 @@ def test_spaces_feature_and_common_maps(runs):
     u, teachers, out = runs
     idx = cfl.pick_per_class(u, 3, seed=0)
     assert len(idx) == 15 and (np.bincount(u.targets[idx].numpy()) == 3).all()
-    spaces = cfl.Spaces({"KD": out[0], "CFL": out[1]}, teachers, u, idx, {"relu": ["relu", "relu"], "conv": ["conv", "conv"]})
+    spaces = cfl.Spaces({"KD": out[0], "CFL": out[1]}, teachers, u, idx,
+                        {"relu": ["relu", "relu"], "conv": ["conv", "conv"]})
     feat = spaces.feature_space("CFL", "relu")
     assert list(feat) == ["student", "teacher: a", "teacher: b"] and feat["student"].shape == (15, 4)
     common = spaces.common_space("CFL")
@@ -440,7 +441,8 @@ def test_spaces_drive_the_embedding_explorer(runs):
 
     u, teachers, out = runs
     idx = cfl.pick_per_class(u, 2, seed=1)
-    spaces = cfl.Spaces({"CFL": out[1], "KD": out[0]}, teachers, u, idx, {"relu": ["relu", "relu"], "conv": ["conv", "conv"]})
+    spaces = cfl.Spaces({"CFL": out[1], "KD": out[0]}, teachers, u, idx,
+                        {"relu": ["relu", "relu"], "conv": ["conv", "conv"]})
     ex = EmbeddingExplorer(spaces.compute, models=spaces.models, layers=list(spaces.layers), methods=("pca", "tsne"),
                            images=u.image_array, class_names=u.classes)
     assert ex.status.value and not ex.status.value.startswith("⚠") and len(ex.results) == 2
@@ -449,7 +451,8 @@ def test_spaces_drive_the_embedding_explorer(runs):
     ex.model_dd.value = "KD"  # recomputes: the KD student's second panel is its output space
     assert set(ex.results[1]["source"]) == {"student", "teachers (concatenated)"} and ex.selection == [int(idx[0])]
     ex.layer_dd.value = "conv"
-    assert not ex.status.value.startswith("⚠") and set(ex.results[0]["source"]) == {"student", "teacher: a", "teacher: b"}
+    assert not ex.status.value.startswith(
+        "⚠") and set(ex.results[0]["source"]) == {"student", "teacher: a", "teacher: b"}
 
 
 def test_paired_distance_ratio():

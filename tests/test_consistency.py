@@ -181,7 +181,8 @@ def test_variance_table_streams_the_same_numbers_as_the_formula():
     comps = tn.decompose(xa).detach()
     g = comps.sum(0)
     for k in range(3):
-        assert table.loc[f"consistent, order {k}", "variance"] == pytest.approx(kc.component_variance(comps[k]), rel=1e-6)
+        assert table.loc[f"consistent, order {k}",
+                         "variance"] == pytest.approx(kc.component_variance(comps[k]), rel=1e-6)
     assert table.loc["consistent, all orders", "variance"] == pytest.approx(kc.component_variance(g), rel=1e-6)
     assert table.loc["inconsistent", "variance"] == pytest.approx(kc.component_variance(xb - g), rel=1e-6)
     var_b = kc.component_variance(xb)
@@ -350,7 +351,8 @@ def test_born_again_chain_trains_and_caches_generations(tiny_pair, tmp_path):
     a, _, sp = tiny_pair
     ms, table = kc.born_again_chain(a, sp.train, sp.val, arch="cifar_resnet8", arch_kwargs={"width": 4},
                                     generations=3, epochs=2, batch_size=16, seed=5, test_data=sp.test)
-    assert len(ms) == 3 and table["test_accuracy"].between(0, 1).all() and list(table["generation"]) == [0, 1, 2] and list(table["seed"][1:]) == [6, 7]
+    assert len(ms) == 3 and table["test_accuracy"].between(0, 1).all()
+    assert list(table["generation"]) == [0, 1, 2] and list(table["seed"][1:]) == [6, 7]
     assert len(list((tmp_path / "teachers").glob("cifar_resnet8-ba*.pt"))) == 2
     ms2, table2 = kc.born_again_chain(a, sp.train, sp.val, arch="cifar_resnet8", arch_kwargs={"width": 4},
                                       generations=3, epochs=2, batch_size=16, seed=5)
@@ -422,7 +424,8 @@ def test_load_data_embedded_and_cub200(tmp_path):
     assert c.num_classes == 3 and c.name == "cub200"
     assert len(c.train) == len(c.train_features) and len(c.train) + len(c.val) == 12  # 2 of 3 images per class train
     assert c.train.files == c.train_features.files
-    assert "RandomResizedCrop" in repr(c.train.transform) and "RandomResizedCrop" not in repr(c.train_features.transform)
+    assert "RandomResizedCrop" in repr(
+        c.train.transform) and "RandomResizedCrop" not in repr(c.train_features.transform)
     assert c.train_features[0][0].shape == (3, 16, 16)
     with pytest.raises(TypeError, match="root=None"):
         kc.load_data("cub200", root=None)

@@ -413,7 +413,8 @@ def test_run_and_summary_on_tiny_data():
     s = cz.summarise(t)
     assert ("group mean", "mean") in s.columns and ("red", "std") in s.columns
     comp = t[t["model"] == "component"]
-    assert s.loc["component", ("red", "mean")] == pytest.approx(comp[comp.attribute == "red"]["accuracy"].mean(), abs=1e-3)
+    assert s.loc["component", ("red", "mean")] == pytest.approx(comp[comp.attribute == "red"]["accuracy"].mean(),
+                                                                abs=1e-3)
     assert np.isnan(s.loc["C", ("red", "mean")])
     # a group mean only for models with every attribute: source A covers both, B only "red"
     assert np.isnan(s.loc["B", ("group mean", "mean")]) and not np.isnan(s.loc["A", ("group mean", "mean")])
@@ -423,7 +424,8 @@ def test_run_and_summary_on_tiny_data():
     src = t[(t.seed < 0) & (t.attribute == "red")].set_index("model")["accuracy"]
     assert c.loc["red", "best source name"] == src.idxmax() and c.loc["red", "best source"] == src.max()
     assert c.loc["red", "component − best source"] == pytest.approx(c.loc["red", "component"] - src.max())
-    assert c.loc["bright", "target − component"] == pytest.approx(c.loc["bright", "target"] - c.loc["bright", "component"])
+    assert c.loc["bright",
+                 "target − component"] == pytest.approx(c.loc["bright", "target"] - c.loc["bright", "component"])
     assert c.loc["bright", "majority"] == 0.6 and c.loc["red", "component std"] >= 0
 
 

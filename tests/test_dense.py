@@ -31,7 +31,8 @@ def test_segmentation_scores_hand_computed():
     s = metrics.segmentation_scores(p, t, num_classes=4)
     # valid pixels: 6; correct: 0,1,1,2 -> 4
     assert s["pixel_accuracy"] == pytest.approx(4 / 6)
-    # IoU: class0 tp1, union = (pred0: 2) + (true0: 2) - 1 = 3 ; class1 tp2, pred 3, true 2 -> 3 ; class2 tp1, pred1 true2 -> 2
+    # IoU: class0 tp1, union = (pred0: 2) + (true0: 2) - 1 = 3 ; class1 tp2, pred 3, true 2 -> 3 ; class2 tp1, pred1
+    # true2 -> 2
     assert s["iou"][:3] == pytest.approx([1 / 3, 2 / 3, 1 / 2])
     assert np.isnan(s["iou"][3]) and s["mIoU"] == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
     logits = np.eye(4)[p].transpose(0, 3, 1, 2)

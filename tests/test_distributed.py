@@ -2,7 +2,6 @@
 global batch (DESIGN.md §6)."""
 import pytest
 import torch
-
 from _ddp_worker import rank_main, train
 
 

@@ -44,7 +44,7 @@ def environment_pins():
 
 
 def test_pyproject_uses_ranges_not_exact_pins():
-    for name, req in pyproject_requirements().items():
+    for req in pyproject_requirements().values():
         assert not any(s.operator == "==" for s in req.specifier), (
             f"pyproject.toml pins {req}: use a compatible range there and the exact version in constraints.txt")
 

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TinyImages
 from torch import nn
 
 from kaviz import models
 from kaviz.cache import CorruptCacheWarning, DiskFullError
 from kaviz.train import CheckpointMismatchError, CorruptCheckpointError, Supervised, fit, load_checkpoint, train_teacher
-
-from conftest import TinyImages
 
 HERE = Path(__file__).parent
 ENV = {**os.environ, "CI": "1", "PYTHONPATH": str(HERE.parent), "OMP_WAIT_POLICY": "PASSIVE"}
@@ -36,14 +35,16 @@ def _tmp_files(folder):
 
 
 # ------------------------------------------------------------------------------------ kill and resume
-def test_issue14_3_and_11_kill_during_checkpoint_write_leaves_a_temp_that_resume_cleans_and_refuses_other_data(tmp_path):
+def test_issue14_3_and_11_kill_during_checkpoint_write_leaves_a_temp_that_resume_cleans_and_refuses_other_data(
+    tmp_path):
     """#11: a full-size ``.last.pt.<pid>.tmp`` left by a kill was never cleaned; #3: resume accepted other
     training data of the same length. A worker is SIGKILLed after writing epoch 2's checkpoint into its
     temporary file, before the rename."""
     from _resume_worker import main as run
 
     ck, ref, res = tmp_path / "ck", tmp_path / "ref.pt", tmp_path / "res.pt"
-    killed = subprocess.run([sys.executable, str(HERE / "_resume_worker.py"), str(ck), str(res), "0", "0", "kill-in-write"],
+    killed = subprocess.run([sys.executable, str(HERE / "_resume_worker.py"), str(ck), str(res), "0", "0",
+                             "kill-in-write"],
                             env=ENV, timeout=300)
     assert killed.returncode == -9
     left = [p for p in ck.iterdir() if p.name.endswith(".tmp")]
@@ -60,7 +61,8 @@ def test_issue14_3_and_11_kill_during_checkpoint_write_leaves_a_temp_that_resume
 
 def test_issue14_6_a_truncated_checkpoint_is_named_on_resume(tmp_path, tiny):
     """#6: a truncated checkpoint raised ``EOFError``/zip errors without the file's name."""
-    fit(Supervised(nn.Sequential(nn.Flatten(), nn.Linear(192, 3))), tiny, epochs=1, batch_size=16, checkpoint_dir=tmp_path)
+    fit(Supervised(nn.Sequential(nn.Flatten(), nn.Linear(192, 3))), tiny, epochs=1, batch_size=16,
+        checkpoint_dir=tmp_path)
     last = tmp_path / "last.pt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     with pytest.raises(CorruptCheckpointError, match=re.escape(str(last)) + r" is corrupt.*Delete it"):
@@ -85,7 +87,7 @@ def test_issue14_2_two_processes_on_one_teacher_entry_one_trains_and_the_other_r
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     assert sorted(r["cached"] for r in results) == [False, True], results
@@ -129,7 +131,8 @@ def test_issue14_6_and_9_a_damaged_teacher_entry_is_reported_by_path_and_retrain
         shutil.copy(next((tmp_path / "other").glob("*.pt")), target)
     else:
         damage(target)
-    with pytest.warns(CorruptCacheWarning, match=re.escape(str(target)) + r" is corrupt \(" + reason + r".*\); retraining"):
+    with pytest.warns(CorruptCacheWarning,
+                      match=re.escape(str(target)) + r" is corrupt \(" + reason + r".*\); retraining"):
         m2, h2 = _teacher(tmp_path)
     assert h2.attrs["cached"] is False and models.weights_hash(m2) == models.weights_hash(m1)
     with warnings.catch_warnings():
@@ -142,10 +145,10 @@ def test_issue14_6_and_9_a_damaged_teacher_entry_is_reported_by_path_and_retrain
 def test_issue14_9_train_source_and_born_again_use_the_same_checked_cache(tmp_path, monkeypatch):
     """#9 for the two other copies of the teacher cache (``customize.train_source``,
     ``consistency.born_again_chain``): a bit flip in their weights loaded silently."""
+    from test_customize import tiny_attributes
+
     from kaviz.methods import consistency as kcons
     from kaviz.methods import customize as cz
-
-    from test_customize import tiny_attributes
 
     ds = tiny_attributes(n=64)
     tr, va = ds.subset(range(48)), ds.subset(range(48, 64))
@@ -211,12 +214,14 @@ def test_issue14_11_a_full_disk_says_so_names_the_folder_and_the_bytes_and_leave
     with open(filler, "wb") as f:  # leave less room than one small teacher's weights need
         f.write(b"\0" * (shutil.disk_usage(small_disk).free - 8 * 1024))
     cache = small_disk / "teachers"
-    with pytest.raises(DiskFullError, match=rf"disk is full: writing \S+\.pt into {re.escape(str(cache))} needs .* bytes"):
+    with pytest.raises(DiskFullError,
+                       match=rf"disk is full: writing \S+\.pt into {re.escape(str(cache))} needs .* bytes"):
         _teacher(cache)
     assert _tmp_files(cache) == [] and list(cache.glob("*.pt")) == []
     ck = small_disk / "ck"
     with pytest.raises(DiskFullError, match=rf"{re.escape(str(ck))} needs"):
-        fit(Supervised(models.build("vgg8_small", 3, width=4)), TinyImages(), epochs=1, batch_size=32, checkpoint_dir=ck)
+        fit(Supervised(models.build("vgg8_small", 3, width=4)), TinyImages(), epochs=1, batch_size=32,
+            checkpoint_dir=ck)
     assert _tmp_files(ck) == []
     filler.unlink()
     _, h = _teacher(cache)

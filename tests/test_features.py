@@ -6,7 +6,16 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from kaviz import models
-from kaviz.features import OUTPUT, FeatureStore, FeatureTap, LayerError, extract, layer_table, list_layers, pool_features
+from kaviz.features import (
+    OUTPUT,
+    FeatureStore,
+    FeatureTap,
+    LayerError,
+    extract,
+    layer_table,
+    list_layers,
+    pool_features,
+)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ def test_import_is_light_and_submodules_are_lazy():
     assert before == [], f"import kaviz pulled in {before}"
     assert "torch" in after and "umap" not in after
     with pytest.raises(AttributeError, match="no attribute"):
-        kaviz.not_a_module
+        _ = kaviz.not_a_module
 
 
 def test_notebook_setup_returns_device_and_sets_renderer():

@@ -172,7 +172,8 @@ def test_explicit_segments_cover_functional_ops():
         t.fc = nn.Linear(4, k)
     student = FunctionalFlatten()
     student.fc = nn.Linear(4, 4)
-    segs = [lw.Segment("conv", "bn"), lw.Segment("fc", None, ["relu", "pool", functools.partial(torch.flatten, start_dim=1)])]
+    segs = [lw.Segment("conv", "bn"),
+            lw.Segment("fc", None, ["relu", "pool", functools.partial(torch.flatten, start_dim=1)])]
     plan = lw.plan_layers(teachers, student, example(u), segments=segs, teacher_layers=[["bn"], ["bn"]])
     assert plan.student_channels == [4, 4] and plan.teacher_channels == [[4], [4]]
     method = randomize_aux(lw.LayerwiseLearning(student, lw.FeatureAmalgamation(teachers, plan)))
@@ -188,7 +189,8 @@ def test_plan_layers_pairs_layers_and_checks_shapes():
     teachers = [vgg(2, width=4).eval(), vgg(3, width=2).eval()]
     plan = lw.plan_layers(teachers, vgg(5, width=2), x)
     assert plan.depth == 7
-    assert plan.teacher_layers[0] == ["features.1", "features.5", "features.9", "features.12", "features.16", "features.19"]
+    assert plan.teacher_layers[0] == ["features.1", "features.5", "features.9", "features.12", "features.16",
+                                      "features.19"]
     assert plan.teacher_channels == [[4, 8, 16, 16, 32, 32], [2, 4, 8, 8, 16, 16]]
     assert plan.student_channels == [2, 4, 8, 8, 16, 16, 5] and plan.num_outputs == [2, 3]
     assert plan.sizes[:2] == [(16, 16), (8, 8)] and plan.sizes[-1] == ()
@@ -202,7 +204,8 @@ def test_plan_layers_pairs_layers_and_checks_shapes():
                            teacher_layers=[plan.teacher_layers[0], plan.teacher_layers[1]])
     assert plan2.teacher_channels[0] == [2, 4, 8, 8, 16, 16]
     with pytest.raises(ValueError, match="spatial size"):
-        lw.plan_layers(teachers, vgg(5, width=2), x, teacher_layers=[plan.teacher_layers[0][::-1], plan.teacher_layers[1]])
+        lw.plan_layers(teachers, vgg(5, width=2), x,
+                       teacher_layers=[plan.teacher_layers[0][::-1], plan.teacher_layers[1]])
     with pytest.raises(ValueError, match="comprehensive label space"):
         lw.plan_layers(teachers, vgg(4, width=2), x)
     with pytest.raises(ValueError, match=r"names 2 layers.*6 feature layers"):
@@ -425,7 +428,9 @@ def test_accuracy_table_and_seed_summary():
     assert list(tab.columns) == ["model", *u.sources, "task-aware (all)", "whole"]
     ref = kd.union_accuracy(student, u)
     row = tab.set_index("model").loc["student"]
-    assert row["whole"] == pytest.approx(ref["task_agnostic"]) and row[u.sources[1]] == pytest.approx(ref[f"task_aware/{u.sources[1]}"])
+    assert row[
+        "whole"] == pytest.approx(
+            ref["task_agnostic"]) and row[u.sources[1]] == pytest.approx(ref[f"task_aware/{u.sources[1]}"])
     assert np.isnan(tab.set_index("model").loc["teacher 1", u.sources[1]])
     with pytest.raises(TypeError, match="union split"):
         lw.accuracy_table({"s": student}, labelled())
@@ -454,7 +459,9 @@ def test_feature_maps_and_param_table():
         lw.feature_maps(res, u, 0, layer=7)
     p = lw.param_table(teachers, {"student": res.students["fine-tuned"]})
     assert p.loc[2, "parameters"] == p.loc[0, "parameters"] + p.loc[1, "parameters"]
-    assert p.loc[3, "share of teachers"] == pytest.approx(models.param_count(res.students["fine-tuned"]) / p.loc[2, "parameters"])
+    assert p.loc[3,
+                 "share of teachers"] == pytest.approx(
+                     models.param_count(res.students["fine-tuned"]) / p.loc[2, "parameters"])
 
 
 def test_seed_stats_long_form():

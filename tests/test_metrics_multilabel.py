@@ -75,7 +75,8 @@ def test_difficult_pairs_are_ignored():
     # a difficult positive is not missed (recall) and a difficult negative is not a false positive
     assert metrics.average_precision(s, t)[0] != pytest.approx(expected)
     assert metrics.average_precision(s[[1, 2, 3]], t[[1, 2, 3]])[0] == pytest.approx(expected)
-    assert metrics.multilabel_map(torch.tensor(s), torch.tensor(t), difficult=torch.tensor(d)) == pytest.approx(expected)
+    assert metrics.multilabel_map(torch.tensor(s), torch.tensor(t),
+                                  difficult=torch.tensor(d)) == pytest.approx(expected)
 
 
 def test_class_without_positives_is_reported_and_left_out():
@@ -136,7 +137,8 @@ def test_prf_never_predicted_class_has_precision_zero():
     (lambda: metrics.average_precision(np.zeros((3, 2)), np.full((3, 2), 2)), "multi-hot"),
     (lambda: metrics.average_precision(np.array([[np.nan], [0.1]]), np.array([[1], [0]])), "finite"),
     (lambda: metrics.average_precision(np.zeros((0, 2)), np.zeros((0, 2))), "empty"),
-    (lambda: metrics.average_precision(np.zeros((3, 2)), np.ones((3, 2)), difficult=np.zeros((3, 1), bool)), "difficult"),
+    (lambda: metrics.average_precision(np.zeros((3, 2)), np.ones((3, 2)), difficult=np.zeros((3, 1), bool)),
+     "difficult"),
     (lambda: metrics.multilabel_prf(np.zeros((2, 2)), np.ones((2, 2)), threshold=1.5), "threshold"),
     (lambda: metrics.multilabel_prf(np.full((2, 2), 3.0), np.ones((2, 2)), logits=False), "probabilities"),
 ])

@@ -25,7 +25,8 @@ def _notebook(stored_stdout: str, stored_measured: float):
         nbformat.v4.new_output("stream", name="stdout", text="trained\n"),
     ]
     shown = nbformat.v4.new_code_cell(
-        "import pandas as pd\nfrom kaviz import report\nreport.measured(pd.DataFrame({'acc': [0.5]}), caption='students')",
+        "import pandas as pd\nfrom kaviz import report\nreport.measured(pd.DataFrame({'acc': [0.5]}), "
+        "caption='students')",
         execution_count=3)
     shown.outputs = [nbformat.v4.new_output("execute_result", execution_count=3, data={
         "text/plain": "<measured 1 × 1 table: students — shown as HTML, checked by expect()>",

@@ -240,8 +240,9 @@ def test_image_conversions_and_grid():
     assert P.to_rgb_uint8(np.zeros((4, 4))).shape == (4, 4, 3)
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         P.to_rgb_uint8(np.full((4, 4, 3), 7.0))
-    from PIL import Image
     import io
+
+    from PIL import Image
     im = Image.open(io.BytesIO(P.png_bytes(np.zeros((8, 8, 3), np.uint8), size=96)))
     assert im.size == (96, 96)
     fig = P.image_grid(np.random.default_rng(0).random((5, 3, 4, 4)), titles=list("abcde"),

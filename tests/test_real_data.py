@@ -6,8 +6,18 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from fixtures_real import (CELEBA_ATTRIBUTES, CUB_CLASSES, DOG_FOLDERS, make_camvid, make_celeba, make_coco,
-                           make_cub, make_dogs, make_nyu, make_voc)
+from fixtures_real import (
+    CELEBA_ATTRIBUTES,
+    CUB_CLASSES,
+    DOG_FOLDERS,
+    make_camvid,
+    make_celeba,
+    make_coco,
+    make_cub,
+    make_dogs,
+    make_nyu,
+    make_voc,
+)
 from PIL import Image
 
 from kaviz.data import real
@@ -129,7 +139,9 @@ def test_dogs_crop_to_union_of_boxes(tmp_path):
 def test_dogs_errors(tmp_path):
     make_dogs(tmp_path)
     (tmp_path / "test_list.mat").unlink()
-    with pytest.raises(DatasetLayoutError, match=r"(?s)Stanford Dogs not found .*missing test_list.mat \(or test_list.txt\).*Expected layout"):
+    with pytest.raises(DatasetLayoutError,
+                       match=r"(?s)Stanford Dogs not found .*missing test_list.mat \(or test_list.txt\).*Expected "
+                       r"layout"):
         real.stanford_dogs(tmp_path, "test")
     # A list that disagrees with the folders (a breed folder was removed) is caught, not mislabelled.
     shutil.rmtree(tmp_path / "Images" / DOG_FOLDERS[0])
@@ -176,8 +188,11 @@ def test_voc_errors(tmp_path):
     with pytest.raises(DatasetLayoutError, match=r"(?s)PASCAL VOC2007 not found.*missing JPEGImages.*"
                        r"Did you mean root='[^']*VOCdevkit/VOC2007'\? It holds JPEGImages"):
         real.voc2007(top)
-    (tmp_path / "Annotations" / "000002.xml").write_text("<annotation><object><name>dragon</name></object></annotation>")
-    with pytest.raises(DatasetLayoutError, match=r"Annotations/000002.xml is malformed: it could not be read \(unknown class 'dragon'\)"):
+    (
+        tmp_path / "Annotations" / "000002.xml").write_text(
+            "<annotation><object><name>dragon</name></object></annotation>")
+    with pytest.raises(DatasetLayoutError,
+                       match=r"Annotations/000002.xml is malformed: it could not be read \(unknown class 'dragon'\)"):
         real.voc2007(tmp_path, "train")
     (tmp_path / "Annotations" / "000002.xml").unlink()
     with pytest.raises(DatasetLayoutError, match=r"1 of 2 listed annotations are missing \(Annotations/000002.xml\)"):
@@ -362,12 +377,14 @@ def test_nyu_errors(tmp_path):
     make_nyu(other, n_train=1, n_test=1)
     Image.fromarray(np.full((32, 32), 13, np.uint8), "L").save(other / "train" / "seg13" / "0.png")
     ds = real.nyuv2(other, "train")
-    with pytest.raises(DatasetLayoutError, match=r"0.png: label values \[13\] are neither classes 0..12 .*zero_is_void=True"):
+    with pytest.raises(DatasetLayoutError,
+                       match=r"0.png: label values \[13\] are neither classes 0..12 .*zero_is_void=True"):
         ds[0]
     shifted = real.nyuv2(other, "train", zero_is_void=True).maps(0)["mask"]
     assert (shifted == 12).all()
     Image.fromarray(np.zeros((16, 16), np.uint8), "L").save(other / "train" / "seg13" / "0.png")
-    with pytest.raises(DatasetLayoutError, match=r"mask train/seg13/0.png is \(16, 16\) .* image train/image/0.png is \(32, 32\)"):
+    with pytest.raises(DatasetLayoutError,
+                       match=r"mask train/seg13/0.png is \(16, 16\) .* image train/image/0.png is \(32, 32\)"):
         real.nyuv2(other, "train")[0]
 
 

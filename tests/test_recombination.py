@@ -233,7 +233,7 @@ def test_network_runs_with_consistent_shapes_after_every_round():
     T = teachers()
     net = R.combine(T)
     sizes = [sum(p.numel() for p in net.parameters())]
-    for r in range(4):
+    for _ in range(4):
         R.prune(net, 0.3, groups=R.PRUNE_GROUPS)  # decoders and adaptors too
         _consistent(net)
         net.train()

@@ -177,7 +177,8 @@ def test_block_phase_keeps_teacher_copies_frozen_then_fine_tuning_releases_them(
     before_teachers = {t: copy.deepcopy(m.state_dict()) for t, m in teachers.items()}
     student = sbm.SBMStudent(teachers, {"seg": ["dec2", "dec1"], "depth": ["enc3", "dec2"]})
     method = sbm.SBM(student, teachers, metrics=False)
-    tails0 = {(t, p): copy.deepcopy(br.tail.state_dict()) for t, per in student.branches.items() for p, br in per.items()}
+    tails0 = {(t, p): copy.deepcopy(br.tail.state_dict()) for t, per in student.branches.items() for p,
+              br in per.items()}
     trunk0 = copy.deepcopy(student.trunk.state_dict())
     # one step by hand: gradients reach the trunk and adaptors *through* the frozen tails
     method.train()
@@ -249,13 +250,15 @@ def test_branch_losses_and_selection():
     method = sbm.SBM(student, teachers)
     data = torch.utils.data.TensorDataset(torch.rand(6, 3, 8, 8))
     table = sbm.branch_losses(method, data, batch_size=4)
-    assert list(zip(table["task"], table["point"])) == [("seg", "dec3"), ("seg", "dec1"), ("depth", "enc3"), ("depth", "dec2")]
+    assert list(zip(table["task"], table["point"])) == [("seg", "dec3"), ("seg", "dec1"), ("depth", "enc3"),
+                                                        ("depth", "dec2")]
     assert table.groupby("task")["best"].sum().tolist() == [1, 1]
     # the mean over the data, whatever the batching
     x = data.tensors[0]
     with torch.no_grad():
         whole = method.eval()((x,))
-    assert np.allclose(table["loss"], [float(whole[f"{t}@{p}"]) for t, p in zip(table["task"], table["point"])], atol=1e-5)
+    assert np.allclose(table["loss"], [float(whole[f"{t}@{p}"]) for t, p in zip(table["task"], table["point"])],
+                       atol=1e-5)
     chosen = sbm.select_branches(table)
     assert chosen["seg"] in ("dec3", "dec1") and chosen["depth"] in ("enc3", "dec2")
 
@@ -297,7 +300,8 @@ def test_dense_meters_match_the_metrics_on_the_whole_set():
         m.update(logits[a:b], t[a:b])
     expect = metrics.segmentation_scores(logits, t, 4)
     got = m.result()
-    assert got["pixel_accuracy"] == pytest.approx(expect["pixel_accuracy"]) and got["mIoU"] == pytest.approx(expect["mIoU"])
+    assert got[
+        "pixel_accuracy"] == pytest.approx(expect["pixel_accuracy"]) and got["mIoU"] == pytest.approx(expect["mIoU"])
     p = torch.from_numpy(rng.uniform(0.5, 5, size=(5, 1, 6, 7)).astype(np.float32))
     d = torch.from_numpy(rng.uniform(0.5, 5, size=(5, 6, 7)).astype(np.float32))
     d[1, 0] = 0  # no measurement
@@ -324,7 +328,8 @@ def test_teachers_train_through_train_teacher_with_a_dense_method(tiny_scenes, t
     assert len(files) == 2  # the task's method is part of the key
     again, hists2 = sbm.train_teachers(train, val, num_classes=11, epochs=1, widths=W, cache=tmp_path, progress=False)
     assert hists2["depth"].attrs["cached"]
-    assert all(torch.equal(a, b) for a, b in zip(again["depth"].state_dict().values(), teachers["depth"].state_dict().values()))
+    assert all(torch.equal(a, b) for a,
+               b in zip(again["depth"].state_dict().values(), teachers["depth"].state_dict().values()))
     with pytest.raises(ValueError, match="stable name"):
         train_teacher("segnet_small", train, val, num_classes=1, epochs=1, cache=tmp_path,
                       method=lambda m: sbm.DenseSupervised(m, task="depth"))
@@ -367,7 +372,8 @@ def test_run_end_to_end_on_tiny_scenes(tiny_scenes):
     assert sbm.check_tails(res.search_student, teachers)["equal"].all()
     summary = sbm.branch_summary(res)
     assert list(summary.columns) == ["task", "point", "train loss", "chosen", "val mIoU", "val rmse"]
-    assert summary["chosen"].sum() == 2 and summary["val mIoU"].notna().sum() == 2 and summary["val rmse"].notna().sum() == 2
+    assert summary[
+        "chosen"].sum() == 2 and summary["val mIoU"].notna().sum() == 2 and summary["val rmse"].notna().sum() == 2
     best = res.search_history.attrs["best_epoch"]
     assert summary["val mIoU"].iloc[0] == pytest.approx(res.search_history.loc[best - 1, "val/seg@dec2/mIoU"])
 

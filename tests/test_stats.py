@@ -16,7 +16,8 @@ def test_sample_std_and_one_seed():
     one = stats.seed_stats([0.5])
     assert math.isnan(one.std) and str(one) == "0.500 (1 seed)"
     assert stats.format_mean_std(0.6, 0.1414) == "0.600 ± 0.141"
-    assert stats.format_mean_std(float("nan"), 0.1) == "-" and stats.format_mean_std(0.6, float("nan")) == "0.600 (1 seed)"
+    assert stats.format_mean_std(float("nan"),
+                                 0.1) == "-" and stats.format_mean_std(0.6, float("nan")) == "0.600 (1 seed)"
 
 
 def test_every_method_table_uses_sample_std():

@@ -6,15 +6,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TinyImages
 from torch import nn
 
 import kaviz
 import kaviz.losses
 from kaviz import models
-from kaviz.train import (CheckpointMismatchError, Frozen, NonFiniteLossError, Supervised, fit, freeze,
-                         load_checkpoint, train_teacher)
-
-from conftest import TinyImages
+from kaviz.train import (
+    CheckpointMismatchError,
+    Frozen,
+    NonFiniteLossError,
+    Supervised,
+    fit,
+    freeze,
+    load_checkpoint,
+    train_teacher,
+)
 
 HERE = Path(__file__).parent
 
@@ -198,12 +205,14 @@ def test_train_teacher_caches_by_everything_that_determines_it(tmp_path, tiny):
     assert h2.attrs["cached"] is True and models.weights_hash(m1) == models.weights_hash(m2)
     assert h2["val/accuracy"].tolist() == pytest.approx(h1["val/accuracy"].tolist())
     train_teacher("vgg8_small", tiny, val, epochs=1, batch_size=32, cache=tmp_path, arch_kwargs={"width": 4}, seed=1)
-    train_teacher("vgg8_small", TinyImages(seed=7), val, epochs=1, batch_size=32, cache=tmp_path, arch_kwargs={"width": 4})
+    train_teacher("vgg8_small", TinyImages(seed=7), val, epochs=1, batch_size=32, cache=tmp_path,
+                  arch_kwargs={"width": 4})
     assert len(list(tmp_path.glob("*.pt"))) == 3, "another seed or other data -> another teacher"
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(threads + 1)
-        _, h3 = train_teacher("vgg8_small", tiny, val, epochs=1, batch_size=32, cache=tmp_path, arch_kwargs={"width": 4})
+        _, h3 = train_teacher("vgg8_small", tiny, val, epochs=1, batch_size=32, cache=tmp_path,
+                              arch_kwargs={"width": 4})
     finally:
         torch.set_num_threads(threads)
     assert h3.attrs["cached"] is False, "another thread count sums in another order -> another teacher"
@@ -244,7 +253,8 @@ def test_resume_refuses_other_data_and_settings_listing_the_difference(tmp_path,
     kw = {**base, **change}
     if kw["train_data"] == "loader":
         kw["train_data"] = torch.utils.data.DataLoader(TinyImages(), batch_size=16, shuffle=True, drop_last=True)
-    with pytest.raises(CheckpointMismatchError, match=rf"other settings \(.*{field}: checkpoint .*, this call .*resume=False"):
+    with pytest.raises(CheckpointMismatchError,
+                       match=rf"other settings \(.*{field}: checkpoint .*, this call .*resume=False"):
         fit(Supervised(small_net()), epochs=2, resume=True, **kw)
     h = fit(Supervised(small_net()), epochs=2, resume=True, **base)  # the same settings still resume
     assert list(h["epoch"]) == [1, 2]

@@ -148,7 +148,8 @@ def teacher_accuracy(teachers: Sequence[nn.Module], union_data, batch_size: int 
     for k, name in enumerate(union_data.sources):
         rows.append({"model": f"teacher {k + 1} ({name})", "task_aware": res[f"task_aware/{name}"],
                      "task_agnostic": np.nan})
-    rows.append({"model": "concatenated teachers", "task_aware": res["task_aware"], "task_agnostic": res["task_agnostic"]})
+    rows.append({"model": "concatenated teachers", "task_aware": res["task_aware"],
+                 "task_agnostic": res["task_agnostic"]})
     return pd.DataFrame(rows)
 
 

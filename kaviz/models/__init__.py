@@ -262,9 +262,12 @@ def load_state(model: nn.Module, state: dict, *, skip_mismatched_head=False, str
         if bad_shapes:
             lines.append("  shape mismatches: " + "; ".join(bad_shapes[:5]) + (" ..." if len(bad_shapes) > 5 else ""))
         if missing:
-            lines.append(f"  missing in file ({len(missing)}): " + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+            lines.append(
+                f"  missing in file ({len(missing)}): " + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
         if unexpected:
-            lines.append(f"  not in model ({len(unexpected)}): " + ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else ""))
+            lines.append(
+                f"  not in model ({len(unexpected)}): " + ", ".join(
+                    unexpected[:5]) + (" ..." if len(unexpected) > 5 else ""))
         lines.append("Build the architecture the file was saved from (kaviz.models.spec shows what a model is).")
         raise ArchitectureMismatchError("\n".join(lines))
     model.load_state_dict(state, strict=False)

@@ -1,4 +1,5 @@
-"""CFL blocks (SPEC §1): the common-space encoder/decoder for conv features (CFLBlock) and its fully-connected variant."""
+"""CFL blocks (SPEC §1): the common-space encoder/decoder for conv features (CFLBlock) and its
+fully-connected variant."""
 from __future__ import annotations
 
 from collections.abc import Sequence

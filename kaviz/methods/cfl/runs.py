@@ -166,7 +166,8 @@ def term_gradients(method: nn.Module, batch, weights: Mapping[str, float] | None
             for g in groups:
                 params = [p for p in g["params"] if p.requires_grad]
                 grads = torch.autograd.grad(v * w, params, retain_graph=True, allow_unused=True)
-                sq = sum(((gr.double() ** 2).sum() for gr in grads if gr is not None), torch.zeros((), dtype=torch.float64))
+                sq = sum(((gr.double() ** 2).sum() for gr in grads if gr is not None),
+                         torch.zeros((), dtype=torch.float64))
                 row[g.get("name", "group")] = float(sq.sqrt())
             rows.append(row)
     finally:

@@ -16,7 +16,7 @@ from .runs import Run
 def pick_per_class(data, per_class: int, seed: int = 0, classes: Sequence[int] | None = None) -> np.ndarray:
     """Sorted indices of at most ``per_class`` samples of each class of ``data`` (its ``targets``),
     drawn with a seeded generator; ``classes`` restricts to some labels."""
-    targets = np.asarray(getattr(data, "targets"))
+    targets = np.asarray(data.targets)
     rng = np.random.default_rng(seed)
     wanted = np.unique(targets) if classes is None else np.asarray(classes)
     out = []
@@ -196,6 +196,7 @@ class Spaces:
         for model in self.models:
             r = self.pairing(model, layer)
             rows.append({"model": model, "feature space": r["feature space"],
-                         "second panel": "common space h" if self.runs[model].cfl is not None else "output space (softmax)",
+                         "second panel": "common space h" if self.runs[model].cfl is not None else "output space "
+                         "(softmax)",
                          "second-panel ratio": r["common space"]})
         return pd.DataFrame(rows)

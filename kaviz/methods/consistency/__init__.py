@@ -1,4 +1,4 @@
-"""Knowledge consistency between two networks (Liang, Li, Li, Wang & Zhang, "Knowledge Consistency
+r"""Knowledge consistency between two networks (Liang, Li, Li, Wang & Zhang, "Knowledge Consistency
 between Neural Networks and Beyond", ICLR 2020; SPEC.md §3).
 
 Explain network B's intermediate feature ``x_B`` from network A's feature ``x_A`` with a small

@@ -79,7 +79,7 @@ def born_again_chain(gen0: nn.Module, train_data, val_data, *, arch: str, genera
                         arch_kwargs=arch_kwargs, **{k: v for k, v in fit_kwargs.items()})
         key = teacher_key(arch, num_classes, train_data, val_data, device=device, **settings)
 
-        def train(s=s, teacher=models[-1]):
+        def train(s=s, teacher=models[-1], settings=settings):
             seed_everything(s)
             student = build(arch, num_classes, **arch_kwargs)
             hist = fit(BornAgain(student, teacher, lam=lam, tau=tau), train_data, val_data, epochs=epochs,

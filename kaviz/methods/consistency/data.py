@@ -65,7 +65,7 @@ def coarse_task(dataset, groups: Mapping[str, Sequence[str]]) -> Relabelled:
     if not classes:
         raise ValueError("coarse_task needs a dataset with named classes (dataset.classes)")
     where = {}
-    for gi, (gname, members) in enumerate(groups.items()):
+    for gi, members in enumerate(groups.values()):
         for c in members:
             if c in where:
                 raise ValueError(f"class {c!r} is in two groups")

@@ -68,7 +68,9 @@ def train_source(arch: str, attributes: Sequence[str], train_data, val_data=None
     key = teacher_key(f"multihead:{arch}", len(attributes), train_data, val_data, device=device, **settings)
     folder = None
     if cache:
-        folder = Path(cache) if isinstance(cache, (str, os.PathLike)) and not isinstance(cache, bool) else cache_dir("teachers")
+        folder = Path(cache) if isinstance(cache,
+                                           (str,
+                                            os.PathLike)) and not isinstance(cache, bool) else cache_dir("teachers")
     fresh = {}
 
     def train():

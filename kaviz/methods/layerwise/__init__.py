@@ -1,4 +1,4 @@
-"""Layer-wise knowledge amalgamation (Shen, Wang, Song, Sun & Song, "Amalgamating Knowledge towards
+r"""Layer-wise knowledge amalgamation (Shen, Wang, Song, Sun & Song, "Amalgamating Knowledge towards
 Comprehensive Classification", AAAI 2019; SPEC.md §4.1), and its one-stage variant as an ablation.
 
 Several teachers, each trained on one *part* of a label set; a compact student of the same kind of

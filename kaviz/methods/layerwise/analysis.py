@@ -1,4 +1,5 @@
-"""Evaluation and analysis: accuracy tables over seeds, reconstruction and layer errors, feature maps, parameter counts."""
+"""Evaluation and analysis: accuracy tables over seeds, reconstruction and layer errors, feature maps,
+parameter counts."""
 from __future__ import annotations
 
 from typing import Mapping, Sequence
@@ -279,7 +280,8 @@ def param_table(teachers: Sequence[nn.Module], students: Mapping[str, nn.Module]
 
     counts = [param_count(t) for t in teachers]
     total = sum(counts)
-    rows = [{"model": f"teacher {k + 1}", "parameters": c, "share of teachers": c / total} for k, c in enumerate(counts)]
+    rows = [{"model": f"teacher {k + 1}", "parameters": c, "share of teachers": c / total} for k,
+            c in enumerate(counts)]
     rows.append({"model": "teachers combined", "parameters": total, "share of teachers": 1.0})
     for name, s in students.items():
         c = param_count(s)

@@ -154,7 +154,9 @@ class LayerPlan:
             row = {"layer": l + 1, "student": seg.name, "ops before": ", ".join(_op_name(o) for o in seg.ops) or "-"}
             for t in range(len(self.teacher_layers)):
                 row[f"teacher {t + 1}"] = "logits" if last else self.teacher_layers[t][l]
-            row["teacher channels"] = " + ".join(str(c) for c in (self.num_outputs if last else [tc[l] for tc in self.teacher_channels]))
+            row[
+                "teacher channels"] = " + ".join(
+                    str(c) for c in (self.num_outputs if last else [tc[l] for tc in self.teacher_channels]))
             row["student channels"] = self.student_channels[l]
             row["size"] = "×".join(map(str, self.sizes[l])) if self.sizes[l] else "vector"
             row["target"] = "concatenated logits" if last else "amalgamated feature E(F)"
@@ -193,7 +195,8 @@ def plan_layers(teachers: Sequence[nn.Module], student: nn.Module, example: torc
     segments = list(segments) if segments is not None else infer_segments(student, example)
     L = len(segments)
     if L < 2:
-        raise ValueError(f"the student has {L} layer; layer-wise amalgamation needs at least a feature layer and a classifier")
+        raise ValueError(f"the student has {L} layer; layer-wise amalgamation needs at least a feature layer and a "
+                         f"classifier")
     if teacher_layers is None:
         teacher_layers = []
         for k, t in enumerate(teachers):
@@ -225,10 +228,13 @@ def plan_layers(teachers: Sequence[nn.Module], student: nn.Module, example: torc
         for k in range(len(teachers)):
             if t_shapes[k][l][1] != s_shapes[l][1]:
                 raise ValueError(
-                    f"layer {l + 1}: teacher {k + 1}'s {teacher_layers[k][l]!r} has spatial size {t_shapes[k][l][1]} but the "
-                    f"student's {s_names[l]!r} has {s_shapes[l][1]}; pair layers of equal resolution (teacher_layers=...).")
+                    f"layer {l + 1}: teacher {k + 1}'s {teacher_layers[k][l]!r} has spatial size {t_shapes[k][l][1]} "
+                    f"but the "
+                    f"student's {s_names[l]!r} has {s_shapes[l][1]}; pair layers of equal resolution "
+                    f"(teacher_layers=...).")
     if s_out.dim() != 2 or s_out.shape[1] != sum(n_out):
-        raise ValueError(f"the student has {tuple(s_out.shape[1:])} outputs but the teachers have {n_out} classes: its head "
+        raise ValueError(f"the student has {tuple(s_out.shape[1:])} outputs but the teachers have {n_out} classes: "
+                         f"its head "
                          f"must cover the comprehensive label space (sum = {sum(n_out)}), teacher order first to last.")
     return LayerPlan(
         segments=segments,

@@ -1,4 +1,5 @@
-"""Layer-wise amalgamation (SPEC §3): feature amalgamation (stage 1), layer-wise parameter learning with folding (stage 2), logit matching (stage 3) and the one-stage variant."""
+"""Layer-wise amalgamation (SPEC §3): feature amalgamation (stage 1), layer-wise parameter learning with
+folding (stage 2), logit matching (stage 3) and the one-stage variant."""
 from __future__ import annotations
 
 import copy

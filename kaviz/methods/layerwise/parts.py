@@ -83,7 +83,8 @@ def _span(classes):
     return ",".join(map(str, c))
 
 
-def class_parts(dataset, parts: int | Sequence[Sequence[int]] = 2, names: Sequence[str] | None = None) -> list[ClassPart]:
+def class_parts(dataset, parts: int | Sequence[Sequence[int]] = 2,
+                names: Sequence[str] | None = None) -> list[ClassPart]:
     """Split one label set into parts (one per teacher): ``parts=2`` cuts the classes into two
     contiguous halves (0–4 and 5–9 for ten classes); or give the class ids of each part. Each part
     is relabelled to local ids, so ``kaviz.data.union(parts)`` rebuilds the original label space
@@ -91,7 +92,8 @@ def class_parts(dataset, parts: int | Sequence[Sequence[int]] = 2, names: Sequen
     k = getattr(dataset, "num_classes", None)
     if isinstance(parts, int) and not isinstance(parts, bool):
         if k is None or not 2 <= parts <= k:
-            raise ValueError(f"parts={parts}: need 2 <= parts <= number of classes ({k}); or pass the class ids of each part")
+            raise ValueError(f"parts={parts}: need 2 <= parts <= number of classes ({k}); or pass the class ids of "
+                             f"each part")
         parts = [list(a) for a in np.array_split(np.arange(k), parts)]
     parts = [list(p) for p in parts]
     flat = [c for p in parts for c in p]

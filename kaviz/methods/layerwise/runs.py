@@ -83,11 +83,13 @@ def run_layerwise(teachers: Sequence[nn.Module], student: nn.Module, train_data,
     h2 = fit(layerwise, unlabeled, val_data, epochs=epochs[1], lr=lrs[1], monitor=monitor, **common)
     stage2 = layerwise.folded()
     stage3 = copy.deepcopy(stage2)
-    h3 = fit(LogitMatching(stage3, teachers), unlabeled, val_data, epochs=epochs[2], lr=lrs[2], monitor=monitor, **common)
+    h3 = fit(LogitMatching(stage3, teachers), unlabeled, val_data, epochs=epochs[2], lr=lrs[2], monitor=monitor,
+             **common)
     layerwise.cpu()
     return LayerwiseResult(plan=plan, amalgamation=amalgamation, layerwise=layerwise,
                            students={"layer-wise": stage2.cpu().eval(), "fine-tuned": stage3.cpu().eval()},
-                           histories={"stage 1: autoencoders": h1, "stage 2: layer-wise": h2, "stage 3: fine-tuning": h3})
+                           histories={"stage 1: autoencoders": h1, "stage 2: layer-wise": h2,
+                                      "stage 3: fine-tuning": h3})
 
 
 def run_one_stage(teachers: Sequence[nn.Module], student: nn.Module, train_data, val_data=None, *, epochs: int = 8,

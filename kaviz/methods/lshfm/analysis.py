@@ -171,7 +171,8 @@ def angle_hamming(pairs: Mapping[str, tuple], *, n_hashes: int, std: float, bias
         a = as_features(a, f"pairs[{name!r}][0]").float()
         b = as_features(b, f"pairs[{name!r}][1]").float()
         if a.shape != b.shape:
-            raise ValueError(f"pairs[{name!r}]: the two feature arrays differ in shape, {tuple(a.shape)} vs {tuple(b.shape)}")
+            raise ValueError(f"pairs[{name!r}]: the two feature arrays differ in shape, {tuple(a.shape)} vs "
+                             f"{tuple(b.shape)}")
         idx = np.arange(len(a))
         if max_pairs is not None and len(idx) > max_pairs:
             idx = np.sort(rng.choice(len(a), size=max_pairs, replace=False))

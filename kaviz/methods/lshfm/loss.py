@@ -1,4 +1,5 @@
-"""LSH feature mimicking losses (SPEC §2): LSHLoss (hash-code BCE on random hyperplanes), the L2 mimic term, binary KD."""
+"""LSH feature mimicking losses (SPEC §2): LSHLoss (hash-code BCE on random hyperplanes), the L2 mimic
+term, binary KD."""
 from __future__ import annotations
 
 import math
@@ -74,7 +75,8 @@ class LSHLoss(nn.Module):
         self.register_buffer("bias_fitted", torch.tensor(bias == "zero"))
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, n_hashes={self.n_hashes}, std={self.std:.4g}, bias={self.bias_mode!r}, with_l2={self.with_l2}"
+        return (f"dim={self.dim}, n_hashes={self.n_hashes}, std={self.std:.4g}, bias={self.bias_mode!r}, "
+                f"with_l2={self.with_l2}")
 
     @torch.no_grad()
     def fit_bias(self, teacher_features) -> "LSHLoss":

@@ -121,7 +121,7 @@ def combine(teachers: Mapping[str, nn.Module], *, kinds: Mapping[str, str] | Non
             neck.weight.zero_()
             neck.weight[:, :, 0, 0] = torch.eye(width, dtype=ref.dtype)
             neck.bias.zero_()
-        for (task, t), (lo, hi) in zip(teachers.items(), offsets["enc3"]):
+        for task, (lo, hi) in zip(teachers, offsets["enc3"]):
             a = nn.Conv2d(code, hi - lo, 1, bias=True, device=ref.device, dtype=ref.dtype)
             if identity:
                 a.weight.zero_()
@@ -165,7 +165,8 @@ def reproduction_check(net: RecombinedNet, teachers: Mapping[str, nn.Module], im
             with eval_mode(t), FeatureTap(t, list(ENCODER_BLOCKS)) as ttap:
                 t_out = t(images)
                 feats = {b: ttap[b] for b in ENCODER_BLOCKS}
-            pairs = [(b, combined[b][:, slice(*net.offsets[b][k])], feats[b], net.offsets[b][k]) for b in ENCODER_BLOCKS]
+            pairs = [(b, combined[b][:, slice(*net.offsets[b][k])], feats[b],
+                      net.offsets[b][k]) for b in ENCODER_BLOCKS]
             if net.identity_bottleneck:
                 pairs.append(("output", out[task], t_out, None))
             for layer, a, b, rng in pairs:

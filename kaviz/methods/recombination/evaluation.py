@@ -43,13 +43,16 @@ def _entropy_bits(hist: dict) -> float:
 
 
 def evaluate_dense(model: nn.Module, data, *, kinds: Mapping[str, str] | None = None, num_classes: int | None = None,
-                   ignore_index: int = IGNORE_INDEX, batch_size: int = 64, device=None, per_class: bool = False) -> dict:
+                   ignore_index: int = IGNORE_INDEX, batch_size: int = 64, device=None,
+                   per_class: bool = False) -> dict:
     """Dense scores of ``model`` on ``data`` (eval mode, no gradients, mode restored).
 
     ``model`` returns ``{task: output}`` (a :class:`RecombinedNet`, kinds taken from it) or one
     tensor (pass ``kinds={"out": "reconstruction" | "segmentation"}``). Reconstruction: ``psnr``
-    (dB, mean over images) and ``ssim`` (7×7 window, :data:`SSIM_WINDOW`) against the input image; segmentation: ``mIoU`` and
-    ``pixel_accuracy`` against the ground-truth masks (:class:`kaviz.metrics.SegmentationMeter`) (``ignore_index`` pixels left out; the
+    (dB, mean over images) and ``ssim`` (7×7 window, :data:`SSIM_WINDOW`) against the input image; segmentation:
+    ``mIoU`` and
+    ``pixel_accuracy`` against the ground-truth masks (:class:`kaviz.metrics.SegmentationMeter`) (``ignore_index``
+    pixels left out; the
     confusion matrix is summed over batches). A :class:`RecombinedNet` also gets ``bpp``: the
     zeroth-order empirical entropy of its quantised code symbols (per channel, over ``data``) in
     bits per image pixel — the rate an ideal per-channel entropy coder would approach (no entropy

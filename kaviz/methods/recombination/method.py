@@ -1,4 +1,5 @@
-"""The recombination loss (SPEC §7): each task's output against its teacher and the ground truth, plus the code-size term."""
+"""The recombination loss (SPEC §7): each task's output against its teacher and the ground truth, plus
+the code-size term."""
 from __future__ import annotations
 
 from typing import Mapping

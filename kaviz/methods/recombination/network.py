@@ -182,7 +182,8 @@ class RecombinedNet(nn.Module):
         if "decoders" in groups:
             for t in self.tasks:
                 for i, d in enumerate(DECODER_BLOCKS):
-                    nxt = f"decoders.{t}.{DECODER_BLOCKS[i + 1]}.conv1" if i + 1 < len(DECODER_BLOCKS) else f"decoders.{t}.head"
+                    nxt = f"decoders.{t}.{DECODER_BLOCKS[i + 1]}.conv1" if i + 1 < len(
+                        DECODER_BLOCKS) else f"decoders.{t}.head"
                     p = f"decoders.{t}.{d}"
                     units.append(PruneUnit(f"{p}.conv1", f"{p}.bn1", (f"{p}.conv2",), "decoders"))
                     units.append(PruneUnit(f"{p}.conv2", f"{p}.bn2", (nxt,), "decoders"))

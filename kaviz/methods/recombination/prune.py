@@ -102,7 +102,9 @@ def prune(net: RecombinedNet, fraction: float, *, groups: Sequence[str] = DEFAUL
             w = new_weights.get(cname)
             if w is None:
                 w = net.get_submodule(cname).weight.detach()
-                new_bias[cname] = net.get_submodule(cname).bias.detach() if net.get_submodule(cname).bias is not None else None
+                new_bias[
+                    cname] = net.get_submodule(
+                        cname).bias.detach() if net.get_submodule(cname).bias is not None else None
             new_weights[cname] = w[:, keep.to(w.device)]
     for name, w in new_weights.items():
         _set(net, name, _conv_like(net.get_submodule(name), w, new_bias[name]))

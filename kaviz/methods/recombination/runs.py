@@ -96,7 +96,8 @@ def _score_rows(net_or_teachers, stage, rnd, splits, num_classes, ignore_index, 
     return rows
 
 
-def recombine(teachers: Mapping[str, nn.Module], train_data, val_data, test_data=None, *, net: RecombinedNet | None = None,
+def recombine(teachers: Mapping[str, nn.Module], train_data, val_data, test_data=None, *,
+              net: RecombinedNet | None = None,
               rounds: int = 3, fraction: float = 0.3, epochs: int = 2, finetune_epochs: int | None = None,
               groups: Sequence[str] = DEFAULT_GROUPS, criterion: str = "smallest", min_channels: int = 2,
               quant_step: float | None = 0.05, bottleneck: int | None = None, T: float = 1.0,

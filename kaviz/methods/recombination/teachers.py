@@ -87,7 +87,8 @@ def train_dense_teacher(kind: str, train_data, val_data=None, *, num_classes: in
             raise ValueError(f"a segmentation teacher needs num_classes >= 2 (the number of mask classes), got "
                              f"{num_classes!r}")
         out, arch_kwargs = num_classes, {"widths": list(widths)}
-        method, monitor = functools.partial(Segmentation, num_classes=num_classes, ignore_index=ignore_index), "val/mIoU"
+        method, monitor = functools.partial(Segmentation, num_classes=num_classes,
+                                            ignore_index=ignore_index), "val/mIoU"
     else:
         out, arch_kwargs = 3, {"widths": list(widths), "output": "sigmoid"}
         method, monitor = Reconstruction, "val/loss"

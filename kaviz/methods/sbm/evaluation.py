@@ -1,4 +1,5 @@
-"""SBM evaluation: the supervised dense method (DenseSupervised), scoring students, teachers and the constant control; prediction panels."""
+"""SBM evaluation: the supervised dense method (DenseSupervised), scoring students, teachers and the
+constant control; prediction panels."""
 from __future__ import annotations
 
 from typing import Mapping, Sequence
@@ -104,10 +105,12 @@ def constant_predictor(train_data, tasks: Mapping[str, str], num_classes: int, *
     return ConstantPredictor(tasks, num_classes, int(counts.argmax()), depth_sum / max(depth_n, 1))
 
 
-def score(model, data, *, kinds: Mapping[str, str], task: str | None = None, target_keys: Mapping[str, str] | None = None,
+def score(model, data, *, kinds: Mapping[str, str], task: str | None = None,
+          target_keys: Mapping[str, str] | None = None,
           all_branches: bool = False, prefix: bool = True, batch_size: int = 64, ignore_index: int = IGNORE_INDEX,
           device=None) -> dict:
-    """Dense metrics of ``model`` against the ground truth of ``data`` (streamed: :class:`kaviz.metrics.SegmentationMeter`, :class:`kaviz.metrics.DepthMeter`).
+    """Dense metrics of ``model`` against the ground truth of ``data`` (streamed:
+    :class:`kaviz.metrics.SegmentationMeter`, :class:`kaviz.metrics.DepthMeter`).
 
     ``model``: an :class:`SBMStudent` (dict outputs), a ``{task: model}`` dict (one model per task,
     e.g. the teachers), or one model solving ``task``. ``kinds``: ``{task: "segmentation" | "depth"}``.

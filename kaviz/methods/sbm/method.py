@@ -77,7 +77,8 @@ class SBM(nn.Module):
         if set(teachers) != set(student.tasks):
             raise ValueError(f"teachers {list(teachers)} must match the student's tasks {student.tasks}")
         if seg_loss not in ("ce", "kl"):
-            raise ValueError(f"seg_loss must be 'ce' (to the teacher's argmax) or 'kl' (to its soft output), got {seg_loss!r}")
+            raise ValueError(f"seg_loss must be 'ce' (to the teacher's argmax) or 'kl' (to its soft output), got "
+                             f"{seg_loss!r}")
         if T <= 0:
             raise ValueError(f"temperature T must be positive, got {T}")
         self.student = student
@@ -154,7 +155,8 @@ class SBM(nn.Module):
         x = images_of(batch)
         targets = self._targets(batch, x)
         outs = self.student.forward_all(x)
-        return {self.term(t, p): self.task_loss(t, out, targets[t]) for t, per in outs.items() for p, out in per.items()}
+        return {self.term(t, p): self.task_loss(t, out, targets[t]) for t, per in outs.items() for p,
+                out in per.items()}
 
     def evaluate(self, data) -> dict:
         if not self.metrics:

@@ -72,8 +72,10 @@ def branch_summary(result: "SBMResult"):
         name = f"val/{t}@{p}/{metric}" if len(result.search_student.branches[t]) > 1 else f"val/{t}/{metric}"
         return float(row[name]) if name in row.index else float("nan")
 
-    df["val mIoU"] = [val_metric(t, p, "mIoU") if kinds[t] == "segmentation" else np.nan for t, p in zip(df["task"], df["point"])]
-    df["val rmse"] = [val_metric(t, p, "rmse") if kinds[t] == "depth" else np.nan for t, p in zip(df["task"], df["point"])]
+    df["val mIoU"] = [val_metric(t, p, "mIoU") if kinds[t] == "segmentation" else np.nan for t,
+                      p in zip(df["task"], df["point"])]
+    df["val rmse"] = [val_metric(t, p, "rmse") if kinds[t] == "depth" else np.nan for t,
+                      p in zip(df["task"], df["point"])]
     return df
 
 
@@ -92,7 +94,8 @@ class SBMResult:
     settings: dict = field(default_factory=dict)
 
 
-def run(teachers: Mapping[str, nn.Module], train_data, val_data=None, *, points: Mapping[str, Sequence[str]] | None = None,
+def run(teachers: Mapping[str, nn.Module], train_data, val_data=None, *,
+        points: Mapping[str, Sequence[str]] | None = None,
         trunk_from: str | None = None, seg_loss: str = "ce", T: float = 1.0, tails: str = "teacher",
         search_epochs: int = 3, finetune_epochs: int = 3, lr: float = 1e-3, finetune_lr: float = 3e-4,
         batch_size: int = 32, seed: int = 0, precompute: bool = True, metrics: bool = True,

@@ -162,11 +162,13 @@ class SBMStudent(nn.Module):
                  trunk_from: str | None = None, reduction: int = 4, min_hidden: int = 16, tails: str = "teacher"):
         super().__init__()
         if not isinstance(teachers, Mapping) or not teachers:
-            raise ValueError("SBMStudent needs a dict {task: teacher}, e.g. {'seg': seg_teacher, 'depth': depth_teacher}")
+            raise ValueError("SBMStudent needs a dict {task: teacher}, e.g. {'seg': seg_teacher, 'depth': "
+                             "depth_teacher}")
         nets = {t: _check_segnet(t, m) for t, m in teachers.items()}
         first = next(iter(nets.values()))
         for t, m in nets.items():
-            if m.widths != first.widths or m.skips != first.skips or m.enc1.conv1.in_channels != first.enc1.conv1.in_channels:
+            if (m.widths != first.widths or m.skips != first.skips
+                    or m.enc1.conv1.in_channels != first.enc1.conv1.in_channels):
                 raise ValueError(
                     f"every teacher must have the same widths, skips and input channels so that the trunk's "
                     f"features fit every teacher's decoder; {t!r} has widths {m.widths}, skips {m.skips}, "
@@ -181,7 +183,8 @@ class SBMStudent(nn.Module):
         unknown = [t for t in points if t not in nets]
         missing = [t for t in nets if t not in points]
         if unknown or missing:
-            raise ValueError(f"points must name each task once: unknown {unknown}, missing {missing}; tasks {list(nets)}")
+            raise ValueError(f"points must name each task once: unknown {unknown}, missing {missing}; tasks "
+                             f"{list(nets)}")
         points = {t: [points[t]] if isinstance(points[t], str) else list(dict.fromkeys(points[t])) for t in nets}
         for t, ps in points.items():
             if not ps:
@@ -231,7 +234,8 @@ class SBMStudent(nn.Module):
             raise ValueError(f"branch_out needs one point per task {self.tasks}, got {dict(points)}")
         for t, p in points.items():
             if p not in self.branches[t]:
-                raise ValueError(f"task {t!r} has no candidate branch at {p!r}; its candidates: {list(self.branches[t])}")
+                raise ValueError(f"task {t!r} has no candidate branch at {p!r}; its candidates: "
+                                 f"{list(self.branches[t])}")
         new = copy.deepcopy(self)
         deepest = max(points.values(), key=_BLOCKS.index)
         for b in list(new.trunk):
