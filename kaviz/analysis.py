@@ -299,24 +299,6 @@ class MinibatchCKA:
 
 
 # ----------------------------------------------------------------------------------------- models
-def _batches(data, batch_size: int):
-    """Yield input batches from a tensor of images, a DataLoader or a Dataset of (image, ...) items."""
-    from torch.utils.data import DataLoader, Dataset
-
-    if torch.is_tensor(data):
-        for i in range(0, len(data), batch_size):
-            yield data[i:i + batch_size]
-        return
-    if isinstance(data, DataLoader):
-        loader = data
-    elif isinstance(data, Dataset) or hasattr(data, "__getitem__"):
-        loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
-    else:
-        raise TypeError(f"data must be a Dataset, a DataLoader or a tensor of images, not {type(data).__name__}")
-    for batch in loader:
-        yield batch[0] if isinstance(batch, (list, tuple)) else batch
-
-
 def _n_samples(data):
     try:
         return len(data.dataset) if hasattr(data, "dataset") and hasattr(data, "batch_size") else len(data)
@@ -345,7 +327,7 @@ def cka_matrix(model_a: nn.Module, model_b: nn.Module, data, layers_a: Sequence[
     from tqdm.auto import tqdm
 
     from . import default_device
-    from .features import FeatureTap, eval_mode, pool_features
+    from .features import FeatureTap, eval_mode, iter_batches, pool_features
 
     if isinstance(layers_a, str):
         layers_a = [layers_a]
@@ -392,7 +374,7 @@ def cka_matrix(model_a: nn.Module, model_b: nn.Module, data, layers_a: Sequence[
             FeatureTap(model_a, taps_a, clone=clone, on_repeat=on_repeat) as tap_a:
         tap_b = None if same else FeatureTap(model_b, layers_b, clone=clone, on_repeat=on_repeat)
         with (tap_b if tap_b is not None else _null()):
-            for images in _batches(data, batch_size):
+            for images, _ in iter_batches(data, batch_size, who="the data"):
                 n = images.shape[0]
                 model_a(images.to(dev_a, non_blocking=True))
                 fa = {l: tap_a[l] for l in taps_a}

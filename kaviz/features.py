@@ -40,6 +40,7 @@ __all__ = [
     "unknown_layer_error",
     "CorruptStoreError",
     "pool_features",
+    "iter_batches",
 ]
 
 OUTPUT = "<output>"
@@ -714,7 +715,9 @@ def _check_order(data) -> None:
     )
 
 
-def _iter_batches(data, batch_size: int):
+def iter_batches(data, batch_size: int, who: str = "extract()"):
+    """``(images, targets)`` batches, in order, of a tensor of images (targets None), a DataLoader or a Dataset
+    of ``(image, ...)`` items (read through an unshuffled DataLoader of ``batch_size``)."""
     from torch.utils.data import DataLoader, Dataset
 
     if torch.is_tensor(data):
@@ -726,7 +729,7 @@ def _iter_batches(data, batch_size: int):
     elif isinstance(data, Dataset) or hasattr(data, "__getitem__"):
         loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
     else:
-        raise TypeError(f"extract() takes a Dataset, a DataLoader or a tensor of images, not {type(data).__name__}")
+        raise TypeError(f"{who} takes a Dataset, a DataLoader or a tensor of images, not {type(data).__name__}")
     for batch in loader:
         if isinstance(batch, (list, tuple)):
             yield batch[0], (batch[1] if len(batch) > 1 else None)
@@ -943,7 +946,7 @@ def _compute(model, data, tap: FeatureTap, layers, pools, meta, n, batch_size, d
     t0 = time.perf_counter()
     try:
         with eval_mode(model), torch.no_grad(), tap:
-            for images, target in _iter_batches(data, batch_size):
+            for images, target in iter_batches(data, batch_size):
                 if start == 0:
                     _check_images(images)
                 b = images.shape[0]

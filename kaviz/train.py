@@ -686,6 +686,16 @@ def teacher_key(arch: str, num_classes: int, train_data, val_data, *, device=Non
                      val=data_key(val_data), settings=settings, loop=LOOP_VERSION)
 
 
+def teacher_cache_folder(cache) -> Path | None:
+    """Where ``cache=`` keeps trained teachers: None for ``cache=False``, the folder for a path, else
+    ``cache_dir("teachers")``."""
+    if not cache:
+        return None
+    if isinstance(cache, (str, os.PathLike)) and not isinstance(cache, bool):
+        return Path(cache)
+    return cache_dir("teachers")
+
+
 def cached_training(folder, name: str, key: str, build: Callable[[], nn.Module],
                     train: Callable[[], tuple[nn.Module, Mapping]], *, what: str,
                     required: tuple[str, ...] = ("history",)):
@@ -798,11 +808,7 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
     if monitor is not None:  # likewise
         settings["monitor"] = monitor
     key = teacher_key(arch, num_classes, train_data, val_data, **settings)
-    folder = None
-    if cache:
-        folder = Path(cache) if isinstance(cache,
-                                           (str,
-                                            os.PathLike)) and not isinstance(cache, bool) else cache_dir("teachers")
+    folder = teacher_cache_folder(cache)
 
     fresh = {}
 

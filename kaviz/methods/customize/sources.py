@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -50,14 +49,7 @@ def train_source(arch: str, attributes: Sequence[str], train_data, val_data=None
     :class:`MultiHeadSupervised` on the columns of ``attributes``. The model is returned in eval mode.
     """
     from ... import seed_everything
-    from ...train import (
-        cache_dir,
-        cached_training,
-        fit,
-        history_frame,
-        history_meta,
-        teacher_key,
-    )
+    from ...train import cached_training, fit, history_frame, history_meta, teacher_cache_folder, teacher_key
 
     attributes = check_head_names(attributes)
     attribute_columns(getattr(train_data, "classes", None), attributes, "training data")
@@ -66,11 +58,7 @@ def train_source(arch: str, attributes: Sequence[str], train_data, val_data=None
                     schedule=schedule, seed=seed, heads=list(attributes), classes=list(train_data.classes),
                     arch_kwargs=arch_kwargs)
     key = teacher_key(f"multihead:{arch}", len(attributes), train_data, val_data, device=device, **settings)
-    folder = None
-    if cache:
-        folder = Path(cache) if isinstance(cache,
-                                           (str,
-                                            os.PathLike)) and not isinstance(cache, bool) else cache_dir("teachers")
+    folder = teacher_cache_folder(cache)
     fresh = {}
 
     def train():
