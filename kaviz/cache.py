@@ -16,6 +16,8 @@ Everything that trains something expensive and keeps it (``train.train_teacher``
   reported by path (:class:`CorruptCacheWarning`) and the entry is recomputed, never trusted.
 * :meth:`Entry.lock` (``fcntl.flock`` on ``<entry>.lock``): two processes computing the same entry
   do not race; the second waits and then reuses the first's result (:func:`get_or_compute`).
+* :func:`teacher_outputs` / :class:`TeacherOutputs`: frozen-teacher outputs computed once per process
+  and shared by every method (one key, one batch format); never memoised for randomly augmented data.
 * A full disk while writing raises :class:`DiskFullError` naming the folder and the bytes needed,
   and leaves no temporary file behind.
 """
@@ -34,6 +36,8 @@ import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+import torch.utils.data
 
 try:  # POSIX; elsewhere entries are written atomically but not locked
     import fcntl
@@ -55,6 +59,11 @@ __all__ = [
     "CorruptCacheWarning",
     "DiskFullError",
     "STALE_TMP_SECONDS",
+    "teacher_outputs",
+    "clear_teacher_outputs",
+    "TeacherOutputs",
+    "cached_teacher_outputs",
+    "OUTPUTS_MEMO_SIZE",
 ]
 
 CACHE_FORMAT = "kaviz-cache-1"
@@ -464,3 +473,165 @@ def get_or_compute(entry: Entry, compute: Callable[[], tuple[Any, Any, Mapping]]
         value, tensors, meta = compute()
         meta = entry.save(tensors, meta)
     return value, meta, False
+
+
+# -------------------------------------------------------------------------------- teacher outputs
+# Frozen-teacher outputs computed once per process and shared by every method (DESIGN §6): the same
+# teacher weights on the same data give the same tensors whichever method asks (CFL, LSHFM, SBM, KD
+# baselines, analyses). Entries are keyed like everything else here (:func:`key`: the weights hash, the
+# layer, the data fingerprint, the batch size and the environment) and kept in memory for the session;
+# data that applies a random transform (:func:`kaviz.data.has_random_transform`) is never memoised (its
+# pixels change between reads).
+OUTPUTS_MEMO_SIZE = 32  # layer entries kept (least recently used dropped first)
+_outputs_memo: dict[str, Any] = {}
+
+
+def teacher_outputs(teacher, data, layers, *, batch_size: int = 256, device=None) -> dict:
+    """``{layer: tensor (N, ...)}``: the unpooled outputs of the frozen ``teacher`` at ``layers`` (a name or
+    a list; ``kaviz.features.OUTPUT`` for its output) for every item of ``data``, in order (float32, CPU).
+
+    Computed by one :func:`kaviz.features.extract` pass (eval mode, ``no_grad``, batches of ``batch_size``
+    in dataset order) and memoised per layer under :func:`key` ``("teacher-outputs", weights, layer, data,
+    batch_size)``, so that a second method, seed or analysis asking for the same teacher on the same data
+    reuses it. Data with a random transform is computed afresh on every call. The tensors are shared
+    between callers: do not modify them in place."""
+    from .data import has_random_transform
+    from .features import extract
+    from .models import weights_hash
+    from .train import unfrozen
+
+    net = unfrozen(teacher)
+    layers = [layers] if isinstance(layers, str) else list(dict.fromkeys(layers))
+    keys: dict[str, str | None] = {layer: None for layer in layers}
+    if not has_random_transform(data):
+        from .data import Unlabeled
+
+        images = data.dataset if isinstance(data, Unlabeled) else data  # the same pixels: one entry
+        try:
+            fp, weights = data_key(images), weights_hash(net)
+        except TypeError:  # data without a fingerprint: computed, not memoised
+            fp = None
+        if fp is not None:
+            keys = {layer: key("teacher-outputs", device=device, weights=weights, layer=layer, data=fp,
+                               batch_size=int(batch_size)) for layer in layers}
+    out = {layer: _outputs_memo.get(k) for layer, k in keys.items() if k is not None}
+    missing = [layer for layer in layers if out.get(layer) is None]
+    if missing:
+        store = extract(net, data, missing, pool="none", batch_size=batch_size, device=device, progress=False,
+                        clone=True)
+        for layer in missing:
+            out[layer] = store.tensor(layer)
+            if keys[layer] is not None:
+                _outputs_memo[keys[layer]] = out[layer]
+    for layer in layers:  # most recently used last
+        k = keys[layer]
+        if k is not None:
+            _outputs_memo[k] = _outputs_memo.pop(k)
+    while len(_outputs_memo) > OUTPUTS_MEMO_SIZE:
+        _outputs_memo.pop(next(iter(_outputs_memo)))
+    return {layer: out[layer] for layer in layers}
+
+
+def clear_teacher_outputs() -> None:
+    """Forget every memoised teacher output (they are recomputed on the next request)."""
+    _outputs_memo.clear()
+
+
+def _first_target(item):
+    if isinstance(item, (list, tuple)):
+        return item[0], (item[1] if len(item) > 1 else None)
+    return item, None
+
+
+class TeacherOutputs(torch.utils.data.Dataset):
+    """``data`` with its frozen teachers' outputs attached, the one batch format of cached teacher outputs:
+    item i is ``(x, {**targets, "teacher_outputs": {teacher: {layer: output_i}}})``.
+
+    ``targets`` are the item's own dict targets (only the ``keep`` keys when given), ``{"target": y}`` for a
+    plain target, or nothing. Build it with :meth:`compute` (outputs through :func:`teacher_outputs`, so
+    methods and seeds share them); valid only when ``data`` has no random augmentation. Image access
+    (``get_image``, ``image_array``), ``classes``, ``num_classes`` and ``transform`` pass through to ``data``.
+    """
+
+    def __init__(self, data, outputs, *, keep=None, keys=None):
+        n = len(data)
+        self.data = data
+        self.outputs = {str(t): dict(o) for t, o in outputs.items()}
+        for t, o in self.outputs.items():
+            for layer, v in o.items():
+                if len(v) != n:
+                    raise ValueError(f"teacher outputs {t!r}/{layer!r} have {len(v)} rows but the data has {n} items")
+        self.keep = None if keep is None else tuple(keep)
+        self._keys = keys
+
+    @classmethod
+    def compute(cls, data, teachers, layers, *, keep=None, batch_size: int = 256, device=None) -> "TeacherOutputs":
+        """``teachers``: ``{name: frozen model}``; ``layers``: ``{name: layer or [layers]}``."""
+        if set(layers) != set(teachers):
+            raise ValueError(f"layers must name the layers of every teacher {list(teachers)}, got {list(layers)}")
+        outputs = {t: teacher_outputs(m, data, layers[t], batch_size=batch_size, device=device)
+                   for t, m in teachers.items()}
+        from .models import weights_hash
+        from .train import unfrozen
+
+        ids = {t: [weights_hash(unfrozen(m)), layers[t], batch_size] for t, m in teachers.items()}
+        return cls(data, outputs, keep=keep, keys=ids)
+
+    def __len__(self):
+        return len(self.data)
+
+    def target(self, y, i) -> dict:
+        if isinstance(y, Mapping):
+            out = {k: v for k, v in y.items() if self.keep is None or k in self.keep}
+        elif y is None or (self.keep is not None and "target" not in self.keep):
+            out = {}
+        else:
+            out = {"target": y}  # class ids or multi-hot rows
+        out["teacher_outputs"] = {t: {layer: v[i] for layer, v in o.items()} for t, o in self.outputs.items()}
+        return out
+
+    def __getitem__(self, i):
+        x, y = _first_target(self.data[i])
+        return x, self.target(y, i)
+
+    def get_image(self, i):
+        get = getattr(self.data, "get_image", None)
+        return get(i) if get is not None else _first_target(self.data[i])[0]
+
+    def image_array(self, i):
+        return self.data.image_array(i)
+
+    @property
+    def dataset(self):
+        return self.data
+
+    @property
+    def transform(self):
+        return getattr(self.data, "transform", None)
+
+    @property
+    def classes(self):
+        return getattr(self.data, "classes", None)
+
+    @property
+    def num_classes(self):
+        return getattr(self.data, "num_classes", None)
+
+    @property
+    def fingerprint(self) -> str:
+        from .data import digest, fingerprint
+
+        ids = self._keys if self._keys is not None else {t: sorted(o) for t, o in self.outputs.items()}
+        if self._keys is None:  # outputs given directly: their content identifies them
+            return digest(("teacher-outputs", fingerprint(self.data), self.outputs, self.keep))
+        return digest(("teacher-outputs", fingerprint(self.data), ids, self.keep))
+
+    def __repr__(self):
+        return f"TeacherOutputs({self.data!r}, teachers={list(self.outputs)})"
+
+
+def cached_teacher_outputs(batch) -> dict | None:
+    """``{teacher: {layer: tensor}}`` of a batch of :class:`TeacherOutputs`, or None for a plain batch."""
+    if isinstance(batch, (list, tuple)) and len(batch) > 1 and isinstance(batch[1], Mapping):
+        return batch[1].get("teacher_outputs")
+    return None

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from kaviz import data, losses, models
-from kaviz.features import LayerError
+from kaviz.features import OUTPUT, LayerError
 from kaviz.methods import cfl
 from kaviz.methods.kd import concat_logits
 from kaviz.train import fit
@@ -256,7 +256,7 @@ def test_labels_are_never_read_during_amalgamation():
 def test_cached_teacher_outputs_give_the_same_losses():
     u, teachers, student, method = make_method()
     cached = cfl.precompute_teachers(teachers, ["relu", "relu"], u, batch_size=7)
-    assert len(cached) == len(u) and cached.logits.shape == (len(u), 5)
+    assert len(cached) == len(u) and sum(cached.outputs[f"t{k}"][OUTPUT].shape[1] for k in range(2)) == 5
     loader = torch.utils.data.DataLoader(cached, batch_size=10)
     batch = next(iter(loader))
     x = batch[0]

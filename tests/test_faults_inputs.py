@@ -212,7 +212,7 @@ def test_sbm_precompute_accepts_resize_and_normalize():
     method = sbm.SBM(sbm.SBMStudent(teachers, {"seg": "dec1", "depth": "dec1"}), teachers)
     fixed = ds.with_transform(T2.Compose([T2.Resize(16, antialias=True), T2.Normalize([0.5] * 3, [0.2] * 3)]))
     pre = method.precompute(fixed)
-    assert len(pre) == 4 and set(pre.targets) == {"seg", "depth"}
+    assert len(pre) == 4 and set(pre.outputs) == {"seg", "depth"}
     with pytest.raises(ValueError, match="random transform"):
         method.precompute(ds.with_transform(T2.ColorJitter(0.4)))
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from kaviz.data import scenes, split
+from kaviz.features import OUTPUT
 from kaviz.methods import lshfm
 from kaviz.train import fit
 
@@ -302,7 +303,8 @@ def test_cached_teacher_outputs_equal_live_ones(data):
     train, _, _ = data
     teacher = _teacher()
     cached = lshfm.TeacherOutputs(train, teacher)
-    assert set(cached[0][1]) == {"labels", "difficult", "teacher_feature", "teacher_logits"}
+    assert set(cached[0][1]) == {"labels", "difficult", "teacher_outputs"}  # the one format of kaviz.cache
+    assert set(cached[0][1]["teacher_outputs"]["teacher"]) == {cached.layer, OUTPUT}
     loader = lambda d: next(iter(torch.utils.data.DataLoader(d, batch_size=10)))  # noqa: E731
     torch.manual_seed(0)
     m = lshfm.FeatureMimic(TinyNet(4), teacher, "lshl2", n_hashes=16).eval()

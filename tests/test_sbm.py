@@ -11,6 +11,7 @@ from torch import nn
 
 from kaviz import metrics, models
 from kaviz.data import scenes
+from kaviz.features import OUTPUT
 from kaviz.methods import sbm
 from kaviz.train import fit, train_teacher
 
@@ -217,13 +218,18 @@ def test_precomputed_teacher_targets_equal_online_ones(tiny_scenes):
         method = sbm.SBM(sbm.SBMStudent(teachers, {"seg": "dec2", "depth": "dec3"}), teachers, seg_loss=seg_loss).eval()
         pre = method.precompute(train, batch_size=5)
         x, y = next(iter(torch.utils.data.DataLoader(pre, batch_size=6)))
-        assert set(y["teacher"]) == {"seg", "depth"} and "mask" in y
-        assert y["teacher"]["seg"].shape == ((6, 16, 16) if seg_loss == "ce" else (6, 11, 16, 16))
-        online = method((x, {k: v for k, v in y.items() if k != "teacher"}))
+        assert set(y["teacher_outputs"]) == {"seg", "depth"} and "mask" in y
+        assert y["teacher_outputs"]["seg"][OUTPUT].shape == (6, 11, 16, 16)  # raw outputs, shared by every method
+        assert method._targets((x, y), x)["seg"].shape == ((6, 16, 16) if seg_loss == "ce" else (6, 11, 16, 16))
+        online = method((x, {k: v for k, v in y.items() if k != "teacher_outputs"}))
         cached = method((x, y))
         assert online.keys() == cached.keys() == {"seg", "depth"}
         assert all(torch.allclose(online[k], cached[k], atol=1e-6) for k in online)
-    assert pre.fingerprint != sbm.SBM(method.student, teachers, seg_loss="ce").precompute(train).fingerprint
+    # the same teachers on the same data: one cache entry, whichever loss uses it; other teachers: another
+    again = sbm.SBM(method.student, teachers, seg_loss="ce").precompute(train, batch_size=5)
+    assert pre.fingerprint == again.fingerprint
+    other = {"seg": models.build("segnet_small", 11, widths=W).eval(), "depth": teachers["depth"]}
+    assert pre.fingerprint != sbm.SBM(method.student, other).precompute(train, batch_size=5).fingerprint
 
     class Augmented(torch.utils.data.Dataset):
         transform = type("T", (), {"train": True})()

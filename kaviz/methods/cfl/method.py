@@ -40,6 +40,23 @@ def split_student_params(student, head, lr, head_lr_mult):
     return groups
 
 
+
+def teacher_name(k: int) -> str:
+    """The name of teacher ``k`` (0-based) in CFL's cached teacher outputs."""
+    return f"t{k}"
+
+
+def cached_logits_and_features(batch, teacher_layers):
+    """``([z_1 ‖ z_2 ‖ …], [f_t1, f_t2, …])`` from a batch of cached teacher outputs, or None."""
+    from ...cache import cached_teacher_outputs
+    from ...features import OUTPUT
+
+    cached = cached_teacher_outputs(batch)
+    if cached is None:
+        return None
+    per = [cached[teacher_name(k)] for k in range(len(teacher_layers))]
+    return torch.cat([o[OUTPUT] for o in per], 1), [o[layer] for o, layer in zip(per, teacher_layers)]
+
 class CommonFeatureLearning(nn.Module):
     """CFL as a kaviz method: ``forward(batch) -> {"kd", "mmd", "recon"}`` (SPEC §1).
 
@@ -62,7 +79,7 @@ class CommonFeatureLearning(nn.Module):
         each teacher's class count is checked against its source's here (:func:`kaviz.methods.kd.check_teachers`).
 
     A batch is images, ``(images, anything)`` (the second element is never read), or the
-    ``(images, {"teacher_logits", "teacher_features"})`` pairs of :class:`TeacherOutputs`, in which
+    ``(images, {"teacher_outputs": ...})`` pairs of :class:`kaviz.cache.TeacherOutputs`, in which
     case the teachers are not run again.
     """
 
@@ -139,12 +156,10 @@ class CommonFeatureLearning(nn.Module):
             feats.append(tap[layer])
         return torch.cat(logits, 1), feats
 
-    @staticmethod
-    def cached_outputs(batch):
-        if isinstance(batch, (list, tuple)) and len(batch) == 2 and isinstance(batch[1], Mapping) \
-                and "teacher_logits" in batch[1]:
-            return batch[1]["teacher_logits"], list(batch[1]["teacher_features"])
-        return None
+    def cached_outputs(self, batch):
+        """``(logits_t, [f_t...])`` from a batch of :class:`kaviz.cache.TeacherOutputs` (teachers ``t0``,
+        ``t1``, ...: :func:`teacher_name`), or None for a batch of images."""
+        return cached_logits_and_features(batch, self.teacher_layers)
 
     def encode(self, x: torch.Tensor):
         """Student logits, features and codes for images ``x``, with the teachers' features, codes

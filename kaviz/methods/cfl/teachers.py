@@ -6,62 +6,30 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from ...cache import TeacherOutputs, cached_teacher_outputs
 from ...data import images_of
+from ...features import OUTPUT
 from ...losses import soft_cross_entropy
-from ...train import unfrozen
 from ..kd import MultiTeacherKD, check_teachers
 from .data import PairData
 from .method import (
     CommonFeatureLearning,
     split_student_params,
     student_head_params,
+    teacher_name,
 )
-
-
-class TeacherOutputs(torch.utils.data.Dataset):
-    """Unlabeled images with their frozen teachers' outputs, computed once (DESIGN §6).
-
-    Item i is ``(image, {"teacher_logits": [z_1 ‖ …] (ΣK,), "teacher_features": (f_t1, f_t2, …)})``;
-    labels are never read. Valid only when the images carry no random augmentation (every epoch
-    sees the same pixels). Built by :func:`precompute_teachers`.
-    """
-
-    def __init__(self, images_data, logits: torch.Tensor, features: Sequence[torch.Tensor], layers: Sequence[str]):
-        from ...data import Unlabeled
-
-        self.data = Unlabeled(images_data)
-        n = len(self.data)
-        if logits.shape[0] != n or any(f.shape[0] != n for f in features):
-            raise ValueError(f"teacher outputs have {logits.shape[0]} rows but the data has {n} images")
-        self.logits = logits
-        self.features = list(features)
-        self.layers = list(layers)
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        return self.data[i], {"teacher_logits": self.logits[i],
-                              "teacher_features": tuple(f[i] for f in self.features)}
-
-    @property
-    def fingerprint(self) -> str:
-        from ...data import digest
-
-        return digest(("teacher-outputs", self.data.fingerprint, self.layers, self.logits))
 
 
 def precompute_teachers(teachers: Sequence[nn.Module], teacher_layers: Sequence[str], data, *,
                         batch_size: int = 256, device=None) -> TeacherOutputs:
-    """Run the frozen teachers once over ``data`` (images only) and keep their concatenated logits
-    and the features of ``teacher_layers`` (unpooled), so that training epochs, seeds and methods
-    reuse them. Use only without random augmentation: on data with a random transform
-    (:func:`kaviz.data.has_random_transform`) it warns, since the outputs of one augmented view would
-    be reused every epoch."""
+    """Run the frozen teachers once over ``data`` (images only) and keep their logits and the features of
+    ``teacher_layers`` (unpooled) in the shared teacher-output cache (:func:`kaviz.cache.teacher_outputs`),
+    so that training epochs, seeds and methods reuse them. Use only without random augmentation: on data
+    with a random transform (:func:`kaviz.data.has_random_transform`) it warns, since the outputs of one
+    augmented view would be reused every epoch."""
     import warnings
 
     from ...data import Unlabeled, has_random_transform
-    from ...features import OUTPUT, extract
 
     if isinstance(teacher_layers, str) or len(teacher_layers) != len(teachers):
         raise ValueError(f"teacher_layers must list one layer per teacher ({len(teachers)}), got {teacher_layers!r}")
@@ -69,14 +37,9 @@ def precompute_teachers(teachers: Sequence[nn.Module], teacher_layers: Sequence[
         warnings.warn(f"precompute_teachers on data with a random transform ({getattr(data, 'transform', None)!r}): "
                       "the teachers' outputs of one augmented view are reused every epoch. Use "
                       "cache_teachers='auto' (or False) for augmented data.", stacklevel=2)
-    images = Unlabeled(data)
-    logits, feats = [], []
-    for t, layer in zip(teachers, teacher_layers):
-        store = extract(unfrozen(t), images, [OUTPUT, layer], pool="none", batch_size=batch_size,
-                        device=device, progress=False, clone=True)
-        logits.append(store.tensor(OUTPUT))
-        feats.append(store.tensor(layer))
-    return TeacherOutputs(data, torch.cat(logits, 1), feats, teacher_layers)
+    teachers = {teacher_name(k): t for k, t in enumerate(teachers)}
+    layers = {teacher_name(k): [OUTPUT, layer] for k, layer in enumerate(teacher_layers)}
+    return TeacherOutputs.compute(Unlabeled(data), teachers, layers, keep=(), batch_size=batch_size, device=device)
 
 
 def train_teachers(specs: Mapping[str, Mapping], data: "PairData", *, device=None, progress=None):
@@ -157,11 +120,12 @@ class KDBaseline(MultiTeacherKD):
         self.head_lr_mult = float(head_lr_mult)
 
     def forward(self, batch):
-        cached = CommonFeatureLearning.cached_outputs(batch)
+        cached = cached_teacher_outputs(batch)
         if cached is None:
             return super().forward(batch)
         x = images_of(batch)
-        return {"kd": soft_cross_entropy(self.student(x), cached[0].to(x.device), self.T)}
+        logits_t = torch.cat([cached[teacher_name(k)][OUTPUT] for k in range(len(self.teachers))], 1)
+        return {"kd": soft_cross_entropy(self.student(x), logits_t.to(x.device), self.T)}
 
     def param_groups(self, lr: float):
         return split_student_params(self.student, self.head, lr, self.head_lr_mult)

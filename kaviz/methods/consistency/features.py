@@ -1,9 +1,6 @@
 """Paired features of two networks, cached once per (model, data, layers), and the pair check."""
 from __future__ import annotations
 
-import hashlib
-import json
-
 import numpy as np
 import torch
 from torch import nn
@@ -72,17 +69,25 @@ def _data_key(data) -> str:
 def cached_features(model: nn.Module, data, layers, *, batch_size: int = 256, device=None,
                     progress: bool | None = None):
     """``kaviz.features.extract(model, data, layers, pool="none", store=<folder>)`` with the folder
-    under ``cache_dir("features", "consistency")`` named by a key of the weights, the layers and the
-    data, so each (model, layers, data) has its own store, computed once and reused."""
+    under ``cache_dir("features", "consistency")`` named by a :func:`kaviz.cache.key` of the weights, the
+    layers and the data (and the environment: device, threads, floating-point path), so each (model,
+    layers, data) has its own store, computed once and reused. Data with a random transform
+    (:func:`kaviz.data.has_random_transform`) is extracted in memory every time, never cached."""
     from ... import default_device
+    from ...cache import key as cache_key
+    from ...cache import safe_name
+    from ...data import has_random_transform
     from ...features import extract
     from ...models import spec, weights_hash
     from ...train import cache_dir
 
     layers = [layers] if isinstance(layers, str) else list(layers)
-    key = hashlib.sha1(json.dumps([weights_hash(model), layers, _data_key(data)]).encode()).hexdigest()[:16]
-    name = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(spec(model).get("name", "model")))
-    folder = cache_dir("features", "consistency") / f"{name}-{key}"
+    folder = None
+    if not has_random_transform(data):
+        key = cache_key("consistency-features", device=device, weights=weights_hash(model), layers=layers,
+                        data=_data_key(data))[:16]
+        name = safe_name(str(spec(model).get("name", "model")))
+        folder = cache_dir("features", "consistency") / f"{name}-{key}"
     home = next((p.device for p in model.parameters()), torch.device("cpu"))
     dev = default_device(device) if device is not None else home
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +21,7 @@ from .heads import (
     submodule_at,
 )
 from .loss import LSHLoss, binary_kd, l2_loss, teacher_correct
-from .teachers import teacher_pooled_features
+from .teachers import TEACHER, teacher_pooled_features
 
 #: Student variants: the mimicking terms each one optimises (besides the classification loss).
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -51,7 +50,7 @@ class FeatureMimic(nn.Module):
 
     ``loss="bce"`` (multi-label, targets ``batch[1][target_key]``) or ``"ce"`` (single-label: the
     mimicking terms average over the samples the teacher gets right). The teacher is frozen; when
-    the batch targets carry ``teacher_feature``/``teacher_logits`` (:class:`TeacherOutputs`) it is
+    the batch targets carry the teacher's outputs (``"teacher_outputs"``, :class:`TeacherOutputs`) it is
     not run at all. ``evaluate(data)`` reports ``mAP`` (or ``accuracy``) and ``cos``, the mean
     cosine between the student's adapted feature and the teacher's feature.
     """
@@ -94,7 +93,6 @@ class FeatureMimic(nn.Module):
             self.lsh = LSHLoss(d_t, n_hashes if n_hashes is not None else 4 * d_t, std, bias=bias,
                                with_l2="l2" in self.terms, seed=lsh_seed)
         self.stage = stage
-        self._val_teacher: dict[str, torch.Tensor] = {}
 
     # -- configuration ---------------------------------------------------------------------------
     @property
@@ -139,7 +137,8 @@ class FeatureMimic(nn.Module):
             key = self.target_key or "target"
             if key not in y:
                 raise KeyError(f"target_key {key!r} not in the batch targets {list(y)}")
-            return x, y[key], y.get("teacher_feature"), y.get("teacher_logits")
+            cached = (y.get("teacher_outputs") or {}).get(TEACHER) or {}
+            return x, y[key], cached.get(self.teacher_layer), cached.get(OUTPUT)
         return x, y, None, None
 
     def _teacher(self, x):
@@ -186,20 +185,9 @@ class FeatureMimic(nn.Module):
 
     # -- evaluation ------------------------------------------------------------------------------
     def _teacher_val(self, data, targets):
-        if isinstance(targets, dict) and "teacher_feature" in targets:
-            return torch.as_tensor(np.asarray(targets["teacher_feature"]))
-        from ...data import fingerprint
-
-        try:
-            key = fingerprint(data)
-        except TypeError:
-            key = None
-        if key is None or key not in self._val_teacher:
-            feats = teacher_pooled_features(self.teacher.module, data, self.teacher_layer)
-            if key is None:
-                return feats
-            self._val_teacher[key] = feats
-        return self._val_teacher[key]
+        # the teacher's features of the validation data: carried by a TeacherOutputs, else computed once
+        # and reused every epoch through the shared cache (kaviz.cache.teacher_outputs)
+        return teacher_pooled_features(self.teacher.module, data, self.teacher_layer)
 
     def evaluate(self, data) -> dict:
         from ... import metrics

@@ -1,71 +1,46 @@
 """Frozen-teacher outputs (logits and pooled features) computed once when the data carries no random augmentation."""
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from ...features import OUTPUT, extract
+from ...cache import TeacherOutputs as SharedTeacherOutputs
+from ...cache import teacher_outputs as shared_teacher_outputs
+from ...features import OUTPUT
 from .heads import feature_layer
 
+#: The teacher's name in LSHFM's cached teacher outputs.
+TEACHER = "teacher"
 
-class TeacherOutputs(torch.utils.data.Dataset):
-    """``dataset`` with the frozen teacher's pooled feature and logits added to every target dict
-    (``"teacher_feature"``, ``"teacher_logits"``), computed once (SPEC/DESIGN §6: reuse frozen
-    outputs across epochs and methods). Valid only without random augmentation: the cached outputs
-    are those of the images as the dataset returns them now. ``keys`` keeps only these entries of
-    dict targets (the scenes' masks and depth maps are not needed here); a plain target (class ids)
-    is kept under ``"target"``."""
+
+class TeacherOutputs(SharedTeacherOutputs):
+    """``dataset`` with the frozen teacher's feature (``layer``, default :func:`feature_layer`) and logits
+    attached: the shared :class:`kaviz.cache.TeacherOutputs` (item ``(x, {..., "teacher_outputs":
+    {"teacher": {layer: f_t, OUTPUT: z_t}}})``), computed once through :func:`kaviz.cache.teacher_outputs`
+    (SPEC/DESIGN §6: reuse frozen outputs across epochs and methods). Valid only without random augmentation.
+    ``keys`` keeps only these entries of dict targets (the scenes' masks and depth maps are not needed
+    here); a plain target (class ids) is kept under ``"target"``."""
 
     def __init__(self, dataset, teacher: nn.Module, *, layer: str | None = None,
                  keys: Sequence[str] | None = ("labels", "difficult"), batch_size: int = 256, device=None):
-        self.dataset = dataset
-        self.layer = layer or feature_layer(teacher)
-        store = extract(teacher, dataset, [self.layer, OUTPUT], pool="none", batch_size=batch_size,
-                        device=device, progress=False)
-        self.features = store.tensor(self.layer)
-        self.logits = store.tensor(OUTPUT)
-        self.keys = None if keys is None else tuple(keys)
         from ...models import weights_hash
+        from ...train import unfrozen
 
-        self._teacher_hash = weights_hash(teacher)
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def _target(self, y, i):
-        if isinstance(y, Mapping):
-            out = {k: v for k, v in y.items() if self.keys is None or k in self.keys}
-        else:
-            out = {"target": y}  # class ids or multi-hot rows: kept under "target"
-        out["teacher_feature"] = self.features[i]
-        out["teacher_logits"] = self.logits[i]
-        return out
-
-    def __getitem__(self, i):
-        x, y = self.dataset[i]
-        return x, self._target(y, i)
-
-    def get_image(self, i):
-        return self.dataset.get_image(i) if hasattr(self.dataset, "get_image") else self.dataset[i][0]
-
-    def image_array(self, i):
-        return self.dataset.image_array(i)
+        self.layer = layer or feature_layer(teacher)
+        outputs = shared_teacher_outputs(teacher, dataset, [self.layer, OUTPUT], batch_size=batch_size, device=device)
+        keep = None if keys is None else (*keys, "target")
+        super().__init__(dataset, {TEACHER: outputs}, keep=keep,
+                         keys={TEACHER: [weights_hash(unfrozen(teacher)), self.layer, batch_size]})
 
     @property
-    def fingerprint(self) -> str:
-        from ...data import digest, fingerprint
-
-        return digest(("teacher-outputs", fingerprint(self.dataset), self._teacher_hash, self.layer, self.keys))
+    def features(self) -> torch.Tensor:
+        return self.outputs[TEACHER][self.layer]
 
     @property
-    def num_classes(self):
-        return getattr(self.dataset, "num_classes", None)
-
-    @property
-    def classes(self):
-        return getattr(self.dataset, "classes", None)
+    def logits(self) -> torch.Tensor:
+        return self.outputs[TEACHER][OUTPUT]
 
     def __repr__(self):
         return f"TeacherOutputs({self.dataset!r}, layer={self.layer!r})"
@@ -99,6 +74,8 @@ def forced_cache(data, teacher):
 
 
 def teacher_pooled_features(teacher, data, layer, batch_size=256):
+    """The teacher's (pooled) features at ``layer`` for every item of ``data``: those a
+    :class:`TeacherOutputs` carries, else from the shared cache (:func:`kaviz.cache.teacher_outputs`)."""
     if isinstance(data, TeacherOutputs) and data.layer == layer:
         return data.features
-    return extract(teacher, data, layer, pool="none", batch_size=batch_size, progress=False).tensor(layer)
+    return shared_teacher_outputs(teacher, data, [layer], batch_size=batch_size)[layer]

@@ -7,50 +7,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ...cache import TeacherOutputs, cached_teacher_outputs
 from ...data import images_of
+from ...features import OUTPUT
 from ...train import freeze
 from .evaluation import score
 from .student import SBMStudent
 from .tasks import TARGET_KEYS
 
-
-class TeacherTargets(torch.utils.data.Dataset):
-    """``data``'s items with the frozen teachers' targets computed once: the target dict gains
-    ``"teacher": {task: target}`` (class ids for ``seg_loss="ce"``, logits for ``"kl"``, depth).
-
-    Only valid when ``data`` has no random augmentation (the same image every epoch); build it with
-    :meth:`SBM.precompute`.
-    """
-
-    def __init__(self, data, targets: Mapping[str, torch.Tensor], key: str):
-        self.data = data
-        self.targets = dict(targets)
-        self.key = key
-        for t, v in self.targets.items():
-            if len(v) != len(data):
-                raise ValueError(f"teacher targets for {t!r} have {len(v)} rows for {len(data)} images")
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        x, y = self.data[i]
-        y = dict(y) if isinstance(y, Mapping) else {"target": y}
-        y["teacher"] = {t: v[i] for t, v in self.targets.items()}
-        return x, y
-
-    def get_image(self, i):
-        get = getattr(self.data, "get_image", None)
-        return get(i) if get is not None else self.data[i][0]
-
-    def image_array(self, i):
-        return self.data.image_array(i)
-
-    @property
-    def fingerprint(self) -> str:
-        from ...data import fingerprint
-
-        return fingerprint(("teacher-targets", fingerprint(self.data), self.key))
+#: SBM's precomputed teacher outputs: the shared :class:`kaviz.cache.TeacherOutputs` (teachers named by task,
+#: their raw outputs under ``kaviz.features.OUTPUT``; the targets are derived from them batch by batch).
+TeacherTargets = TeacherOutputs
 
 
 class SBM(nn.Module):
@@ -63,7 +30,7 @@ class SBM(nn.Module):
     - depth: ``mean |ŷ − d_t|``.
 
     The teachers are frozen (:func:`kaviz.train.freeze`); their predictions come from the batch
-    (``y["teacher"]``, see :meth:`precompute`) or are computed on the fly. Labels are never read for
+    (``y["teacher_outputs"]``, see :meth:`precompute`) or are computed on the fly. Labels are never read for
     training. ``evaluate(data)`` scores every branch against the ground truth (logging only:
     ``fit`` selects the epoch on the validation *loss*, i.e. agreement with the teachers).
     """
@@ -102,43 +69,35 @@ class SBM(nn.Module):
         return task if len(self.student.branches[task]) == 1 else f"{task}@{point}"
 
     # -------------------------------------------------------------------------- teacher targets
-    def teacher_target(self, task: str, x: torch.Tensor) -> torch.Tensor:
-        """Teacher ``task``'s target for images ``x``: argmax ids (``"ce"``), logits (``"kl"``) or depth."""
-        with torch.no_grad():
-            out = self.teachers[task](x)
+    def teacher_target(self, task: str, x: torch.Tensor, output: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher ``task``'s target for images ``x``: argmax ids (``"ce"``), logits (``"kl"``) or depth;
+        from the teacher's ``output`` when it is given (cached), else by running the teacher."""
+        out = output
+        if out is None:
+            with torch.no_grad():
+                out = self.teachers[task](x)
         if self.kinds[task] == "segmentation":
             return out.argmax(1) if self.seg_loss == "ce" else out
         return out[:, 0]
 
-    def precompute(self, data, batch_size: int = 128) -> TeacherTargets:
-        """The teachers' targets for every item of ``data``, computed once (:class:`TeacherTargets`).
+    def precompute(self, data, batch_size: int = 128) -> TeacherOutputs:
+        """The teachers' outputs for every item of ``data``, computed once (:class:`kaviz.cache.TeacherOutputs`
+        through the shared cache: another method or run on the same teachers and data reuses them).
         Refuses data with a random (training) transform (:func:`kaviz.data.has_random_transform`):
         its images change every epoch."""
         from ...data import has_random_transform
-        from ...features import eval_mode
 
         if has_random_transform(data):
             raise ValueError("this data applies a random transform (augmentation), so the teachers' predictions "
                              "change every epoch and cannot be computed once; train on it directly "
                              "(run(..., precompute=False)) or load it with augment=False")
         device = next(self.teachers.parameters()).device
-        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
-        parts: dict[str, list] = {t: [] for t in self.student.tasks}
-        with eval_mode(self), torch.no_grad():
-            for batch in loader:
-                x = images_of(batch).to(device)
-                for t in self.student.tasks:
-                    parts[t].append(self.teacher_target(t, x).cpu())
-        targets = {t: torch.cat(v) for t, v in parts.items()}
-        return TeacherTargets(data, targets, key=f"{self.seg_loss}:{self.T}:" + ":".join(
-            _weights_id(self.teachers[t].module) for t in self.student.tasks))
+        return TeacherOutputs.compute(data, dict(self.teachers.items()), {t: [OUTPUT] for t in self.student.tasks},
+                                      batch_size=batch_size, device=device)
 
     def _targets(self, batch, x):
-        y = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
-        pre = y.get("teacher") if isinstance(y, Mapping) else None
-        if pre is not None:
-            return pre
-        return {t: self.teacher_target(t, x) for t in self.student.tasks}
+        cached = cached_teacher_outputs(batch)
+        return {t: self.teacher_target(t, x, None if cached is None else cached[t][OUTPUT]) for t in self.student.tasks}
 
     # ---------------------------------------------------------------------------------- losses
     def task_loss(self, task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -162,9 +121,3 @@ class SBM(nn.Module):
         if not self.metrics:
             return {}
         return score(self.student, data, kinds=self.kinds, target_keys=self.target_keys, all_branches=True)
-
-
-def _weights_id(model: nn.Module) -> str:
-    from ...models import weights_hash
-
-    return weights_hash(model)[:12]
