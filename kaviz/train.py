@@ -392,6 +392,194 @@ def _jsonable(value):
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
+# ------------------------------------------------------------------------- the steps of fit()
+def _check_fit_args(epochs, restore, train_data, val_data) -> None:
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    if restore not in ("best", "last"):
+        raise ValueError(f"restore must be 'best' or 'last', got {restore!r}")
+    if len(train_data) == 0:
+        raise ValueError("the training data is empty")
+    if val_data is not None and len(val_data) == 0:
+        raise ValueError("val_data is empty: pass a non-empty validation split, or val_data=None to train without "
+                         "validation (the monitor is then train/loss)")
+
+
+def _run_config(core, train_data, val_data, ckpt_dir, *, epochs, batch_size, lr, optimizer, weight_decay, schedule,
+                weights, seed, n_train, grad_clip, momentum, monitor, drop_last, restore) -> dict:
+    """Everything that decides the result of a run, as recorded in ``last.pt`` and compared on resume."""
+    config = {
+        "method": type(core).__name__, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+        "optimizer": optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "callable"),
+        "weight_decay": weight_decay,
+        "schedule": schedule if (schedule is None or isinstance(schedule, str)) else "callable",
+        "weights": weights, "seed": seed, "n_train": n_train,
+    }
+    if ckpt_dir is not None:
+        # what else decides the result of a resumed run (issue 14 #3); only needed with checkpoints
+        config.update({
+            "train_data": _data_identity(train_data), "val_data": _data_identity(val_data),
+            "data_type": _data_type(train_data), "val_data_type": _data_type(val_data),
+            "grad_clip": grad_clip, "momentum": momentum,
+            "monitor": list(monitor) if isinstance(monitor, tuple) else monitor,
+            "drop_last": drop_last, "restore": restore,
+        })
+    return config
+
+
+def _resume(ckpt_dir: Path, config: dict, schedule, core, opt, sched):
+    """Continue from ``ckpt_dir/last.pt``: check that it was written with the same settings and data, then
+    load the weights, optimiser, scheduler and RNG states; ``(history, start epoch, best)``, or None when
+    there is no ``last.pt`` yet."""
+    last = ckpt_dir / "last.pt"
+    if not last.exists():
+        return None
+    ck = load_checkpoint(last)
+    if ck.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointMismatchError(f"{last} is not a kaviz checkpoint (format {ck.get('format')!r})")
+    missing = [k for k in ("config", "epoch", "model", "optimizer", "rng", "history", "best_epoch", "best_value")
+               if k not in ck]
+    if missing:
+        raise CorruptCheckpointError(f"{last} is incomplete (missing {missing}); delete it to start over, "
+                                     "or use another checkpoint_dir or resume=False")
+    old = json.loads(ck["config"])
+    # more epochs may be appended to a run whose learning rate does not depend on the total
+    free = {"epochs"} if schedule is None else set()
+    diff = {k: (old.get(k, "<not recorded>"), v) for k, v in config.items()
+            if k not in free and old.get(k, "<not recorded>") != _jsonable(v)}
+    if diff:
+        listed = "; ".join(f"{k}: checkpoint {a!r}, this call {b!r}" for k, (a, b) in diff.items())
+        raise CheckpointMismatchError(
+            f"{last} was written with other settings ({listed}); resuming would "
+            "not reproduce a single run. Use the same settings and data, another checkpoint_dir, or "
+            "resume=False."
+        )
+    load_trainable_state(core, ck["model"], source=str(last))
+    opt.load_state_dict(ck["optimizer"])
+    if sched is not None and ck.get("scheduler") is not None:
+        sched.load_state_dict(ck["scheduler"])
+    _set_rng_state(ck["rng"])
+    best = {"epoch": ck["best_epoch"], "value": ck["best_value"], "state": None}
+    if (ckpt_dir / "best.pt").exists():
+        best["state"] = load_checkpoint(ckpt_dir / "best.pt")["model"]
+    return json.loads(ck["history"]), int(ck["epoch"]), best
+
+
+def _non_finite_error(terms, loss, epoch: int, step: int, ckpt_dir) -> NonFiniteLossError:
+    bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["loss (weighted sum)"]
+    saved = f"; the last good checkpoint (epoch {epoch}) in {ckpt_dir} is intact" if (ckpt_dir and epoch > 0) else ""
+    restored = (f"the model in memory was restored to its weights at the end of epoch {epoch}" if epoch > 0
+                else "the model in memory was restored to its weights before training")
+    return NonFiniteLossError(
+        f"loss term {bad[0]!r} became {float(terms.get(bad[0], loss).detach())} at epoch {epoch + 1}, step {step} "
+        f"(all terms: { {k: round(float(v.detach()), 6) for k, v in terms.items()} }){saved}; {restored}. "
+        "Lower the learning rate, check the inputs for NaN, or clip gradients (grad_clip=...)."
+    )
+
+
+def _train_epoch(method, core, loader, sampler, epoch: int, *, device, weights, opt, sched, sched_unit, grad_clip,
+                 world: int, ckpt_dir) -> dict:
+    """One pass over the training data: a step per batch; returns the epoch's row (``epoch``, the
+    sample-weighted means ``train/loss`` and ``train/<term>``, ``lr``). A NaN/inf loss puts the weights back
+    to those at the start of the epoch and raises :class:`NonFiniteLossError`."""
+    good = {k: v.detach().to("cpu", copy=True) for k, v in trainable_state(core).items()}
+    if sampler is not None:
+        sampler.set_epoch(epoch)  # permutation seeded with seed·1000003 + epoch, for any world size
+    method.train()
+    sums: dict[str, torch.Tensor] = {}
+    total_sum = 0.0
+    count = 0
+    for step, batch in enumerate(loader):
+        batch = to_device(batch, device)
+        terms = method(batch)
+        _check_terms(terms, epoch + 1, step)
+        loss = _weighted_total(terms, weights)
+        if not _all_finite(loss, world):
+            load_trainable_state(core, good, source="the last good state")
+            raise _non_finite_error(terms, loss, epoch, step, ckpt_dir)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
+        opt.step()
+        if sched is not None and sched_unit == "step":
+            sched.step()
+        b = _batch_size(batch)
+        for k, v in terms.items():
+            d = v.detach() * b
+            sums[k] = sums[k] + d if k in sums else d
+        total_sum += float(loss.detach()) * b
+        count += b
+    if world > 1:  # exact global means over all ranks' samples
+        total_sum, count, sums = _reduce_sums(total_sum, count, sums)
+    row = {"epoch": epoch + 1, "train/loss": total_sum / count}
+    row.update({f"train/{k}": float(v) / count for k, v in sums.items()})
+    row["lr"] = opt.param_groups[0]["lr"]
+    if sched is not None and sched_unit == "epoch":
+        sched.step()
+    return row
+
+
+class _Monitor:
+    """The monitored column (``val/accuracy``, else ``val/loss``, else ``train/loss`` when not given), its
+    direction (``min`` for losses and errors) and the epochs where it was not finite."""
+
+    def __init__(self, monitor):
+        self.name, self.mode = (monitor if isinstance(monitor, tuple) else (monitor, None))
+        self.not_finite: list[int] = []  # none of these epochs can be best
+
+    def value(self, row: dict) -> float:
+        if self.name is None:
+            self.name = "val/accuracy" if "val/accuracy" in row else ("val/loss" if "val/loss" in row else "train/loss")
+        if self.name not in row:
+            raise KeyError(f"monitor {self.name!r} is not logged; available: {sorted(k for k in row if '/' in k)}")
+        if self.mode is None:
+            self.mode = "min" if "loss" in self.name.split("/")[-1] or "error" in self.name else "max"
+        return row[self.name]
+
+    def improves(self, value: float, best_value) -> bool:
+        return best_value is None or (value > best_value if self.mode == "max" else value < best_value)
+
+
+def _end_of_epoch(core, epoch: int, row: dict, history: list, mon: _Monitor, best: dict, *, config, opt, sched,
+                  ckpt_dir, rank: int) -> None:
+    """Keep the best epoch by the monitor (its weights in memory and in ``best.pt``) and write ``last.pt``."""
+    value = mon.value(row)
+    if not math.isfinite(value):
+        mon.not_finite.append(epoch + 1)
+    if mon.improves(value, best["value"]) and math.isfinite(value):
+        best["epoch"], best["value"] = epoch + 1, value
+        best["state"] = {k: v.detach().cpu().clone() for k, v in trainable_state(core).items()}
+        if ckpt_dir is not None and rank == 0:
+            save_atomic({"format": CHECKPOINT_FORMAT, "model": best["state"], "epoch": epoch + 1}, ckpt_dir / "best.pt")
+    if ckpt_dir is not None and rank == 0:
+        save_atomic({
+            "format": CHECKPOINT_FORMAT,
+            "config": json.dumps(config, sort_keys=True, default=str),
+            "epoch": epoch + 1,
+            "model": trainable_state(core),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict() if sched is not None else None,
+            "rng": _rng_state(),
+            "history": json.dumps(history),
+            "best_epoch": best["epoch"],
+            "best_value": best["value"],
+        }, ckpt_dir / "last.pt")
+
+
+def _warn_not_finite(mon: _Monitor, best: dict, restore: str) -> None:
+    shown = ", ".join(map(str, mon.not_finite[:10])) + (" ..." if len(mon.not_finite) > 10 else "")
+    if best["state"] is None:
+        what = ("no epoch is best, so the weights of the last epoch are kept (history.attrs['restored'] is "
+                "'last')" if restore == "best" else "no epoch is best")
+    else:
+        what = f"those epochs could not be chosen; the best is epoch {best['epoch']}"
+    warnings.warn(
+        f"the monitored value {mon.name!r} was not finite (NaN or inf) at epoch(s) {shown}: {what}. Check the "
+        "validation data and the method's evaluate() (NaN inputs, an empty class), or pick another monitor=...",
+        RuntimeWarning, stacklevel=3)
+
+
 def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size: int = 64, lr: float = 1e-3,
         optimizer="adam", weight_decay: float = 0.0, momentum: float = 0.9, schedule=None,
         weights: Mapping[str, float] | None = None, monitor: str | tuple[str, str] | None = None,
@@ -424,20 +612,12 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
 
     from . import default_device
 
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-    if restore not in ("best", "last"):
-        raise ValueError(f"restore must be 'best' or 'last', got {restore!r}")
-    if len(train_data) == 0:
-        raise ValueError("the training data is empty")
-    if val_data is not None and len(val_data) == 0:
-        raise ValueError("val_data is empty: pass a non-empty validation split, or val_data=None to train without "
-                         "validation (the monitor is then train/loss)")
+    _check_fit_args(epochs, restore, train_data, val_data)
     device = default_device(device)
     method.to(device)
     weights = dict(weights if weights is not None else getattr(method, "loss_weights", {}) or {})
-    n_train = len(train_data.dataset) if hasattr(train_data,
-                                                 "dataset") and hasattr(train_data, "batch_size") else len(train_data)
+    is_loader = hasattr(train_data, "dataset") and hasattr(train_data, "batch_size")
+    n_train = len(train_data.dataset) if is_loader else len(train_data)
     drop_last = drop_last and n_train > batch_size
     world, rank = _distributed()
     loader, sampler = _train_loader(train_data, batch_size, world, rank, seed, drop_last, num_workers, collate_fn)
@@ -449,158 +629,38 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
     if world > 1:
         method = _ddp_wrap(core, device)
 
-    config = {
-        "method": type(core).__name__, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-        "optimizer": optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "callable"),
-        "weight_decay": weight_decay,
-        "schedule": schedule if (schedule is None or isinstance(schedule, str)) else "callable",
-        "weights": weights, "seed": seed, "n_train": n_train,
-    }
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if ckpt_dir is not None:
-        # what else decides the result of a resumed run (issue 14 #3); only needed with checkpoints
-        config.update({
-            "train_data": _data_identity(train_data), "val_data": _data_identity(val_data),
-            "data_type": _data_type(train_data), "val_data_type": _data_type(val_data),
-            "grad_clip": grad_clip, "momentum": momentum,
-            "monitor": list(monitor) if isinstance(monitor, tuple) else monitor,
-            "drop_last": drop_last, "restore": restore,
-        })
-        if rank == 0:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            clean_stale_tmp(ckpt_dir)  # e.g. a full-size .last.pt.<pid>.<uuid>.tmp left by a kill
+    config = _run_config(core, train_data, val_data, ckpt_dir, epochs=epochs, batch_size=batch_size, lr=lr,
+                         optimizer=optimizer, weight_decay=weight_decay, schedule=schedule, weights=weights,
+                         seed=seed, n_train=n_train, grad_clip=grad_clip, momentum=momentum, monitor=monitor,
+                         drop_last=drop_last, restore=restore)
+    if ckpt_dir is not None and rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        clean_stale_tmp(ckpt_dir)  # e.g. a full-size .last.pt.<pid>.<uuid>.tmp left by a kill
     history: list[dict] = []
     start_epoch = 0
     best = {"epoch": None, "value": None, "state": None}
-
     if resume:
         if ckpt_dir is None:
             raise ValueError("resume=True needs a checkpoint_dir")
-        last = ckpt_dir / "last.pt"
-        if last.exists():
-            ck = load_checkpoint(last)
-            if ck.get("format") != CHECKPOINT_FORMAT:
-                raise CheckpointMismatchError(f"{last} is not a kaviz checkpoint (format {ck.get('format')!r})")
-            missing = [k for k in ("config", "epoch", "model", "optimizer", "rng", "history", "best_epoch",
-                                   "best_value")
-                       if k not in ck]
-            if missing:
-                raise CorruptCheckpointError(f"{last} is incomplete (missing {missing}); delete it to start over, "
-                                             "or use another checkpoint_dir or resume=False")
-            old = json.loads(ck["config"])
-            # more epochs may be appended to a run whose learning rate does not depend on the total
-            free = {"epochs"} if schedule is None else set()
-            diff = {k: (old.get(k, "<not recorded>"), v) for k, v in config.items()
-                    if k not in free and old.get(k, "<not recorded>") != _jsonable(v)}
-            if diff:
-                listed = "; ".join(f"{k}: checkpoint {a!r}, this call {b!r}" for k, (a, b) in diff.items())
-                raise CheckpointMismatchError(
-                    f"{last} was written with other settings ({listed}); resuming would "
-                    "not reproduce a single run. Use the same settings and data, another checkpoint_dir, or "
-                    "resume=False."
-                )
-            load_trainable_state(core, ck["model"], source=str(last))
-            opt.load_state_dict(ck["optimizer"])
-            if sched is not None and ck.get("scheduler") is not None:
-                sched.load_state_dict(ck["scheduler"])
-            _set_rng_state(ck["rng"])
-            history = json.loads(ck["history"])
-            start_epoch = int(ck["epoch"])
-            best["epoch"], best["value"] = ck["best_epoch"], ck["best_value"]
-            if (ckpt_dir / "best.pt").exists():
-                best["state"] = load_checkpoint(ckpt_dir / "best.pt")["model"]
+        history, start_epoch, best = _resume(ckpt_dir, config, schedule, core, opt, sched) or (history, 0, best)
 
     show = (progress if progress is not None else not os.environ.get("CI")) and rank == 0
     bar = tqdm(total=epochs, initial=start_epoch, desc=type(core).__name__, disable=not show, leave=False)
-    mon_name, mon_mode = (monitor if isinstance(monitor, tuple) else (monitor, None))
-    not_finite: list[int] = []  # epochs whose monitored value was NaN/inf: none of them can be best
+    mon = _Monitor(monitor)
     try:
         for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
-            good = {k: v.detach().to("cpu", copy=True) for k, v in trainable_state(core).items()}
-            if sampler is not None:
-                sampler.set_epoch(epoch)  # permutation seeded with seed·1000003 + epoch, for any world size
-            method.train()
-            sums: dict[str, torch.Tensor] = {}
-            total_sum = 0.0
-            count = 0
-            for step, batch in enumerate(loader):
-                batch = to_device(batch, device)
-                terms = method(batch)
-                _check_terms(terms, epoch + 1, step)
-                loss = _weighted_total(terms, weights)
-                if not _all_finite(loss, world):
-                    bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["loss (weighted sum)"]
-                    saved = f"; the last good checkpoint (epoch {epoch}) in {ckpt_dir} is intact" if (
-                        ckpt_dir and epoch > 0) else ""
-                    load_trainable_state(core, good, source="the last good state")
-                    restored = (
-                        f"the model in memory was restored to its weights at the end of epoch {epoch}" if epoch > 0
-                                else "the model in memory was restored to its weights before training")
-                    raise NonFiniteLossError(
-                        f"loss term {bad[0]!r} became {float(terms.get(bad[0], loss).detach())} at epoch {epoch + 1}, "
-                        f"step {step} "
-                        f"(all terms: { {k: round(float(v.detach()), 6) for k, v in terms.items()} }){saved}; "
-                        f"{restored}. "
-                        "Lower the learning rate, check the inputs for NaN, or clip gradients (grad_clip=...)."
-                    )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
-                opt.step()
-                if sched is not None and sched_unit == "step":
-                    sched.step()
-                b = _batch_size(batch)
-                for k, v in terms.items():
-                    d = v.detach() * b
-                    sums[k] = sums[k] + d if k in sums else d
-                total_sum += float(loss.detach()) * b
-                count += b
-            if world > 1:  # exact global means over all ranks' samples
-                total_sum, count, sums = _reduce_sums(total_sum, count, sums)
-            row = {"epoch": epoch + 1, "train/loss": total_sum / count}
-            row.update({f"train/{k}": float(v) / count for k, v in sums.items()})
-            row["lr"] = opt.param_groups[0]["lr"]
-            if sched is not None and sched_unit == "epoch":
-                sched.step()
+            row = _train_epoch(method, core, loader, sampler, epoch, device=device, weights=weights, opt=opt,
+                               sched=sched, sched_unit=sched_unit, grad_clip=grad_clip, world=world, ckpt_dir=ckpt_dir)
             if val_data is not None:  # every rank evaluates all of val_data: identical decisions everywhere
                 row.update(_evaluate(core, val_data, batch_size, device, weights, val_losses, collate_fn))
             row["seconds"] = time.perf_counter() - t0
             history.append(row)
-
-            if mon_name is None:
-                mon_name = "val/accuracy" if "val/accuracy" in row else (
-                    "val/loss" if "val/loss" in row else "train/loss")
-            if mon_name not in row:
-                raise KeyError(f"monitor {mon_name!r} is not logged; available: {sorted(k for k in row if '/' in k)}")
-            if mon_mode is None:
-                mon_mode = "min" if "loss" in mon_name.split("/")[-1] or "error" in mon_name else "max"
-            value = row[mon_name]
-            if not math.isfinite(value):
-                not_finite.append(epoch + 1)
-            improved = best["value"] is None or (value > best["value"] if mon_mode == "max" else value < best["value"])
-            if improved and math.isfinite(value):
-                best["epoch"], best["value"] = epoch + 1, value
-                best["state"] = {k: v.detach().cpu().clone() for k, v in trainable_state(core).items()}
-                if ckpt_dir is not None and rank == 0:
-                    save_atomic({"format": CHECKPOINT_FORMAT, "model": best["state"], "epoch": epoch + 1},
-                                ckpt_dir / "best.pt")
-            if ckpt_dir is not None and rank == 0:
-                save_atomic({
-                    "format": CHECKPOINT_FORMAT,
-                    "config": json.dumps(config, sort_keys=True, default=str),
-                    "epoch": epoch + 1,
-                    "model": trainable_state(core),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict() if sched is not None else None,
-                    "rng": _rng_state(),
-                    "history": json.dumps(history),
-                    "best_epoch": best["epoch"],
-                    "best_value": best["value"],
-                }, ckpt_dir / "last.pt")
+            _end_of_epoch(core, epoch, row, history, mon, best, config=config, opt=opt, sched=sched,
+                          ckpt_dir=ckpt_dir, rank=rank)
             bar.update(1)
-            bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in row.items() if k in ("train/loss", mon_name)})
+            bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in row.items() if k in ("train/loss", mon.name)})
             for cb in callbacks:
                 cb(epoch + 1, row, core)
             if world > 1 and ckpt_dir is not None:
@@ -608,17 +668,9 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
     finally:
         bar.close()
 
-    if not_finite and rank == 0:
-        shown = ", ".join(map(str, not_finite[:10])) + (" ..." if len(not_finite) > 10 else "")
-        if best["state"] is None:
-            what = ("no epoch is best, so the weights of the last epoch are kept (history.attrs['restored'] is "
-                    "'last')" if restore == "best" else "no epoch is best")
-        else:
-            what = f"those epochs could not be chosen; the best is epoch {best['epoch']}"
-        warnings.warn(
-            f"the monitored value {mon_name!r} was not finite (NaN or inf) at epoch(s) {shown}: {what}. Check the "
-            "validation data and the method's evaluate() (NaN inputs, an empty class), or pick another monitor=...",
-            RuntimeWarning, stacklevel=2)
+    if mon.not_finite and rank == 0:
+        _warn_not_finite(mon, best, restore)
+    mon_name = mon.name
     if restore == "best" and best["state"] is not None:
         load_trainable_state(core, best["state"], source="best epoch")
     frame = pd.DataFrame(history)
