@@ -850,8 +850,23 @@ def extract(model: nn.Module, data, layers: str | Iterable[str], *, pool: str | 
     store that fails its checks is reported (a warning naming the file) and recomputed.
     """
     from . import default_device
-    from .models import spec, weights_hash
 
+    layers, pools, n = _validate_extract(data, layers, pool, dtype, batch_size)
+    device = default_device(device) if device is not None else next(
+        (p.device for p in model.parameters()), torch.device("cpu"))
+    meta = _store_meta(model, data, layers, pools, dtype, n, on_disk=store is not None)
+    tap = FeatureTap(model, layers, clone=clone, on_repeat=on_repeat)  # unknown layers fail before any file
+
+    def compute(folder):
+        return _compute(model, data, tap, layers, pools, meta, n, batch_size, dtype, device, progress, folder)
+
+    if store is None:
+        return compute(None)
+    return _extract_to_folder(store, meta, overwrite, compute)
+
+
+def _validate_extract(data, layers, pool, dtype, batch_size) -> tuple[list[str], dict, int]:
+    """extract()'s arguments checked: ``(layers, {layer: pool}, number of samples)``."""
     layers = _layer_list(layers, "extract()")
     if not layers:
         raise LayerError("extract() needs at least one layer name")
@@ -873,28 +888,34 @@ def extract(model: nn.Module, data, layers: str | Iterable[str], *, pool: str | 
     n = len(data.dataset) if hasattr(data, "dataset") and hasattr(data, "batch_size") else len(data)
     if n == 0:
         raise ValueError("extract() got an empty dataset")
-    device = default_device(device) if device is not None else next(
-        (p.device for p in model.parameters()), torch.device("cpu"))
-    meta = {
+    return layers, pools, n
+
+
+def _store_meta(model, data, layers, pools, dtype, n, on_disk: bool) -> dict:
+    """What identifies a store: the model and its weights, the layers, pooling, dtype and data."""
+    from .models import spec, weights_hash
+
+    return {
         "model": spec(model),
         # hashing the weights only matters for a cache on disk; skip it for in-memory extraction
-        "weights": weights_hash(model) if store is not None else None,
+        "weights": weights_hash(model) if on_disk else None,
         "layers": layers,
         "pool": pools,
         "dtype": dtype,
-        "data": _fingerprint_data(data) if store is not None else _try_fingerprint(data),
+        "data": _fingerprint_data(data) if on_disk else _try_fingerprint(data),
         "n": n,
     }
-    tap = FeatureTap(model, layers, clone=clone, on_repeat=on_repeat)  # unknown layers fail before any file
-    if store is None:
-        return _compute(model, data, tap, layers, pools, meta, n, batch_size, dtype, device, progress, None)
 
+
+def _extract_to_folder(store, meta: dict, overwrite: bool, compute) -> FeatureStore:
+    """Under the folder's lock: reuse a complete store of the same ``meta``, else ``compute`` into a new
+    sibling folder and swap it in whole."""
     path = Path(os.path.abspath(store))
     if not path.name:
         raise ValueError(f"store={str(store)!r} must name a folder for the store, e.g. 'data/features/resnet_layer3'")
     path.parent.mkdir(parents=True, exist_ok=True)
     # a JSON round trip makes the key compare equal to what meta.json gives back
-    meta = json.loads(json.dumps(meta, default=str))
+    meta.update(json.loads(json.dumps(meta, default=str)))
     with _store_lock(path) as locked:
         if locked:  # without the lock, a temporary folder could be another process's live one
             _clean_stale(path)
@@ -906,7 +927,7 @@ def extract(model: nn.Module, data, layers: str | Iterable[str], *, pool: str | 
         tmp = _sibling(path, f"tmp-{os.getpid()}-{secrets.token_hex(4)}")
         tmp.mkdir()
         try:
-            _compute(model, data, tap, layers, pools, meta, n, batch_size, dtype, device, progress, tmp)
+            compute(tmp)
             _swap_in(tmp, path)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -929,63 +950,78 @@ def _compute(model, data, tap: FeatureTap, layers, pools, meta, n, batch_size, d
              folder: Path | None) -> FeatureStore | None:
     """Run the extraction; in memory (``folder=None``) return the store, else write a complete store
     (arrays, then ``meta.json``) into ``folder``."""
-    arrays: dict = {}
-    target_names: list[str] = []
-    np_dtype = np.float16 if dtype == "float16" else np.float32
-
-    def allocate(key, shape, dt):
-        if folder is None:
-            return np.empty(shape, dtype=dt)
-        return _NpyWriter(folder / f"{key}.npy", shape, dt)
-
     from tqdm.auto import tqdm
 
+    arrays = _Arrays(folder, n, np.float16 if dtype == "float16" else np.float32)
     show = progress if progress is not None else not os.environ.get("CI")
     bar = tqdm(total=n, desc=f"extract {', '.join(layers)}", disable=not show, leave=False)
-    start = 0
     t0 = time.perf_counter()
     try:
-        with eval_mode(model), torch.no_grad(), tap:
-            for images, target in iter_batches(data, batch_size):
-                if start == 0:
-                    _check_images(images)
-                b = images.shape[0]
-                model(images.to(device, non_blocking=True))
-                for l in layers:
-                    feat = pool_features(tap[l], pools[l]).float().cpu()
-                    key = _key(l)
-                    if key not in arrays:
-                        arrays[key] = allocate(key, (n, *feat.shape[1:]), np_dtype)
-                    arrays[key][start:start + b] = feat.numpy()
-                tnp = _targets_to_numpy(target)
-                if tnp is not None:
-                    for k, v in tnp.items():
-                        key = _key(k, prefix="targets")
-                        if key not in arrays:
-                            if start != 0:
-                                continue
-                            arrays[key] = allocate(key, (n, *v.shape[1:]), v.dtype)
-                            target_names.append(k)
-                        arrays[key][start:start + b] = v
-                start += b
-                bar.update(b)
+        seen = _extract_loop(model, data, tap, layers, pools, batch_size, device, arrays, bar)
     finally:
         bar.close()
-        if folder is not None:
-            for a in arrays.values():
-                a._f.close()
-    if start != n:
-        raise RuntimeError(f"the data yielded {start} samples, but its length is {n}")
-    meta["targets"] = target_names
+        arrays.release()
+    if seen != n:
+        raise RuntimeError(f"the data yielded {seen} samples, but its length is {n}")
+    meta["targets"] = arrays.target_names
     meta["seconds"] = round(time.perf_counter() - t0, 3)
     meta["complete"] = True
+    return _finish_store(arrays, meta, folder)
+
+
+class _Arrays:
+    """The store's arrays, allocated at the first batch: in memory, or ``.npy`` writers in ``folder``."""
+
+    def __init__(self, folder: Path | None, n: int, dtype):
+        self.folder, self.n, self.dtype = folder, n, dtype
+        self.items: dict = {}
+        self.target_names: list[str] = []
+
+    def put(self, key: str, start: int, values: np.ndarray, dtype=None) -> None:
+        if key not in self.items:
+            shape, dt = (self.n, *values.shape[1:]), (dtype or self.dtype)
+            self.items[key] = (np.empty(shape, dtype=dt) if self.folder is None
+                               else _NpyWriter(self.folder / f"{key}.npy", shape, dt))
+        self.items[key][start:start + len(values)] = values
+
+    def release(self) -> None:
+        if self.folder is not None:
+            for a in self.items.values():
+                a._f.close()
+
+
+def _extract_loop(model, data, tap: FeatureTap, layers, pools, batch_size, device, arrays: _Arrays, bar) -> int:
+    """One forward pass per batch (eval mode, ``no_grad``), each layer pooled into its array; the
+    targets of the first batch decide which target arrays are kept. Returns the samples seen."""
+    start = 0
+    with eval_mode(model), torch.no_grad(), tap:
+        for images, target in iter_batches(data, batch_size):
+            if start == 0:
+                _check_images(images)
+            b = images.shape[0]
+            model(images.to(device, non_blocking=True))
+            for l in layers:
+                arrays.put(_key(l), start, pool_features(tap[l], pools[l]).float().cpu().numpy())
+            for k, v in (_targets_to_numpy(target) or {}).items():
+                key = _key(k, prefix="targets")
+                if key not in arrays.items:
+                    if start != 0:
+                        continue
+                    arrays.target_names.append(k)
+                arrays.put(key, start, v, dtype=v.dtype)
+            start += b
+            bar.update(b)
+    return start
+
+
+def _finish_store(arrays: _Arrays, meta: dict, folder: Path | None) -> FeatureStore | None:
     if folder is None:
-        meta["files"] = {k: {"shape": list(a.shape), "dtype": a.dtype.str} for k, a in arrays.items()}
-        return FeatureStore(arrays, meta, None)
-    for a in arrays.values():
+        meta["files"] = {k: {"shape": list(a.shape), "dtype": a.dtype.str} for k, a in arrays.items.items()}
+        return FeatureStore(arrays.items, meta, None)
+    for a in arrays.items.values():
         a.close()
     meta["files"] = {k: {"shape": list(a.shape), "dtype": a.dtype.str, "size": a.size, "sha256": a.sha256}
-                     for k, a in arrays.items()}
+                     for k, a in arrays.items.items()}
     meta["format"] = STORE_FORMAT
     meta["meta_sha256"] = _meta_digest(meta)
     with open(folder / FeatureStore.META, "x") as f:
