@@ -267,41 +267,53 @@ def _draw_uniforms(indices, seed, lo, hi):
     return bits.astype(np.float64) * (1.0 / (1 << 53))
 
 
-def _render_chunk(U, size, lo, hi, noise, antialias, return_footprints):
-    n, S, M = U.shape[0], size, hi
-    f32 = np.float32
-    B = U[:, :_NB]
-    O = U[:, _NB:].reshape(n, M, _NO)
-    X = (np.arange(S, dtype=f32) + f32(0.5))[None, None, :]  # (1, 1, S) pixel centres
-    Y = (np.arange(S, dtype=f32) + f32(0.5))[None, :, None]  # (1, S, 1)
+# Named columns of the uniforms of one image (:func:`_draw_uniforms`): the background block B (the first
+# _NB columns) and, per object slot, the block O (_NO columns). The numbers are part of the generator:
+# changing one changes every image (GENERATOR_VERSION).
+B_DARK, B_HUE, B_SATURATION, B_VALUE, B_STYLE = 0, 1, 2, 3, 4
+B_GRADIENT_ANGLE, B_GRADIENT_AMPLITUDE = 5, 6
+B_STRIPE_ANGLE, B_STRIPE_PERIOD, B_STRIPE_PHASE = 7, 8, 9
+B_HORIZON, B_FLOOR_SHADE, B_FLOOR_SIGN = 10, 11, 12
+B_NOISE_Y, B_N_OBJECTS, B_NOISE_X = 13, 14, 15
+B_NOISE_GRID = slice(16, 32)  # the 4×4 control values of the "noise" background
+O_KIND, O_COLOUR, O_HUE_JITTER, O_SATURATION, O_VALUE = 0, 1, 2, 3, 4
+O_SIZE, O_X, O_Y, O_ROTATION = 5, 6, 7, 8
+O_TEXTURE, O_TEXTURE_ANGLE, O_TEXTURE_PERIOD, O_TEXTURE_PHASE = 9, 10, 11, 12
+O_DEPTH = 14  # (column 13 is drawn but unused)
 
+
+def _paint_background(B, S, X, Y):
+    """The background of every image, channels first (n, 3, S, S) float32, with what the objects and
+    labels need: ``(img, wall, floor, horizon, style, dark)``."""
+    n = B.shape[0]
+    f32 = np.float32
     # Background: a wall above the horizon and a floor below it (a shade lighter or darker), a
     # style pattern added on top; the depth is farthest at the horizon, so it can be read off.
-    dark = B[:, 0] < 0.5
-    b_hue, b_sat = B[:, 1], 0.3 * B[:, 2]
-    b_val = np.where(dark, _DARK_BG[0] + (_DARK_BG[1] - _DARK_BG[0]) * B[:, 3],
-                     _LIGHT_BG[0] + (_LIGHT_BG[1] - _LIGHT_BG[0]) * B[:, 3])
+    dark = B[:, B_DARK] < 0.5
+    b_hue, b_sat = B[:, B_HUE], 0.3 * B[:, B_SATURATION]
+    b_val = np.where(dark, _DARK_BG[0] + (_DARK_BG[1] - _DARK_BG[0]) * B[:, B_VALUE],
+                     _LIGHT_BG[0] + (_LIGHT_BG[1] - _LIGHT_BG[0]) * B[:, B_VALUE])
     wall = hsv_to_rgb(b_hue, b_sat, b_val).astype(f32)
-    delta = (0.04 + 0.05 * B[:, 11]) * np.where(B[:, 12] < 0.5, -1.0, 1.0)
+    delta = (0.04 + 0.05 * B[:, B_FLOOR_SHADE]) * np.where(B[:, B_FLOOR_SIGN] < 0.5, -1.0, 1.0)
     floor = hsv_to_rgb(b_hue, b_sat, np.clip(b_val + delta, 0.03, 0.97)).astype(f32)
-    horizon = 0.3 + 0.4 * B[:, 10]
+    horizon = 0.3 + 0.4 * B[:, B_HORIZON]
     h_px = (horizon * S).astype(f32)[:, None, None]
     t = np.clip(Y - h_px + f32(0.5), 0, 1)[:, None]  # (n, 1, S, 1): soft over one pixel
     # channels first: every per-channel plane is contiguous, which halves the painting time
     img = wall[:, :, None, None] * (1 - t) + floor[:, :, None, None] * t
     img = np.broadcast_to(img, (n, 3, S, S)).copy()
 
-    style = np.minimum((B[:, 4] * len(BACKGROUNDS)).astype(np.int64), len(BACKGROUNDS) - 1)
+    style = np.minimum((B[:, B_STYLE] * len(BACKGROUNDS)).astype(np.int64), len(BACKGROUNDS) - 1)
     field = np.zeros((n, S, S), dtype=f32)
     sel = style == BACKGROUNDS.index("gradient")
     if sel.any():
-        a = (2 * math.pi * B[sel, 5]).astype(f32)[:, None, None]
+        a = (2 * math.pi * B[sel, B_GRADIENT_ANGLE]).astype(f32)[:, None, None]
         proj = ((X - S / 2) * np.cos(a) + (Y - S / 2) * np.sin(a)) / f32(S)
-        amp = _BG_CONTRAST * (0.5 + 0.5 * B[sel, 6])
+        amp = _BG_CONTRAST * (0.5 + 0.5 * B[sel, B_GRADIENT_AMPLITUDE])
         field[sel] = f32(1.4) * amp.astype(f32)[:, None, None] * proj
     sel = style == BACKGROUNDS.index("noise")
     if sel.any():
-        G = (B[sel, 16:32].reshape(-1, 4, 4) * 2 - 1).astype(f32)
+        G = (B[sel, B_NOISE_GRID].reshape(-1, 4, 4) * 2 - 1).astype(f32)
         w = _bilinear_weights(S, 4)
         # explicit 4-term sums rather than einsum/BLAS: the summation order must not depend on
         # the batch, or pixels would change with the batching
@@ -310,23 +322,25 @@ def _render_chunk(U, size, lo, hi, noise, antialias, return_footprints):
         field[sel] = f32(0.8 * _BG_CONTRAST) * coarse
     sel = style == BACKGROUNDS.index("stripes")
     if sel.any():
-        a = (2 * math.pi * B[sel, 7]).astype(f32)[:, None, None]
-        period = (3.0 + 4.0 * B[sel, 8]).astype(f32)[:, None, None]
-        phase = (2 * math.pi * B[sel, 9]).astype(f32)[:, None, None]
+        a = (2 * math.pi * B[sel, B_STRIPE_ANGLE]).astype(f32)[:, None, None]
+        period = (3.0 + 4.0 * B[sel, B_STRIPE_PERIOD]).astype(f32)[:, None, None]
+        phase = (2 * math.pi * B[sel, B_STRIPE_PHASE]).astype(f32)[:, None, None]
         s = X * np.cos(a) + Y * np.sin(a)
         field[sel] = f32(0.5 * _BG_CONTRAST) * np.clip(f32(2.0) * np.sin(f32(2 * math.pi) * s / period + phase), -1, 1)
     img += field[:, None]
     np.clip(img, 0, 1, out=img)
+    return img, wall, floor, horizon, style, dark
 
-    bg_depth = background_depth(horizon, S)[:, :, None]  # (n, S, 1): constant along rows
 
-    # Objects.
-    n_obj = lo + np.minimum((B[:, 14] * (hi - lo + 1)).astype(np.int64), hi - lo)
+def _object_params(B, O, S, lo, hi, wall, floor) -> dict:
+    """Every object slot's parameters (n, hi): presence, kind, colours, depth, size, place, rotation, texture."""
+    M = hi
+    n_obj = lo + np.minimum((B[:, B_N_OBJECTS] * (hi - lo + 1)).astype(np.int64), hi - lo)
     present = np.arange(M)[None, :] < n_obj[:, None]
-    kind = np.minimum((O[..., 0] * len(SHAPES)).astype(np.int64), len(SHAPES) - 1)
-    colour = np.minimum((O[..., 1] * len(COLOURS)).astype(np.int64), len(COLOURS) - 1)
-    hue = np.array(list(COLOURS.values()))[colour] + (O[..., 2] - 0.5) * 0.05
-    rgb = hsv_to_rgb(hue, 0.55 + 0.45 * O[..., 3], 0.62 + 0.38 * O[..., 4])
+    kind = np.minimum((O[..., O_KIND] * len(SHAPES)).astype(np.int64), len(SHAPES) - 1)
+    colour = np.minimum((O[..., O_COLOUR] * len(COLOURS)).astype(np.int64), len(COLOURS) - 1)
+    hue = np.array(list(COLOURS.values()))[colour] + (O[..., O_HUE_JITTER] - 0.5) * 0.05
+    rgb = hsv_to_rgb(hue, 0.55 + 0.45 * O[..., O_SATURATION], 0.62 + 0.38 * O[..., O_VALUE])
     # Objects are always lighter than the background, by at least _MIN_CONTRAST in luminance
     # (mixed towards white just enough): random colours on random backgrounds are often nearly
     # invisible, and a polarity that flips between images makes the task slow to learn.
@@ -338,23 +352,35 @@ def _render_chunk(U, size, lo, hi, noise, antialias, return_footprints):
     # background's luminance, so textures never cut the silhouette apart
     grey = np.broadcast_to(ref[..., None], rgb.shape)
     shade = rgb + (grey - rgb) * _TEXTURE_CONTRAST
-    z = OBJECT_DEPTH[0] + (OBJECT_DEPTH[1] - OBJECT_DEPTH[0]) * O[..., 14]
+    z = OBJECT_DEPTH[0] + (OBJECT_DEPTH[1] - OBJECT_DEPTH[0]) * O[..., O_DEPTH]
     if hi == 1:
-        radius = S * (_SIZE[0] + (_SIZE[1] - _SIZE[0]) * O[..., 5])
+        radius = S * (_SIZE[0] + (_SIZE[1] - _SIZE[0]) * O[..., O_SIZE])
         margin = 1.15 * radius  # pointed shapes reach 1.3 radii; a tip may touch the frame
     else:
         # nearer objects look a little larger: apparent size is a depth cue
-        radius = S * (0.065 + 0.14 * O[..., 5]) * (1.3 - 0.15 * (z - OBJECT_DEPTH[0]))
+        radius = S * (0.065 + 0.14 * O[..., O_SIZE]) * (1.3 - 0.15 * (z - OBJECT_DEPTH[0]))
         margin = 0.6 * radius
-    cx = margin + (S - 2 * margin) * O[..., 6]
-    cy = margin + (S - 2 * margin) * O[..., 7]
-    rot = math.radians(_ROTATION) * (2 * O[..., 8] - 1)
-    texture = np.where(O[..., 9] < 0.5, 0, 1 + np.minimum(((O[..., 9] - 0.5) * 6).astype(np.int64), 2))
-    t_angle = math.pi * O[..., 10]
-    t_period = np.maximum(3.0, radius * (0.4 + 0.25 * O[..., 11]))
-    t_phase = 2 * math.pi * O[..., 12]
+    cx = margin + (S - 2 * margin) * O[..., O_X]
+    cy = margin + (S - 2 * margin) * O[..., O_Y]
+    rot = math.radians(_ROTATION) * (2 * O[..., O_ROTATION] - 1)
+    texture = np.where(O[..., O_TEXTURE] < 0.5, 0, 1 + np.minimum(((O[..., O_TEXTURE] - 0.5) * 6).astype(np.int64), 2))
+    t_angle = math.pi * O[..., O_TEXTURE_ANGLE]
+    t_period = np.maximum(3.0, radius * (0.4 + 0.25 * O[..., O_TEXTURE_PERIOD]))
+    t_phase = 2 * math.pi * O[..., O_TEXTURE_PHASE]
     kind = np.where(present, kind, -1)
 
+    return dict(n_obj=n_obj, present=present, kind=kind, colour=colour, rgb=rgb, shade=shade, z=z, radius=radius,
+                cx=cx, cy=cy, rot=rot, texture=texture, t_angle=t_angle, t_period=t_period, t_phase=t_phase)
+
+
+def _paint_objects(img, ob: dict, bg_depth, S, X, Y, antialias, return_footprints):
+    """Paint the objects far to near into ``img`` (in place); the per-pixel labels
+    ``(mask, instance, depth, footprint, footprints, order)``."""
+    n, M = ob["present"].shape
+    f32 = np.float32
+    present, kind, rgb, shade, z, radius = ob["present"], ob["kind"], ob["rgb"], ob["shade"], ob["z"], ob["radius"]
+    cx, cy, rot, texture = ob["cx"], ob["cy"], ob["rot"], ob["texture"]
+    t_angle, t_period, t_phase = ob["t_angle"], ob["t_period"], ob["t_phase"]
     mask = np.zeros((n, S, S), dtype=np.int16)
     instance = np.full((n, S, S), -1, dtype=np.int16)
     depth = np.broadcast_to(bg_depth, (n, S, S)).copy()
@@ -437,9 +463,27 @@ def _render_chunk(U, size, lo, hi, noise, antialias, return_footprints):
         if footprints is not None:
             footprints[r_sel, j] = hard
 
+    return mask, instance, depth, footprint, footprints, order
+
+
+def _render_chunk(U, size, lo, hi, noise, antialias, return_footprints):
+    n, S, M = U.shape[0], size, hi
+    f32 = np.float32
+    B = U[:, :_NB]
+    O = U[:, _NB:].reshape(n, M, _NO)
+    X = (np.arange(S, dtype=f32) + f32(0.5))[None, None, :]  # (1, 1, S) pixel centres
+    Y = (np.arange(S, dtype=f32) + f32(0.5))[None, :, None]  # (1, S, 1)
+
+    img, wall, floor, horizon, style, dark = _paint_background(B, S, X, Y)
+    bg_depth = background_depth(horizon, S)[:, :, None]  # (n, S, 1): constant along rows
+    ob = _object_params(B, O, S, lo, hi, wall, floor)
+    mask, instance, depth, footprint, footprints, order = _paint_objects(img, ob, bg_depth, S, X, Y, antialias,
+                                                                          return_footprints)
+    present, kind, colour, texture, z = ob["present"], ob["kind"], ob["colour"], ob["texture"], ob["z"]
+
     if noise > 0:
-        oy = (B[:, 13] * _NOISE_BANK).astype(np.int64)
-        ox = (B[:, 15] * _NOISE_BANK).astype(np.int64)
+        oy = (B[:, B_NOISE_Y] * _NOISE_BANK).astype(np.int64)
+        ox = (B[:, B_NOISE_X] * _NOISE_BANK).astype(np.int64)
         img += f32(noise) * noise_windows(S)[oy, ox]
     image = np.clip(img * f32(255) + f32(0.5), 0, 255).astype(np.uint8)  # (n, 3, S, S)
 
@@ -453,15 +497,15 @@ def _render_chunk(U, size, lo, hi, noise, antialias, return_footprints):
         "mask": mask,
         "depth": depth,
         "instance": instance,
-        "n_objects": n_obj,
+        "n_objects": ob["n_obj"],
         "present": present,
         "kind": kind,
         "colour": np.where(present, colour, -1),
-        "rgb": rgb.astype(f32),
-        "x": cx,
-        "y": cy,
-        "radius": radius,
-        "rotation": np.degrees(rot),
+        "rgb": ob["rgb"].astype(f32),
+        "x": ob["cx"],
+        "y": ob["cy"],
+        "radius": ob["radius"],
+        "rotation": np.degrees(ob["rot"]),
         "texture": np.where(present, texture, -1),
         "z": np.where(present, z, np.inf),
         "order": order,
