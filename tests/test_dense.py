@@ -96,3 +96,26 @@ def test_segmentation_meter_is_segmentation_scores_batch_by_batch():
     assert np.array_equal(got["iou"], whole["iou"], equal_nan=True) and "iou" not in m.result()
     with pytest.raises(ValueError, match="num_classes >= 2"):
         metrics.SegmentationMeter(1)
+
+
+def test_one_dense_supervised_method_for_sbm_and_recombination():
+    from kaviz.data import scenes
+    from kaviz.methods import dense, sbm
+    from kaviz.methods import recombination as R
+
+    assert sbm.DenseSupervised is dense.DenseSupervised and issubclass(R.Segmentation, dense.DenseSupervised)
+    torch.manual_seed(0)
+    data = scenes(n=6, size=16, max_objects=2, seed=1)
+    seg = models.build("segnet_small", 11, widths=(4, 8, 8)).eval()
+    x, y = next(iter(torch.utils.data.DataLoader(data, batch_size=6)))
+    a = sbm.DenseSupervised(seg)((x, y))["ce"]
+    b = R.Segmentation(seg, 11)((x, y))["ce"]
+    c = R.Segmentation(seg, 11)((x, y["mask"]))["ce"]  # a plain (B, H, W) mask target
+    assert torch.equal(a, b) and torch.equal(a, c)
+    # the streamed scores are SBM's scores, and recombination's evaluate_dense gives the same numbers
+    s = dense.dense_scores(seg, data, "segmentation", batch_size=4)
+    assert s == sbm.score(seg, data, kinds={"seg": "segmentation"}, task="seg", prefix=False, batch_size=4)
+    r = R.Segmentation(seg, 11).evaluate(data)
+    assert r["mIoU"] == s["mIoU"] and r["pixel_accuracy"] == s["pixel_accuracy"]
+    with pytest.raises(ValueError, match="num_classes is 5"):
+        R.Segmentation(seg, 5)((x, y))

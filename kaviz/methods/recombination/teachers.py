@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ...data import images_of
+from ..dense import DenseSupervised
 from .evaluation import evaluate_dense
-from .tasks import IGNORE_INDEX, SSIM_WINDOW, TASK_KINDS, mask_of
+from .tasks import IGNORE_INDEX, SSIM_WINDOW, TASK_KINDS
 
 
 # losses and teacher training
@@ -40,22 +40,13 @@ class Reconstruction(nn.Module):
         return evaluate_dense(self.model, data, kinds={"out": "reconstruction"})
 
 
-class Segmentation(nn.Module):
-    """Train a segmentation teacher: ``{"ce": per-pixel cross-entropy}`` (``ignore_index`` pixels
-    skipped); ``evaluate`` reports ``mIoU`` and ``pixel_accuracy``."""
+class Segmentation(DenseSupervised):
+    """Train a segmentation teacher: the shared :class:`kaviz.methods.dense.DenseSupervised`
+    (``{"ce": per-pixel cross-entropy}``, ``ignore_index`` pixels skipped); ``evaluate`` reports ``mIoU``
+    and ``pixel_accuracy`` through :func:`evaluate_dense`, as every score of this paper."""
 
     def __init__(self, model: nn.Module, num_classes: int, ignore_index: int = IGNORE_INDEX):
-        super().__init__()
-        self.model = model
-        self.num_classes = int(num_classes)
-        self.ignore_index = ignore_index
-
-    def forward(self, batch):
-        x, mask = images_of(batch), mask_of(batch)
-        logits = self.model(x)
-        if logits.shape[1] != self.num_classes:
-            raise ValueError(f"the model outputs {logits.shape[1]} channels but num_classes is {self.num_classes}")
-        return {"ce": F.cross_entropy(logits, mask.long(), ignore_index=self.ignore_index)}
+        super().__init__(model, "segmentation", ignore_index=ignore_index, num_classes=num_classes)
 
     def evaluate(self, data) -> dict:
         return evaluate_dense(self.model, data, kinds={"out": "segmentation"}, num_classes=self.num_classes,

@@ -32,13 +32,13 @@ two apart, and ``SBMStudent(..., tails="fresh")`` rebuilds that variant as an ab
 The teachers themselves are trained with :class:`DenseSupervised` (cross-entropy with an ignore
 index; L1 over valid depth pixels) through :func:`kaviz.train.train_teacher` (:func:`train_teachers`).
 """
+from ..dense import DenseSupervised
 from .data import (
     scene_splits,
     train_teachers,
 )
 from .evaluation import (
     ConstantPredictor,
-    DenseSupervised,
     constant_predictor,
     predict,
     score,

@@ -6,7 +6,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .evaluation import DenseSupervised
+from ..dense import DenseSupervised
 from .tasks import check_kind
 
 

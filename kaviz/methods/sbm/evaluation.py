@@ -1,5 +1,4 @@
-"""SBM evaluation: the supervised dense method (DenseSupervised), scoring students, teachers and the
-constant control; prediction panels."""
+"""SBM evaluation: scoring students, teachers and the constant control; prediction panels."""
 from __future__ import annotations
 
 from typing import Mapping, Sequence
@@ -7,55 +6,10 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ...data import images_of
 from .student import SBMStudent
 from .tasks import IGNORE_INDEX, TARGET_KEYS, check_kind, depth_valid
-
-
-class DenseSupervised(nn.Module):
-    """Supervised training of one dense model (the SBM teachers), for :func:`kaviz.train.fit`.
-
-    ``task="segmentation"``: ``{"ce": CE(logits, mask)}`` over pixels whose label is not
-    ``ignore_index`` (255, void in NYUv2/CamVid). ``task="depth"``: ``{"l1": mean |d̂ − d|}`` over
-    valid pixels (finite, > ``min_depth``; NYUv2 stores 0 where the sensor saw nothing).
-    ``evaluate(data)`` reports ``pixel_accuracy`` and ``mIoU``, or ``rmse``, ``abs_rel`` and
-    ``delta1`` (see :class:`kaviz.metrics.DepthMeter`). ``target_key`` defaults to ``"mask"`` / ``"depth"``.
-    """
-
-    def __init__(self, model: nn.Module, task: str = "segmentation", target_key: str | None = None,
-                 ignore_index: int = IGNORE_INDEX, min_depth: float = 1e-3):
-        super().__init__()
-        self.model = model
-        self.task = check_kind(task)
-        self.target_key = target_key or TARGET_KEYS[task]
-        self.ignore_index = ignore_index
-        self.min_depth = min_depth
-
-    def _target(self, batch):
-        y = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
-        if not isinstance(y, Mapping) or self.target_key not in y:
-            have = list(y) if isinstance(y, Mapping) else type(y).__name__
-            raise KeyError(f"DenseSupervised({self.task!r}) needs batches (images, {{{self.target_key!r}: ...}}); "
-                           f"the targets are {have}. Pass target_key=... to name the map to learn.")
-        return y[self.target_key]
-
-    def forward(self, batch):
-        x, y = images_of(batch), self._target(batch)
-        out = self.model(x)
-        if self.task == "segmentation":
-            return {"ce": F.cross_entropy(out, y.long(), ignore_index=self.ignore_index)}
-        pred = out[:, 0]
-        valid = depth_valid(y, self.min_depth)
-        if not bool(valid.any()):
-            return {"l1": (pred * 0).sum()}  # keeps the graph: a batch without depth teaches nothing
-        return {"l1": (pred - y).abs()[valid].mean()}
-
-    def evaluate(self, data) -> dict:
-        return score(self.model, data, kinds={self.task: self.task}, task=self.task,
-                     target_keys={self.task: self.target_key}, prefix=False,
-                     ignore_index=self.ignore_index)
 
 
 def _outputs(model, x, task=None) -> dict[str, torch.Tensor]:
