@@ -36,7 +36,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-__all__ = ["register", "register_checkpoint", "ensure", "list", "load", "info", "remove", "exists", "RunNotFoundError",
+__all__ = ["register", "register_checkpoint", "ensure", "build_from_record", "list", "load", "info", "remove", "exists", "RunNotFoundError",
            "ADAPTERS"]
 
 WEIGHTS = "weights.pt"
@@ -140,6 +140,13 @@ def _build(arch: str, num_classes: int, arch_kwargs: Mapping, adaptations: Mappi
     from .models import build
 
     return _adapt(build(arch, num_classes, **arch_kwargs), adaptations)
+
+
+def build_from_record(record: Mapping) -> nn.Module:
+    """The architecture a run record describes (``arch``, ``num_classes``, ``arch_kwargs``,
+    ``adaptations``), freshly initialised (seed first for reproducible weights): e.g. the random-init
+    control of a registered network."""
+    return _build(record["arch"], record["num_classes"], record.get("arch_kwargs", {}), record.get("adaptations", {}))
 
 
 def exists(name: str) -> bool:
@@ -256,7 +263,7 @@ def load(name: str, *, device=None, eval: bool = True) -> nn.Module:
     folder = _folder(name)
     if not (folder / WEIGHTS).exists():
         raise FileNotFoundError(f"run {name!r} has a record but no weights file {folder / WEIGHTS}; register it again")
-    model = _build(record["arch"], record["num_classes"], record.get("arch_kwargs", {}), record.get("adaptations", {}))
+    model = build_from_record(record)
     load_state(model, load_checkpoint(folder / WEIGHTS), source=f"run {name!r} ({folder / WEIGHTS})")
     if weights_hash(model) != record.get("weights_sha1"):
         raise ValueError(f"the weights of run {name!r} ({folder / WEIGHTS}) do not match its record (the file was "
