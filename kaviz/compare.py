@@ -38,6 +38,11 @@ __all__ = [
     "obtain",
     "network",
     "random_like",
+    "TEACHERS",
+    "probe_subset",
+    "control_table",
+    "probe_tables",
+    "JointMaps",
     "cka_heatmap",
     "probe_curves",
     "consistency_bars",
@@ -126,12 +131,20 @@ class PaperData:
     classes: list
 
     def labels(self, split=None) -> np.ndarray:
+        """Class ids of ``split`` (default: the test split; a :func:`probe_subset` of a split too);
+        -1 for a scene without any object."""
         ds = self.test if split is None else split
+        if isinstance(ds, _Subset):
+            return self.labels(ds.dataset)[np.asarray(ds.indices)]
         if self.paper == "lshfm":
             from .methods import lshfm
 
             return np.asarray(lshfm.primary_labels(ds))
         return np.asarray([int(t) for t in ds.targets])
+
+    def names(self, labels) -> list:
+        """Class names of class ids (``"none"`` for -1)."""
+        return [self.classes[int(c)] if int(c) >= 0 else "none" for c in labels]
 
 
 def paper_data(paper: str) -> PaperData:
@@ -348,6 +361,105 @@ def random_like(model: nn.Module, seed: int = 0) -> nn.Module:
     return out.eval()
 
 
+# ----------------------------------------------------------------------------------- assembling
+class _Subset(torch.utils.data.Subset):
+    """The first ``n`` images of a split, with a fingerprint of their own (for feature caches)."""
+
+    def __init__(self, dataset, n: int):
+        from .data import fingerprint
+
+        super().__init__(dataset, range(min(int(n), len(dataset))))
+        self.fingerprint = f"{fingerprint(dataset)}-first{len(self.indices)}"
+        self.classes = getattr(dataset, "classes", None)
+
+    def image_array(self, i):
+        return self.dataset.image_array(self.indices[i])
+
+
+def probe_subset(data: PaperData, n: int):
+    """The first ``n`` test images of a paper's split (its order is already shuffled by the split),
+    the images every comparison of that paper's networks is made on; ``.image_array(i)`` for the explorer."""
+    if not isinstance(n, int) or n < 8:
+        raise ValueError(f"n (the number of probe images) must be an int >= 8, got {n!r}")
+    return _Subset(data.test, n)
+
+
+def control_table(students: Mapping[int, nn.Module], teacher: nn.Module, data, student_layer: str,
+                  teacher_layer: str, *, pool: str = "none", debiased: bool = True):
+    """One row per student seed: the debiased CKA of the student's ``student_layer`` with its
+    teacher's ``teacher_layer`` on ``data`` (``network``), and the controls of
+    :func:`kaviz.analysis.cka_controls` — the same teacher with shuffled samples (permutation by the
+    seed) and a random-init network of the teacher's architecture (weights drawn with the seed)."""
+    import pandas as pd
+
+    from .analysis import cka_controls, layer_features
+
+    ft = layer_features(teacher, data, teacher_layer, pool=pool)[teacher_layer]
+    rows = []
+    for seed, student in students.items():
+        fs = layer_features(student, data, student_layer, pool=pool)[student_layer]
+        fr = layer_features(random_like(teacher, seed=1000 + int(seed)), data, teacher_layer, pool=pool)[teacher_layer]
+        rows.append({"seed": int(seed), **cka_controls(fs, ft, random=fr, seed=int(seed), debiased=debiased)})
+    df = pd.DataFrame(rows).set_index("seed")
+    df.attrs.update(student_layer=student_layer, teacher_layer=teacher_layer, n=len(ft))
+    return df[["network", "random-init", "shuffled"]]
+
+
+def probe_tables(models: Mapping[str, nn.Module], data, labels, layers: Mapping[str, Sequence[str]], *, cv: int = 3,
+                 pool: str = "avg", control: bool = False, seed: int = 0) -> dict:
+    """:func:`kaviz.analysis.linear_probe` of every network's ``layers[name]`` (pooled features of
+    ``data``, labels ``labels``): a dict name → table, layers in the order given."""
+    from .analysis import layer_features, linear_probe
+
+    return {name: linear_probe(layer_features(m, data, layers[name], pool=pool), labels, cv=cv, control=control,
+                               seed=seed)
+            for name, m in models.items()}
+
+
+class JointMaps:
+    """The ``compute`` of a :class:`kaviz.widgets.EmbeddingExplorer` over pairs of networks: for the
+    pair ``pair`` and its layer pair ``layer`` (``"<student layer> | <teacher layer>"``), a t-SNE /
+    UMAP / PCA map of each network's features of the same images (:func:`kaviz.embed.embed`) — one
+    common map of both when the two layers have the same width (``mode="joint"``), else one map per
+    network — returned as two panels (student, teacher) linked by image: a selection in one panel
+    shows where the same images lie in the other."""
+
+    def __init__(self, pairs: Mapping[str, tuple], data: Mapping[str, object], labels: Mapping[str, np.ndarray],
+                 pool: str = "avg"):
+        self.pairs, self.data, self.labels, self.pool = dict(pairs), dict(data), dict(labels), pool
+        self._features: dict = {}
+        self.current = next(iter(self.pairs))
+
+    def image(self, index: int):
+        """The image ``index`` of the pair shown last (the explorer's ``images``)."""
+        return self.data[self.current].image_array(int(index))
+
+    def layers(self) -> dict:
+        """pair → the layer choices (for the explorer's layer dropdown)."""
+        return {p: [f"{ls} | {lt}" for ls, lt in v[2]] for p, v in self.pairs.items()}
+
+    def _feat(self, pair, side, model, layer):
+        key = (pair, side, layer)
+        if key not in self._features:
+            from .analysis import layer_features
+
+            self._features[key] = layer_features(model, self.data[pair], layer, pool=self.pool)[layer]
+        return self._features[key]
+
+    def __call__(self, pair, layer, method, params):
+        from .embed import embed
+
+        student, teacher, _ = self.pairs[pair]
+        self.current = pair
+        ls, _, lt = layer.partition(" | ")
+        feats = {"student": self._feat(pair, "s", student, ls), "teacher": self._feat(pair, "t", teacher, lt)}
+        params = dict(params or {})
+        if feats["student"].shape[1] == feats["teacher"].shape[1]:
+            df = embed(feats, labels=self.labels[pair], method=method, mode="joint", **params)
+            return df[df.source == "student"], df[df.source == "teacher"]
+        return tuple(embed({k: v}, labels=self.labels[pair], method=method, **params) for k, v in feats.items())
+
+
 # --------------------------------------------------------------------------------------- figures
 def cka_heatmap(df, title: str = "CKA", zmin: float = 0.0, zmax: float = 1.0):
     """A layer × layer CKA matrix (:func:`kaviz.analysis.cka_matrix`) as a plotly heatmap, values
@@ -502,10 +614,11 @@ class NetworkPicker:
         self.result = df
         na, nb = self.sides["a"]["name"].value, self.sides["b"]["name"].value
         fig = cka_heatmap(df.rename_axis(index=f"A: {na}", columns=f"B: {nb}"), title=f"CKA: {na} vs {nb}")
-        with self.figure_widget.batch_update():
-            self.figure_widget.data = []
-            self.figure_widget.add_traces(fig.data)
-            self.figure_widget.layout = fig.layout
+        fw = self.figure_widget
+        with fw.batch_update():
+            fw.data = []
+            fw.add_traces(fig.data)
+            fw.update_layout(fig.to_dict()["layout"], overwrite=True)
         self.status.value = f"N = {df.attrs.get('n', '?')} images"
         return True
 
