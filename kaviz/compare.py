@@ -40,6 +40,7 @@ __all__ = [
     "random_like",
     "TEACHERS",
     "probe_subset",
+    "first",
     "control_table",
     "probe_tables",
     "JointMaps",
@@ -382,6 +383,14 @@ def probe_subset(data: PaperData, n: int):
     if not isinstance(n, int) or n < 8:
         raise ValueError(f"n (the number of probe images) must be an int >= 8, got {n!r}")
     return _Subset(data.test, n)
+
+
+def first(dataset, n: int):
+    """The first ``n`` items of a (fingerprinted) dataset, fingerprinted itself: e.g. the training
+    images a Trans-Net of the consistency report is fitted on, when the whole split is not needed."""
+    if not isinstance(n, int) or n < 8:
+        raise ValueError(f"n must be an int >= 8, got {n!r}")
+    return _Subset(dataset, n)
 
 
 def control_table(students: Mapping[int, nn.Module], teacher: nn.Module, data, student_layer: str,
