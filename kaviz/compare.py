@@ -167,7 +167,7 @@ def _cfl_teachers():
     from .methods import cfl
 
     p = PAPERS["cfl"]
-    teachers, layers, _ = cfl.train_teachers(p["teachers"], _cfl_data(), progress=False)
+    teachers, _, _ = cfl.train_teachers(p["teachers"], _cfl_data(), progress=False)
     return dict(zip(p["teachers"], teachers))
 
 
@@ -183,7 +183,7 @@ def _cfl_student(seed):
     from .methods import cfl
 
     p, d = PAPERS["cfl"], _cfl_data()
-    teachers = [runs_load_or_recipe(f"cfl-teacher-{s}") for s in p["teachers"]]
+    teachers = [_teacher(f"cfl-teacher-{s}") for s in p["teachers"]]
     layers = [t["layer"] for t in p["teachers"].values()]
     s = p["student"]
     run = cfl.run_students(s["arch"], teachers, s["layer"], layers, d.train, d.val, d.test, seeds=[seed],
@@ -211,7 +211,7 @@ def _lshfm_student(seed, variant="lshl2"):
 
     tr, va, te = _lshfm_data()
     p = PAPERS["lshfm"]
-    teacher = runs_load_or_recipe("lshfm-teacher")
+    teacher = _teacher("lshfm-teacher")
     train_c, val_c = lshfm.teacher_outputs(tr, teacher), lshfm.teacher_outputs(va, teacher)
     r = lshfm.run(variant, p["student"]["arch"], teacher, train_c, val_c, seed=seed, num_classes=len(tr.classes),
                   arch_kwargs=p["student"]["arch_kwargs"], progress=False, **p["settings"])
@@ -232,7 +232,7 @@ def _ba_student(seed):
     from .train import Supervised
 
     d, p = _ba_data(), PAPERS["born_again"]
-    gen0 = runs_load_or_recipe("ba-gen0")
+    gen0 = _teacher("ba-gen0")
     t = p["teacher"]
     chain, _ = consistency.born_again_chain(gen0, d.train, d.val, arch=t["arch"], arch_kwargs=t["arch_kwargs"],
                                             generations=2, seed=p["first_seed"] + seed, progress=False,
@@ -303,7 +303,7 @@ def obtain(name: str, *, device=None) -> nn.Module:
                        notes=f"{r.role}; kaviz.compare.recipe({name!r})")
 
 
-def runs_load_or_recipe(name: str) -> nn.Module:
+def _teacher(name: str) -> nn.Module:
     """A teacher for a student recipe: :func:`obtain` (so it is registered too)."""
     return obtain(name)
 

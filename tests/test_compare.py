@@ -145,7 +145,7 @@ def test_network_picker_fills_layers_and_draws_the_heatmap():
 
 
 def test_network_picker_reports_errors_and_keeps_the_last_result():
-    p, calls = _picker()
+    p, _ = _picker()
     before = p.figure()
     p.sides["b"]["name"].value = "missing"
     assert "no network" in p.status.value and p.models["b"] is not None
