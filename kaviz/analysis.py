@@ -42,6 +42,9 @@ __all__ = [
     "MinibatchCKA",
     "cka_matrix",
     "linear_probe",
+    "layer_features",
+    "cka_controls",
+    "LayerView",
     "teacher_consistency",
 ]
 
@@ -411,6 +414,78 @@ class _null:
         return False
 
 
+# ---------------------------------------------------------------------------------------- controls
+def layer_features(model: nn.Module, data, layers, *, pool: str = "none", batch_size: int = 256, device=None,
+                   progress: bool | None = False) -> dict:
+    """Features of ``layers`` for every sample of ``data`` (in memory, float32 NumPy arrays, one row
+    per sample): :func:`kaviz.features.extract` without a store. For the few hundred images a CKA
+    or a probe needs; for more, :func:`cka_matrix` streams."""
+    from .features import extract
+
+    layers = [layers] if isinstance(layers, str) else list(layers)
+    store = extract(model, data, layers, pool=pool, batch_size=batch_size, device=device, progress=progress)
+    return {l: np.asarray(store[l]).reshape(len(store[l]), -1) for l in layers}
+
+
+def cka_controls(x, y, *, random=None, seed: int = 0, kernel: str = "linear", debiased: bool = True,
+                 sigma: float = 0.8) -> dict:
+    """CKA of two networks' features next to the controls that would fail a claim about it
+    (DESIGN.md §4): ``network`` = cka(x, y); ``shuffled`` = cka(x, y with its rows permuted by
+    ``seed``) — the same two feature sets with the image correspondence broken, which an unrelated
+    pair of networks would also reach; ``random-init`` = cka(x, random) when ``random`` (the
+    features of a randomly initialised network of B's architecture on the same images) is given —
+    what the architecture alone shares with A. Debiased by default, so unrelated features score near
+    0 at small N. Returns a dict of floats."""
+    x, y = _matrix(x, "x"), _matrix(y, "y")
+    _same_n(x, y)
+    perm = torch.from_numpy(np.random.default_rng(seed).permutation(len(y)))
+    out = {"network": cka(x, y, kernel, debiased, sigma), "shuffled": cka(x, y[perm], kernel, debiased, sigma)}
+    if random is not None:
+        r = _matrix(random, "random")
+        _same_n(x, r)
+        out["random-init"] = cka(x, r, kernel, debiased, sigma)
+    return out
+
+
+class LayerView(nn.Module):
+    """One layer of a network as a network of its own, average-pooled to ``size`` (H, W): its output
+    (and its tappable module ``"view"``) is ``adaptive_avg_pool2d(model.<layer>, size)``. It lets a
+    Trans-Net (which maps a feature to one of the same shape) compare layers of different spatial
+    sizes, e.g. an 8×8 teacher stage with a 4×4 student stage (as :func:`kaviz.methods.cfl.match_spatial`
+    does for CFL). The wrapped model is not changed (a :class:`kaviz.features.FeatureTap` reads the layer)."""
+
+    def __init__(self, model: nn.Module, layer: str, size):
+        super().__init__()
+        self.model, self.layer = model, str(layer)
+        self.view = nn.AdaptiveAvgPool2d(size)
+        self.kaviz_spec = {"name": f"{_spec_name(model)}[{layer}→{tuple(np.atleast_1d(size))}]"}
+
+    def forward(self, x):
+        from .features import FeatureTap
+
+        with FeatureTap(self.model, [self.layer], clone=True) as tap:
+            self.model(x)
+            f = tap[self.layer]
+        if f.dim() != 4:
+            raise ValueError(f"LayerView: layer {self.layer!r} gives shape {tuple(f.shape)}, "
+                             "not a feature map (B, C, H, W)")
+        return self.view(f)
+
+
+def _spec_name(model):
+    from .models import spec
+
+    return spec(model).get("name", type(model).__name__)
+
+
+def _shape_of(model, layer, example):
+    from .features import FeatureTap, eval_mode
+
+    with eval_mode(model), torch.no_grad(), FeatureTap(model, [layer], clone=True) as tap:
+        model(example)
+        return tuple(tap[layer].shape[1:])
+
+
 # ------------------------------------------------------------------------------------------ probes
 def _feature_dict(features, layers):
     from .features import FeatureStore
@@ -483,6 +558,11 @@ def linear_probe(features, targets=None, *, cv: int = 5, layers: Iterable[str] |
 
 
 # ------------------------------------------------------------------------------ teacher consistency
+def _example(data, n: int = 2) -> torch.Tensor:
+    items = [data[i] for i in range(min(n, len(data)))]
+    return torch.stack([it[0] if isinstance(it, (list, tuple)) else it for it in items])
+
+
 class _Keyed(torch.utils.data.Dataset):
     """A ``Subset`` of a fingerprinted dataset, with a fingerprint of its own (for the feature cache)."""
 
@@ -507,7 +587,7 @@ def _keyed(part, whole, tag: str):
 
 def teacher_consistency(student: nn.Module, teachers, data, student_layer: str, teacher_layers, *,
                         val_data=None, orders: int = 3, epochs: int = 100, seed: int = 0,
-                        return_fits: bool = False, **fit_kwargs):
+                        return_fits: bool = False, resize: bool = False, **fit_kwargs):
     """Which teacher did this part of the student come from? Knowledge consistency (Liang et al.,
     ICLR 2020; SPEC §3) of the student's ``student_layer`` feature with each teacher.
 
@@ -522,7 +602,9 @@ def teacher_consistency(student: nn.Module, teachers, data, student_layer: str, 
     ``teachers``: a dict name → model (or a list: named ``teacher 0``, ...); include a control, e.g. a
     random-init network of a teacher's architecture, to see how much a teacher explains beyond chance.
     ``teacher_layers``: one layer for all, or a dict / list per teacher; each must have the student
-    layer's shape. Extra keywords go to ``fit_transnet`` (``lr``, ``batch_size``, ``max_train``, ...).
+    layer's shape — or, with ``resize=True``, the student layer's channels and a spatial size at least
+    the student's: such a teacher layer is average-pooled to the student's grid (:class:`LayerView`).
+    Extra keywords go to ``fit_transnet`` (``lr``, ``batch_size``, ``max_train``, ...).
     ``return_fits=True`` also returns the dict name → :class:`~kaviz.methods.consistency.Consistency`.
     """
     from .methods.consistency import compare, fit_transnet
@@ -553,14 +635,30 @@ def teacher_consistency(student: nn.Module, teachers, data, student_layer: str, 
         sp = kdata.split(data, val=0.25, test=0.0, seed=seed)
         train_data, val_data = (_keyed(part, data, f"teacher_consistency-{kind}-{seed}")
                                 for kind, part in (("train", sp.train), ("val", sp.val)))
+    models = dict(teachers)
+    if resize:
+        example = _example(train_data)
+        want = _shape_of(student, student_layer, example)
+        for name in names:
+            have = _shape_of(teachers[name], t_layers[name], example)
+            if have != want and len(have) == 3 and len(want) == 3 and have[0] == want[0] \
+                    and have[1] >= want[1] and have[2] >= want[2]:
+                models[name] = LayerView(teachers[name], t_layers[name], want[1:])
+                t_layers[name] = "view"
     fits = {}
     for name in names:
-        fits[name] = fit_transnet(teachers[name], student, train_data, val_data, layer_a=t_layers[name],
+        fits[name] = fit_transnet(models[name], student, train_data, val_data, layer_a=t_layers[name],
                                   layer_b=student_layer, orders=orders, epochs=epochs, seed=seed,
                                   names=(name, "student"), **fit_kwargs)
     table = compare(fits, split="val")
     table.index.name = "teacher"
-    table.insert(0, "teacher layer", [t_layers[n] for n in names])
+    table.insert(0, "teacher layer", [teacher_layers[n] if isinstance(teacher_layers, Mapping) else
+                                      (teacher_layers if isinstance(teacher_layers, str) else list(teacher_layers)[i])
+                                      for i, n in enumerate(names)])
+    if resize:
+        table.insert(1, "pooled to", [str(tuple(models[n].view.output_size))
+                                      if isinstance(models[n], LayerView) else "—"
+                                      for n in names])
     table.insert(1, "student layer", student_layer)
     table.attrs["definition"] = ("share: variance / Var(x_S) of the student's feature (centred per channel); "
                                  "g(x_A): all that the teacher explains; x^Δ: what it does not")

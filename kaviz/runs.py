@@ -9,6 +9,17 @@ same way (``arch="resnet18"``), and a checkpoint file of your own through :func:
 
 Layout: ``<cache>/runs/<name>/weights.pt`` and ``<cache>/runs/<name>/run.json``; the record holds the
 weights' SHA-1 (:func:`kaviz.models.weights_hash`), checked on every load.
+
+:func:`ensure` obtains a run by name, training it through the library only when it is absent or was
+made by other settings or on another floating-point path (its record keeps a key of the recipe, the
+data and :func:`kaviz.cache.environment_key`, like the teacher cache), so a notebook can ask for
+another notebook's student and get the very network that notebook trained, or train it on the spot.
+
+Students whose head was changed by a method — an LSHFM student after
+:func:`kaviz.methods.lshfm.adapt` (``kaviz_spec["adaptation"]``) — register like any other: the record
+keeps the change and :func:`load` re-applies it to the rebuilt architecture before loading the weights.
+The registry sits beside :mod:`kaviz.analysis` in the layering (it may import a method's module lazily,
+only to re-apply such a change).
 """
 from __future__ import annotations
 
@@ -25,13 +36,28 @@ from typing import Mapping
 import torch
 from torch import nn
 
-__all__ = ["register", "register_checkpoint", "list", "load", "info", "remove", "exists", "RunNotFoundError"]
+__all__ = ["register", "register_checkpoint", "ensure", "build_from_record", "list", "load", "info", "remove", "exists",
+           "RunNotFoundError",
+           "ADAPTERS"]
 
 WEIGHTS = "weights.pt"
 RECORD = "run.json"
 FORMAT = "kaviz-run-2"  # 2: weights_sha256 (1 held a SHA-1)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 COLUMNS = ["name", "paper", "method", "arch", "seed", "data", "metrics"]
+
+
+
+def _lshfm_adaptation(model: nn.Module, value) -> None:
+    from .methods.lshfm import adapt  # lazily: only a run that records this change needs the method
+
+    classifier, feature_dim = value
+    adapt(model, int(feature_dim), classifier=classifier)
+
+
+#: Changes a method makes to a built architecture, re-applied by :func:`load`: the key in the model's
+#: ``kaviz_spec`` → ``function(model, value)`` (the value as stored in the spec).
+ADAPTERS = {"adaptation": _lshfm_adaptation}
 
 
 class RunNotFoundError(KeyError, FileNotFoundError):
@@ -102,6 +128,28 @@ def _write_json(path: Path, obj) -> None:
             tmp.unlink()
 
 
+def _adapt(model: nn.Module, adaptations: Mapping) -> nn.Module:
+    for kind, value in adaptations.items():
+        if kind not in ADAPTERS:
+            raise ValueError(f"the run records a change {kind!r} to its architecture that kaviz does not know how to "
+                             f"re-apply (known: {sorted(ADAPTERS)}); add it to kaviz.runs.ADAPTERS")
+        ADAPTERS[kind](model, value)
+    return model
+
+
+def _build(arch: str, num_classes: int, arch_kwargs: Mapping, adaptations: Mapping) -> nn.Module:
+    from .models import build
+
+    return _adapt(build(arch, num_classes, **arch_kwargs), adaptations)
+
+
+def build_from_record(record: Mapping) -> nn.Module:
+    """The architecture a run record describes (``arch``, ``num_classes``, ``arch_kwargs``,
+    ``adaptations``), freshly initialised (seed first for reproducible weights): e.g. the random-init
+    control of a registered network."""
+    return _build(record["arch"], record["num_classes"], record.get("arch_kwargs", {}), record.get("adaptations", {}))
+
+
 def exists(name: str) -> bool:
     """Is a run of this name registered?"""
     return (_folder(name) / RECORD).exists()
@@ -109,7 +157,8 @@ def exists(name: str) -> bool:
 
 def register(name: str, model: nn.Module, *, arch: str | None = None, arch_kwargs: Mapping | None = None,
              num_classes: int | None = None, paper: str = "", method: str = "", seed: int | None = None,
-             data=None, metrics: Mapping | None = None, notes: str = "", overwrite: bool = True) -> dict:
+             data=None, metrics: Mapping | None = None, notes: str = "", overwrite: bool = True,
+             key: str | None = None) -> dict:
     """Save ``model``'s weights and a record under ``name``; returns the record.
 
     ``arch``/``num_classes``/``arch_kwargs`` say how :func:`kaviz.models.build` rebuilds it (default:
@@ -118,8 +167,11 @@ def register(name: str, model: nn.Module, *, arch: str | None = None, arch_kwarg
     ``data`` is a description or a dataset (its fingerprint is kept); ``metrics`` a dict of numbers.
     The weights are written first and the record last, both atomically, so an interrupted register
     leaves no half run. An existing run of that name is replaced (``overwrite=False`` refuses).
+    A change a method made to the architecture (a key of :data:`ADAPTERS` in the model's
+    ``kaviz_spec``, e.g. LSHFM's adaptation layer) is recorded and re-applied on load. ``key``: what
+    :func:`ensure` compares to decide whether the run is current.
     """
-    from .models import build, load_state, spec, weights_hash
+    from .models import load_state, spec, weights_hash
 
     folder = _folder(name)
     if not isinstance(model, nn.Module):
@@ -133,7 +185,9 @@ def register(name: str, model: nn.Module, *, arch: str | None = None, arch_kwarg
                              "@kaviz.models.register adds your own)")
         arch = own["name"]
         if arch_kwargs is None:
-            arch_kwargs = {k: v for k, v in own.items() if k not in ("name", "num_classes", "head_reinitialised")}
+            arch_kwargs = {k: v for k, v in own.items()
+                           if k not in ("name", "num_classes", "head_reinitialised") and k not in ADAPTERS}
+    adaptations = _jsonable({k: own[k] for k in ADAPTERS if k in own}, "the model's adaptations")
     if num_classes is None:
         if "num_classes" not in own:
             raise ValueError(f"register({name!r}): pass num_classes= (the size of the model's output)")
@@ -147,7 +201,7 @@ def register(name: str, model: nn.Module, *, arch: str | None = None, arch_kwarg
                               "or kaviz.runs.remove(name)")
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     # prove now that load() will work: build the architecture and load the weights into it
-    probe = build(arch, num_classes, **arch_kwargs)
+    probe = _build(arch, num_classes, arch_kwargs, adaptations)
     load_state(probe, state, source=f"the weights of run {name!r}")
     record = {
         "format": FORMAT,
@@ -156,11 +210,13 @@ def register(name: str, model: nn.Module, *, arch: str | None = None, arch_kwarg
         "method": str(method),
         "arch": arch,
         "arch_kwargs": arch_kwargs,
+        "adaptations": adaptations,
         "num_classes": int(num_classes),
         "seed": seed,
         "data": _data_label(data),
         "metrics": metrics,
         "notes": str(notes),
+        "key": key,
         "weights_sha256": weights_hash(probe),
         "params": sum(int(v.numel()) for v in state.values()),
         "registered": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -201,14 +257,14 @@ def load(name: str, *, device=None, eval: bool = True) -> nn.Module:
     """Rebuild the run's architecture (:func:`kaviz.models.build`) and load its weights
     (``weights_only=True``), checking them against the SHA-256 in the record. The model comes back in
     eval mode (``eval=False``: as built) on ``device`` (default CPU), with the record in ``model.kaviz_run``."""
-    from .models import build, load_state, weights_hash
+    from .models import load_state, weights_hash
     from .train import load_checkpoint
 
     record = info(name)
     folder = _folder(name)
     if not (folder / WEIGHTS).exists():
         raise FileNotFoundError(f"run {name!r} has a record but no weights file {folder / WEIGHTS}; register it again")
-    model = build(record["arch"], record["num_classes"], **record.get("arch_kwargs", {}))
+    model = build_from_record(record)
     load_state(model, load_checkpoint(folder / WEIGHTS), source=f"run {name!r} ({folder / WEIGHTS})")
     if "weights_sha256" not in record:
         raise ValueError(f"run {name!r} ({folder}) was registered by an older kaviz (its record holds a SHA-1, not the "
@@ -224,6 +280,44 @@ def load(name: str, *, device=None, eval: bool = True) -> nn.Module:
     if eval:
         model.eval()
     return model
+
+
+def ensure(name: str, train_fn, *, key=None, device=None, **fields) -> nn.Module:
+    """The run ``name``, trained first when needed: returns :func:`load` ``(name)``.
+
+    When the run is absent, or its record's key differs from this call's, ``train_fn()`` is called —
+    it returns the trained model, or ``(model, metrics)`` with a dict of numbers — and the result is
+    registered under ``name`` with ``fields`` (``paper=``, ``method=``, ``seed=``, ``data=``,
+    ``arch=``, ... as for :func:`register`). ``key``: anything JSON-able that determines the
+    weights (the recipe's settings, the data's fingerprint); the stored key also holds
+    :func:`kaviz.cache.environment_key`, so a run made on another floating-point path or with another
+    thread count is retrained rather than reused (as the teacher cache does). ``train_fn`` should
+    train through the library (its trainers cache teachers), so a second ``ensure`` with an empty
+    registry but a warm teacher cache is fast.
+    """
+    from .cache import key as cache_key
+
+    _check_name(name)
+    if not callable(train_fn):
+        raise TypeError(f"ensure({name!r}, train_fn): train_fn must be a function that trains and returns the model "
+                        f"(or (model, metrics)), got {type(train_fn).__name__}")
+    full = cache_key("run", device=device, name=name, recipe=key)
+    if exists(name) and info(name).get("key") == full:
+        try:
+            return load(name, device=device)
+        except (ValueError, FileNotFoundError, RuntimeError) as e:  # a damaged run: train it again
+            import warnings
+
+            warnings.warn(f"run {name!r} could not be loaded ({e}); training it again", stacklevel=2)
+    out = train_fn()
+    model, metrics = (out if isinstance(out, tuple) else (out, fields.pop("metrics", None)))
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"ensure({name!r}): train_fn returned {type(model).__name__}, not an nn.Module (or a tuple "
+                        "(model, metrics))")
+    if isinstance(metrics, Mapping):
+        fields["metrics"] = {k: float(v) for k, v in metrics.items()}
+    register(name, model, key=full, **fields)
+    return load(name, device=device)
 
 
 def remove(name: str) -> None:

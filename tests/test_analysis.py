@@ -326,3 +326,50 @@ def test_teacher_consistency_credits_the_teacher_the_student_copied(tmp_path, mo
     assert table.loc["copy", "share x^Δ"] == pytest.approx(v.loc["x^Δ = x_B − g(x_A)", "share"])
     with pytest.raises(KeyError, match="no layer for teacher"):
         analysis.teacher_consistency(student, teachers, ds, layer, {"copy": layer})
+
+
+def test_cka_controls_separate_a_related_pair_from_its_controls():
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 12, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
+    y = 3.0 * x @ q + 0.1 * torch.randn(200, 12, generator=g, dtype=torch.float64)  # a related network
+    unrelated = torch.randn(200, 12, generator=g, dtype=torch.float64)
+    c = analysis.cka_controls(x, y, random=unrelated, seed=1)
+    assert set(c) == {"network", "shuffled", "random-init"}
+    assert c["network"] > 0.95 and abs(c["shuffled"]) < 0.1 and abs(c["random-init"]) < 0.1
+    # the claim "network > both controls" fails when B is itself unrelated to A (the control case)
+    u = analysis.cka_controls(x, unrelated, random=y, seed=1)
+    assert not (u["network"] > u["random-init"])
+    assert abs(u["network"] - u["shuffled"]) < 0.1
+    with pytest.raises(ValueError, match="same samples"):
+        analysis.cka_controls(x, y[:10])
+
+
+class _Two(nn.Module):
+    """A conv at stride 1 (``a``: 4×16×16 for 16 px) and one at stride 2 (``b``: 4×8×8)."""
+
+    def __init__(self, stride):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, stride=stride, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.a(x).mean((2, 3)))
+
+
+def test_layer_view_pools_a_layer_and_lets_consistency_compare_grids(tmp_path, monkeypatch):
+    monkeypatch.setenv("KAVIZ_DATA", str(tmp_path))
+    torch.manual_seed(0)
+    teacher, student = _Two(1).eval(), _Two(2).eval()
+    x = torch.rand(5, 3, 16, 16)
+    view = analysis.LayerView(teacher, "a", (8, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(view(x), torch.nn.functional.adaptive_avg_pool2d(teacher.a(x), (8, 8)))
+    assert not any(h for m in teacher.modules() for h in m._forward_hooks.values())  # the tap was removed
+    ds = NoiseImages(n=48, size=16)
+    with pytest.raises(ValueError, match="same shape"):
+        analysis.teacher_consistency(student, {"t": teacher}, ds, "a", "a", epochs=1, batch_size=16)
+    table = analysis.teacher_consistency(student, {"t": teacher}, ds, "a", "a", epochs=1, batch_size=16, resize=True)
+    assert table.loc["t", "teacher layer"] == "a" and table.loc["t", "pooled to"] == "(8, 8)"
+    assert np.isfinite(table.loc["t", "share x^Δ"])

@@ -99,3 +99,66 @@ def test_a_tampered_or_half_written_run_is_caught(_registry):
     assert runs.list()["name"].tolist() == ["r"]
     rec = json.loads((_registry / "r" / "run.json").read_text())
     assert rec["format"] == "kaviz-run-2" and len(rec["weights_sha256"]) == 64
+
+
+def test_ensure_trains_once_then_loads_and_retrains_when_the_recipe_changes(_registry):
+    calls = []
+
+    def train():
+        calls.append(1)
+        torch.manual_seed(len(calls))
+        return models.build("cifar_resnet8", 3, width=4), {"accuracy": 0.5}
+
+    a = runs.ensure("demo-student", train, key={"epochs": 1}, paper="demo", method="KD", seed=0)
+    assert len(calls) == 1 and a.kaviz_run["metrics"] == {"accuracy": 0.5} and not a.training
+    b = runs.ensure("demo-student", train, key={"epochs": 1}, paper="demo", method="KD", seed=0)
+    assert len(calls) == 1 and _same(a, b)  # loaded, not retrained
+    c = runs.ensure("demo-student", train, key={"epochs": 2}, paper="demo", method="KD", seed=0)
+    assert len(calls) == 2 and not _same(a, c)  # another recipe: trained again and replaced
+    assert runs.info("demo-student")["key"] != a.kaviz_run["key"]
+    # the key holds the floating-point environment: another thread count is another run
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads != 1 else 2)
+        runs.ensure("demo-student", train, key={"epochs": 2})
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 3
+    with pytest.raises(TypeError, match="not an nn.Module"):
+        runs.ensure("demo-bad", lambda: "a model", key=1)
+    assert not runs.exists("demo-bad")
+    with pytest.raises(TypeError, match="train_fn must be a function"):
+        runs.ensure("demo-bad", None)
+
+
+def test_ensure_retrains_a_damaged_run(_registry):
+    calls = []
+
+    def train():
+        calls.append(1)
+        return models.build("cifar_resnet8", 3, width=4)
+
+    runs.ensure("demo", train, key="k")
+    torch.save({"conv1.weight": torch.zeros(1)}, _registry / "demo" / "weights.pt")  # changed after registering
+    with pytest.warns(UserWarning, match="training it again"):
+        runs.ensure("demo", train, key="k")
+    assert len(calls) == 2 and runs.load("demo") is not None
+
+
+def test_an_adapted_lshfm_student_registers_and_loads_with_its_adaptation_layer(_registry):
+    from kaviz.methods import lshfm
+
+    torch.manual_seed(0)
+    student = lshfm.adapt(models.build("vgg8_small", 5, width=4), 24)
+    rec = runs.register("lsh-student", student, paper="lshfm", method="lshl2")
+    assert rec["arch"] == "vgg8_small" and rec["arch_kwargs"] == {"width": 4}
+    assert rec["adaptations"] == {"adaptation": ["fc", 24]}
+    loaded = runs.load("lsh-student")
+    assert _same(loaded, student) and lshfm.adapted_layer(loaded) == "fc.feat_fc"
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), student.eval()(x), rtol=0, atol=0)
+    record = json.loads((_registry / "lsh-student" / "run.json").read_text())
+    record["adaptations"] = {"pruned": [1]}
+    (_registry / "lsh-student" / "run.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="kaviz.runs.ADAPTERS"):
+        runs.load("lsh-student")
