@@ -20,7 +20,7 @@ NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cf
 # are retrained on that path, not reused).
 ALT_FP ?= $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo "ATEN_CPU_CAPABILITY=avx512 ONEDNN_MAX_CPU_ISA=AVX512_CORE MKL_CBWR=AVX512" || echo "KAVIZ_THREADS=1")
 
-.PHONY: setup lab demo test unit notebooks portability execute bench clean
+.PHONY: setup lab demo test unit notebooks portability execute bench clean browser
 
 setup: $(STAMP)
 
@@ -58,6 +58,13 @@ portability: setup
 test: setup
 	CI=1 $(PY) -m pytest -q tests
 	CI=1 $(PY) -m pytest -q $(NBVAL) notebooks
+	$(MAKE) browser
+
+# getting_started in JupyterLab, driven by Playwright in headless Debian chromium (/usr/bin/chromium; Playwright
+# never downloads a browser). Skips with the reason when chromium or playwright is missing. Screenshots on
+# failure: reports/browser/.
+browser: setup
+	CI=1 KAVIZ_BROWSER_TEST=1 $(PY) -m pytest -q -s -p no:cacheprovider tests/browser
 
 # Re-execute the notebooks in place (for developers: after a change, store fresh outputs).
 execute: setup
