@@ -48,7 +48,7 @@ SYMBOLS = ["circle", "diamond", "square", "x", "triangle-up", "cross", "star", "
 MAX_WIDTH = 1100
 #: The plotly configuration every kaviz figure and FigureWidget is shown with: no "share chart"
 #: (upload) button, no plotly logo, PNG export at twice the resolution.
-PLOTLY_CONFIG = {"displaylogo": False, "showSendToCloud": False, "showEditInChartStudio": False,
+PLOTLY_CONFIG = {"displaylogo": False, "showSendToCloud": False,
                  "modeBarButtonsToRemove": ["sendDataToCloud", "editInChartStudio"],
                  "toImageButtonOptions": {"scale": 2}}
 _METRIC_RE = re.compile(r"acc|(^|_)map($|_)|iou|auc|(^|_)f1($|_)|top\d|precision|recall|"

@@ -17,8 +17,11 @@ def restore_renderer(monkeypatch):
 
 
 def test_default_renderer_is_offline_and_hides_the_share_button(restore_renderer):
+    import warnings
     assert notebook.configure_plotly() == "plotly_mimetype" == pio.renderers.default
-    bundle = pio.renderers._build_mime_bundle(go.Figure(go.Scatter(x=[1], y=[2])).to_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # plotly warns about config keys it does not know
+        bundle = pio.renderers._build_mime_bundle(go.Figure(go.Scatter(x=[1], y=[2])).to_dict())
     assert set(bundle) == {"application/vnd.plotly.v1+json"}   # no HTML, no script, no plotly.js copy
     text = json.dumps(bundle)
     assert "cdn.plot.ly" not in text and "<script" not in text and len(text) < 50_000  # plotly.js is ~4 MB

@@ -19,7 +19,7 @@ import pytest
 import labharness as L
 
 NOTEBOOK = "getting_started.ipynb"
-PARAMS = {"QUICK": True}
+PARAMS: dict = {}   # the stored parameters: the teachers come from the cache nbval filled
 REPORTS = L.ROOT / "reports" / "browser"
 N_SELECTIONS = 20
 
@@ -69,7 +69,7 @@ JS_GRAPH = """([marker, k, poly]) => {
           title: (fl.title && fl.title.text) || ''};
 }"""
 
-JS_WIDTHS = """() => [...document.querySelectorAll('.jp-OutputArea-output .js-plotly-plot')].map(gd => {
+JS_WIDTHS = """() => [...document.querySelectorAll('.jp-OutputArea-output.js-plotly-plot, .jp-OutputArea-output .js-plotly-plot')].map(gd => {
   const out = gd.closest('.jp-OutputArea-output');
   const svg = gd.querySelector('.main-svg');
   return {fig: Math.round(svg ? svg.getBoundingClientRect().width : 0), area: Math.round(out.getBoundingClientRect().width),
@@ -78,6 +78,12 @@ JS_WIDTHS = """() => [...document.querySelectorAll('.jp-OutputArea-output .js-pl
 
 JS_ERRORS = """() => [...document.querySelectorAll('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')]
   .map(e => e.textContent).filter(t => /Traceback|Error:/.test(t)).map(t => t.slice(0, 600))"""
+
+JS_SHARE = """() => [...document.querySelectorAll('.modebar-btn[data-title*="Chart Studio"], .modebar-btn[data-title*="Share"], .modebar-btn.plotlyjsicon, .modebar-btn[data-title*="plotly"]')]
+  .map(b => (b.closest('.jp-CodeCell')?.querySelector('.jp-InputArea-editor')?.textContent || '?').slice(0, 60))"""
+
+JS_MIME = """() => { const outs = [...document.querySelectorAll('.jp-OutputArea-output.jp-RenderedPlotly')];
+  return {outputs: outs.length, drawn: outs.filter(o => o.querySelector('.js-plotly-plot .main-svg')).length}; }"""
 
 JS_PROMPTS = """() => [...document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputArea-prompt')].map(p => p.textContent.trim())"""
 
@@ -162,6 +168,18 @@ def polygon(cx, cy, r, kind, rng):
              cy + r * math.sin(2 * math.pi * i / n) * rng.uniform(0.7, 1.2)] for i in range(n)]
 
 
+def shrink(poly, px):
+    """The polygon moved ``px`` pixels towards its centroid (negative: away from it)."""
+    cx = sum(p[0] for p in poly) / len(poly)
+    cy = sum(p[1] for p in poly) / len(poly)
+    out = []
+    for x, y in poly:
+        d = math.hypot(x - cx, y - cy) or 1.0
+        f = max(0.0, (d - px * math.sqrt(2)) / d)
+        out.append([cx + (x - cx) * f, cy + (y - cy) * f])
+    return out
+
+
 def drag(page, poly, kind):
     m = page.mouse
     if kind == "box":
@@ -197,13 +215,16 @@ def test_getting_started_in_jupyterlab(lab, shot):
     time.sleep(2)
     seconds = run_all(lab)
     page.screenshot(path=str(REPORTS / "after_run_all.png"))
-    print(f"\n[browser] Run All of {NOTEBOOK} (QUICK): {seconds:.1f} s")
+    print(f"\n[browser] Run All of {NOTEBOOK} : {seconds:.1f} s")
 
     errors = page.evaluate(JS_ERRORS)
     assert not errors, f"error output in the notebook: {errors}"
     kc = lab.kernel(NOTEBOOK)
 
     # figures fit the output area (file browser open); nothing loaded from a CDN; no upload button
+    mime = page.evaluate(JS_MIME)
+    assert mime["outputs"] > 0 and mime["drawn"] == mime["outputs"], \
+        f"plotly figure outputs drawn: {mime['drawn']} of {mime['outputs']} (JupyterLab's plotly extension)"
     widths = page.evaluate(JS_WIDTHS)
     assert widths, "no plotly figure rendered"
     too_wide = [w for w in widths if w["fig"] > w["area"]]
@@ -212,8 +233,10 @@ def test_getting_started_in_jupyterlab(lab, shot):
           f"{min(w['area'] for w in widths)} px")
     cdn = [u for u in lab.requests if re.search(r"cdn\.|plot\.ly|unpkg|jsdelivr|cdnjs", u)]
     assert not cdn, f"requests to a CDN: {cdn[:5]}"
-    assert page.locator('.modebar-btn[data-title*="Chart Studio"], .modebar-btn[data-title*="Share"]').count() == 0
-    assert page.locator(".modebar-btn.plotlyjsicon").count() == 0
+    problems = []   # checks that do not stop the rest of the test; asserted at the end
+    share = page.evaluate(JS_SHARE)
+    if share:
+        problems.append(f"'share chart' upload button or plotly logo on figures in the cells {share}")
 
     # -- the explorer ----------------------------------------------------------------------------
     marker = "widgets.EmbeddingExplorer("
@@ -230,31 +253,49 @@ def test_getting_started_in_jupyterlab(lab, shot):
         poly = polygon(px, py, 45, kind, rng)
         left, top, right, bottom = g["drag"]
         poly = [[min(max(x, left + 3), right - 3), min(max(y, top + 3), bottom - 3)] for x, y in poly]
-        expected = page.evaluate(JS_GRAPH, [marker, k, poly])["inPoly"]
-        assert expected, "the polygon holds no point"
+        # points more than 3 px inside the drawn shape must be selected, more than 3 px outside must not
+        # be; nearer its edge (mouse steps, rounding) they may go either way
+        must = set(page.evaluate(JS_GRAPH, [marker, k, shrink(poly, 3)])["inPoly"])
+        may = set(page.evaluate(JS_GRAPH, [marker, k, shrink(poly, -3)])["inPoly"])
+        assert must, "the polygon holds no point"
         t0 = time.perf_counter()
         drag(page, poly, kind)
 
         def agree():
             a = page.evaluate(JS_GRAPH, [marker, 0, None])
             b = page.evaluate(JS_GRAPH, [marker, 1, None])
-            return a["selected"] == expected and b["selected"] == expected and (a, b)
+            got = a["selected"]
+            return got is not None and must <= set(got) <= may and got == b["selected"] and (a, b)
         try:
             dt, (a, b) = wait_for(agree, 10, f"selection {i + 1} ({kind} in map {k}) shown in both maps")
         except AssertionError:
-            state = L.evaluate(kc, "explorer.selection")
-            raise AssertionError(f"selection {i + 1}/{N_SELECTIONS} ({kind} in map {k}) not linked: expected "
-                                 f"{expected[:20]}, kernel has {str(state)[:200]}") from None
+            state = L.evaluate(kc, "explorer.selection") or []
+            doms = [page.evaluate(JS_GRAPH, [marker, j, None]) for j in (0, 1)]
+            page.screenshot(path=str(REPORTS / f"selection_{i + 1}.png"))
+
+            def diff(got):
+                got = set(got or [])
+                return f"{len(got)} indices, missing {sorted(must - got)[:8]}, extra {sorted(got - may)[:8]}"
+            problems.append(
+                f"selection {i + 1}/{N_SELECTIONS} ({kind} in map {k}) not linked: drawn {len(must)}..{len(may)} "
+                "indices; "
+                f"kernel {diff(state)}; map 0 {diff(doms[0]['selected'])} (boxes {doms[0]['boxes']}); "
+                f"map 1 {diff(doms[1]['selected'])} (boxes {doms[1]['boxes']})")
+            continue
         state = L.evaluate(kc, "explorer.selection")
-        assert state == expected, f"selection {i + 1}: kernel {state[:20]} != drawn {expected[:20]}"
-        assert a["boxes"] == 0 and b["boxes"] == 0, f"drawn boxes left after selection {i + 1}: {a['boxes']}, {b['boxes']}"
+        assert state == a["selected"], f"selection {i + 1}: the kernel has {len(state or [])} indices, the maps {len(a['selected'])}"
+        if a["boxes"] or b["boxes"]:
+            py = L.evaluate(kc, "[len(f.layout.selections or ()) for f in explorer.figures]")
+            problems.append(f"selection {i + 1}: drawn boxes left in the maps ({a['boxes']}, {b['boxes']}; "
+                            f"the kernel's figures hold {py})")
         latencies.append(time.perf_counter() - t0)
         linked += 1
         # hover traffic between selections, as a reader's mouse makes
         for x, y, _ in rng.sample(g["points"], 3):
             page.mouse.move(x, y, steps=2)
-    print(f"[browser] linked selections: {linked}/{N_SELECTIONS}; latency median "
-          f"{sorted(latencies)[len(latencies) // 2]:.2f} s, max {max(latencies):.2f} s (target ≤ 1 s)")
+    print(f"[browser] linked selections: {linked}/{N_SELECTIONS}" + (
+        f"; latency median {sorted(latencies)[len(latencies) // 2]:.2f} s, max {max(latencies):.2f} s (target ≤ 1 s)"
+        if latencies else ""))
 
     # hover -> image in the side panel
     g = page.evaluate(JS_GRAPH, [marker, 0, None])
@@ -289,8 +330,9 @@ def test_getting_started_in_jupyterlab(lab, shot):
                          f"the layer {target}")
         a = page.evaluate(JS_GRAPH, [marker, 0, None])
         b = page.evaluate(JS_GRAPH, [marker, 1, None])
-        assert a["selected"] == selection == b["selected"], "the selection did not survive the layer change"
-        assert a["boxes"] == b["boxes"] == 0
+        if not (a["selected"] == selection == b["selected"] and a["boxes"] == b["boxes"] == 0):
+            problems.append(f"layer → {target}: kernel selection {len(selection or [])} indices, maps "
+                            f"{len(a['selected'] or [])} / {len(b['selected'] or [])}, boxes {a['boxes']} / {b['boxes']}")
         print(f"[browser] layer → {target}: {time.perf_counter() - t0:.2f} s")
 
     # the channel viewer's slider redraws its figure
@@ -307,3 +349,4 @@ def test_getting_started_in_jupyterlab(lab, shot):
         c => (c.querySelector('.jp-InputArea-editor')?.textContent || '').includes(m));
         const gd = c.querySelector('.js-plotly-plot'); return JSON.stringify(gd.data.map(t => t.z ? Array.from(t.z.flat ? t.z.flat() : []).slice(0, 20) : t.source && t.source.slice(0, 80)))}""",
                                    [viewer]) != z0, 30, "the channel viewer to redraw after the slider moved")
+    assert not problems, "\n".join(problems)
