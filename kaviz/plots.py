@@ -300,6 +300,9 @@ def highlight(fig, indices=None, *, dim: float = 0.12, clear_boxes: bool = True)
     points than ``indices``. Without it, the same selection looks the same in every map."""
     keep = None if indices is None else set(int(i) for i in np.asarray(list(indices)).ravel())
     with fig.batch_update():  # one message to the browser for a FigureWidget
+        # Only boxes the Python side knows of: a box drawn in a browser is not synced back to a
+        # FigureWidget, and removing it from Python makes plotly.js fire a deselect event (measured
+        # with tests/browser), which a widget must then tell apart from a user's deselect.
         if clear_boxes and fig.layout.selections:
             fig.layout.selections = ()
         for tr in fig.data:

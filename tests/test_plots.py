@@ -435,3 +435,4 @@ def test_highlight_clears_drawn_boxes():
     fig.update_layout(selections=[dict(type="rect", x0=0, x1=1, y0=0, y1=1)])
     P.highlight(fig, [1, 2], clear_boxes=False)
     assert len(fig.layout.selections) == 1
+

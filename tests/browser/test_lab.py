@@ -85,6 +85,18 @@ JS_SHARE = """() => [...document.querySelectorAll('.modebar-btn[data-title*="Cha
 JS_MIME = """() => { const outs = [...document.querySelectorAll('.jp-OutputArea-output.jp-RenderedPlotly')];
   return {outputs: outs.length, drawn: outs.filter(o => o.querySelector('.js-plotly-plot .main-svg')).length}; }"""
 
+# the first coordinates of every map of the cell: changes when the maps are redrawn
+JS_SIGNATURE = """([marker]) => { const c = [...document.querySelectorAll('.jp-Notebook .jp-CodeCell')].find(
+  c => (c.querySelector('.jp-InputArea-editor')?.textContent || '').includes(marker));
+  return JSON.stringify([...c.querySelectorAll('.js-plotly-plot')].map(gd => gd._fullData.filter(t => t.x && t.x.length)
+    .slice(0, 2).map(t => Array.from(t.x).slice(0, 4)))); }"""
+
+# the sample index plotly reports under the mouse in graph k of the cell (null when none)
+JS_HOVERED = """([marker, k]) => { const c = [...document.querySelectorAll('.jp-Notebook .jp-CodeCell')].find(
+  c => (c.querySelector('.jp-InputArea-editor')?.textContent || '').includes(marker));
+  const gd = c.querySelectorAll('.js-plotly-plot')[k]; const h = gd._hoverdata;
+  return h && h.length && h[0].customdata !== undefined ? Number(h[0].customdata) : null; }"""
+
 JS_PROMPTS = """() => [...document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputArea-prompt')].map(p => p.textContent.trim())"""
 
 
@@ -126,6 +138,14 @@ def shot(lab, request):
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+class Problems(list):
+    """Findings that do not stop the test (so that one run reports all of them); printed as found."""
+
+    def append(self, text):
+        print(f"[browser] PROBLEM: {text}")
+        super().append(text)
+
+
 def wait_for(fn, timeout: float, what: str, interval: float = 0.02):
     t0 = time.perf_counter()
     last = None
@@ -233,7 +253,7 @@ def test_getting_started_in_jupyterlab(lab, shot):
           f"{min(w['area'] for w in widths)} px")
     cdn = [u for u in lab.requests if re.search(r"cdn\.|plot\.ly|unpkg|jsdelivr|cdnjs", u)]
     assert not cdn, f"requests to a CDN: {cdn[:5]}"
-    problems = []   # checks that do not stop the rest of the test; asserted at the end
+    problems = Problems()   # checks that do not stop the rest of the test; asserted at the end
     share = page.evaluate(JS_SHARE)
     if share:
         problems.append(f"'share chart' upload button or plotly logo on figures in the cells {share}")
@@ -267,7 +287,7 @@ def test_getting_started_in_jupyterlab(lab, shot):
             got = a["selected"]
             return got is not None and must <= set(got) <= may and got == b["selected"] and (a, b)
         try:
-            dt, (a, b) = wait_for(agree, 10, f"selection {i + 1} ({kind} in map {k}) shown in both maps")
+            dt, (a, b) = wait_for(agree, 6, f"selection {i + 1} ({kind} in map {k}) shown in both maps")
         except AssertionError:
             state = L.evaluate(kc, "explorer.selection") or []
             doms = [page.evaluate(JS_GRAPH, [marker, j, None]) for j in (0, 1)]
@@ -283,7 +303,9 @@ def test_getting_started_in_jupyterlab(lab, shot):
                 f"map 1 {diff(doms[1]['selected'])} (boxes {doms[1]['boxes']})")
             continue
         state = L.evaluate(kc, "explorer.selection")
-        assert state == a["selected"], f"selection {i + 1}: the kernel has {len(state or [])} indices, the maps {len(a['selected'])}"
+        if state != a["selected"]:
+            problems.append(f"selection {i + 1}: the kernel has {len(state or [])} indices, the maps {len(a['selected'])}")
+            continue
         if a["boxes"] or b["boxes"]:
             py = L.evaluate(kc, "[len(f.layout.selections or ()) for f in explorer.figures]")
             problems.append(f"selection {i + 1}: drawn boxes left in the maps ({a['boxes']}, {b['boxes']}; "
@@ -297,23 +319,30 @@ def test_getting_started_in_jupyterlab(lab, shot):
         f"; latency median {sorted(latencies)[len(latencies) // 2]:.2f} s, max {max(latencies):.2f} s (target ≤ 1 s)"
         if latencies else ""))
 
-    # hover -> image in the side panel
+    # hover -> image in the side panel: the point plotly reports under the mouse is the one shown
     g = page.evaluate(JS_GRAPH, [marker, 0, None])
-    hover_times = []
-    for x, y, idx in rng.sample(g["points"], 5):
-        page.mouse.move(x + 40, y + 40)
-        time.sleep(0.2)
+    cell = page.locator(".jp-Notebook .jp-CodeCell", has=page.locator(".jp-InputArea-editor", has_text=marker))
+    hover_times, hovered = [], 0
+    for x, y, _ in rng.sample(g["points"], 8):
+        page.mouse.move(x + 60, y + 60)
+        time.sleep(0.3)
         t0 = time.perf_counter()
         page.mouse.move(x, y, steps=1)
-        cell = page.locator(".jp-Notebook .jp-CodeCell", has=page.locator(".jp-InputArea-editor", has_text=marker))
         try:
-            dt, _ = wait_for(lambda: cell.get_by_text(re.compile(rf"index {idx}\b")).count() > 0, 5,
-                             f"the side panel to show index {idx}")
-            hover_times.append(dt)
+            _, idx = wait_for(lambda: page.evaluate(JS_HOVERED, [marker, 0]), 2, "plotly's hover on the point")
         except AssertionError:
-            pass  # a neighbouring point may be the one under the mouse; counted below
-    assert len(hover_times) >= 3, f"hover showed the hovered image {len(hover_times)}/5 times"
-    print(f"[browser] hover → image: median {sorted(hover_times)[len(hover_times) // 2]:.2f} s (target ≤ 0.3 s)")
+            continue
+        hovered += 1
+        try:
+            wait_for(lambda: cell.get_by_text(re.compile(rf"index {idx}\b")).count() > 0, 5,
+                     f"the side panel to show index {idx}")
+            hover_times.append(time.perf_counter() - t0)
+        except AssertionError:
+            problems.append(f"hover on index {idx}: the side panel did not show it within 5 s")
+    assert hovered >= 4, f"plotly reported a hovered point {hovered}/8 times"
+    if hover_times:
+        print(f"[browser] hover → image: {len(hover_times)}/{hovered}, median "
+              f"{sorted(hover_times)[len(hover_times) // 2]:.2f} s, max {max(hover_times):.2f} s (target ≤ 0.3 s)")
 
     # layer change after a selection: the same indices stay highlighted, no box left in either map
     selection = L.evaluate(kc, "explorer.selection")
@@ -323,17 +352,18 @@ def test_getting_started_in_jupyterlab(lab, shot):
     cell = page.locator(".jp-Notebook .jp-CodeCell", has=page.locator(".jp-InputArea-editor", has_text=marker))
     layer_select = cell.locator(".widget-dropdown", has=page.locator("label", has_text="layer")).locator("select")
     for target in (other, current, other):
+        sig = page.evaluate(JS_SIGNATURE, [marker])
         t0 = time.perf_counter()
         layer_select.select_option(target)
-        dt, _ = wait_for(lambda: L.evaluate(kc, "explorer.layer") == target and
-                         target in page.evaluate(JS_GRAPH, [marker, 0, None])["title"] + target, 30,
-                         f"the layer {target}")
+        wait_for(lambda: page.evaluate(JS_SIGNATURE, [marker]) != sig, 60, f"the maps of layer {target}")
+        dt = time.perf_counter() - t0
+        assert L.evaluate(kc, "explorer.layer") == target
         a = page.evaluate(JS_GRAPH, [marker, 0, None])
         b = page.evaluate(JS_GRAPH, [marker, 1, None])
         if not (a["selected"] == selection == b["selected"] and a["boxes"] == b["boxes"] == 0):
             problems.append(f"layer → {target}: kernel selection {len(selection or [])} indices, maps "
                             f"{len(a['selected'] or [])} / {len(b['selected'] or [])}, boxes {a['boxes']} / {b['boxes']}")
-        print(f"[browser] layer → {target}: {time.perf_counter() - t0:.2f} s")
+        print(f"[browser] layer → {target}: maps redrawn in {dt:.2f} s (a cached map: target ≤ 0.5 s)")
 
     # the channel viewer's slider redraws its figure
     viewer = "widgets.linked_controls("
