@@ -20,7 +20,7 @@ NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cf
 # are retrained on that path, not reused).
 ALT_FP ?= $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo "ATEN_CPU_CAPABILITY=avx512 ONEDNN_MAX_CPU_ISA=AVX512_CORE MKL_CBWR=AVX512" || echo "KAVIZ_THREADS=1")
 
-.PHONY: setup lab demo lint test unit notebooks portability execute bench clean
+.PHONY: setup lab demo lint test unit notebooks portability execute bench clean browser
 
 setup: $(STAMP)
 
@@ -64,6 +64,13 @@ test: setup lint
 	CI=1 $(PY) -m pytest -q $(NBVAL) notebooks
 	@echo "nbval under another floating-point path: $(ALT_FP)"
 	CI=1 $(ALT_FP) $(PY) -m pytest -q $(NBVAL) notebooks
+
+# Not yet part of `make test`: on today's widgets it measures linked selection at 1/20 (issue 18 is open).
+# getting_started in JupyterLab, driven by Playwright in headless Debian chromium (/usr/bin/chromium; Playwright
+# never downloads a browser). Skips with the reason when chromium or playwright is missing. Screenshots on
+# failure: reports/browser/.
+browser: setup
+	CI=1 KAVIZ_BROWSER_TEST=1 $(PY) -m pytest -q -s -p no:cacheprovider tests/browser
 
 # Re-execute the notebooks in place (for developers: after a change, store fresh outputs).
 execute: setup

@@ -26,32 +26,93 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["embedding_scatter", "highlight", "training_curves", "feature_grid", "image_grid",
-           "bar", "palette", "SYMBOLS", "to_rgb_uint8", "png_bytes", "side_by_side", "label_image",
-           "scalar_image", "dense_predictions"]
+           "bar", "palette", "palette_tier", "SYMBOLS", "to_rgb_uint8", "png_bytes", "side_by_side",
+           "label_image", "scalar_image", "dense_predictions", "map_title", "fit_width", "MAX_WIDTH",
+           "PLOTLY_CONFIG", "heat_scale"]
 
-# Readable on white, distinct for up to ~30 classes: tab10 for few classes, Dark24 beyond, then the
-# darker half of Light24 (its pale colours vanish on white); cycles after 38.
-_D3 = ["#1F77B4", "#FF7F0E", "#2CA02C", "#D62728", "#9467BD", "#8C564B", "#E377C2", "#7F7F7F",
-       "#BCBD22", "#17BECF"]
-_DARK24 = ["#2E91E5", "#E15F99", "#1CA71C", "#FB0D0D", "#DA16FF", "#222A2A", "#B68100", "#750D86",
-           "#EB663B", "#511CFB", "#00A08B", "#FB00D1", "#FC0080", "#B2828D", "#6C7C32", "#778AAE",
-           "#862A16", "#A777F1", "#620042", "#1616A7", "#DA60CA", "#6C4516", "#0D2A63", "#AF0038"]
-_LIGHT24_DARKER = ["#FD3216", "#6A76FC", "#FE00CE", "#FF9616", "#479B55", "#DC587D", "#D626FF",
-                   "#6E899C", "#00B5F7", "#B68E00", "#86CE00", "#BC7196", "#7E7DCD", "#E48F72"]
+# Colour-blind aware base hues: Okabe & Ito's set (its yellow darkened a little to read on white, its
+# black replaced by indigo), then wine and grey. The first eight stay apart under simulated deutan and
+# protan vision (tests/test_plots.py checks it). Beyond ten classes the same ten hues come again in
+# further lightness tiers (light, then dark, ...), so classes i and i + 10 share a hue and differ in
+# lightness; embedding_scatter outlines light-tier markers in their base hue (a cue besides colour).
+_BASE10 = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#D9C600", "#332288",
+           "#882255", "#6E6E6E"]
+# tier k mixes the base hue with white (> 0) or black (< 0) by this fraction
+_TIERS = (0.0, 0.55, -0.45, 0.78, -0.68)
 _NO_LABEL_COLOR = "#B0B0B0"
 #: Marker symbols per source (network), all available in both Scatter and Scattergl.
 SYMBOLS = ["circle", "diamond", "square", "x", "triangle-up", "cross", "star", "triangle-down",
            "hexagon", "pentagon"]
+#: The widest a figure is drawn (px): JupyterLab's output area is ~1,168 px at 1,600 px with the file
+#: browser open, so every figure fits it with a margin. Figures without a fixed width fill their cell.
+MAX_WIDTH = 1100
+#: The plotly configuration every kaviz figure and FigureWidget is shown with: no "share chart"
+#: (upload) button, no plotly logo, PNG export at twice the resolution.
+PLOTLY_CONFIG = {"displaylogo": False, "showSendToCloud": False,
+                 "modeBarButtonsToRemove": ["sendDataToCloud", "editInChartStudio"],
+                 "toImageButtonOptions": {"scale": 2}}
 _METRIC_RE = re.compile(r"acc|(^|_)map($|_)|iou|auc|(^|_)f1($|_)|top\d|precision|recall|"
                         r"agree|consisten|rmse|abs_rel|delta|error", re.I)
 _SPLITS = ("train", "val", "test")
 _SPLIT_DASH = {"train": "solid", "val": "dash", "test": "dot"}
 
 
+def _mix(color: str, t: float) -> str:
+    """``color`` mixed with white (``t`` > 0) or black (``t`` < 0) by the fraction ``|t|``."""
+    r, g, b = _hex_rgb(color)
+    target = 255 if t > 0 else 0
+    f = abs(t)
+    return "#%02X%02X%02X" % tuple(int(round(v + (target - v) * f)) for v in (r, g, b))
+
+
 def palette(n: int) -> list[str]:
-    """``n`` qualitative colours, readable on white and distinct for up to ~30 classes."""
-    base = _D3 if n <= 10 else _DARK24 + _LIGHT24_DARKER
-    return [base[i % len(base)] for i in range(n)]
+    """``n`` qualitative colours, readable on white and colour-blind aware: ten base hues, then the
+    same hues in further lightness tiers (``palette(20)[i]`` and ``[i + 10]`` share a hue). Distinct
+    up to 50 colours; cycles beyond."""
+    out = []
+    for i in range(n):
+        tier, hue = divmod(i, len(_BASE10))
+        out.append(_mix(_BASE10[hue], _TIERS[tier % len(_TIERS)]))
+    return out
+
+
+def palette_tier(i: int) -> int:
+    """The lightness tier of ``palette(n)[i]`` (0 for the first ten colours)."""
+    return (i // len(_BASE10)) % len(_TIERS)
+
+
+def fit_width(width: float | None, limit: int = MAX_WIDTH) -> int | None:
+    """``width`` capped at ``limit`` px (``None`` stays ``None``: the figure fills its cell)."""
+    return None if width is None else int(min(width, limit))
+
+
+def map_title(space: str | None = None, *, model: str | None = None, layer: str | None = None,
+              method: str | None = None, params: Mapping | None = None) -> str:
+    """A map's title that keeps its context in an exported PNG: ``"feature space · resnet ·
+    layer3 · t-SNE (perplexity 30)"``. Parts left ``None`` are omitted."""
+    m = {"tsne": "t-SNE", "umap": "UMAP", "pca": "PCA"}.get(method, method)
+    if m and params:
+        m += " (" + ", ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in params.items()) + ")"
+    return " · ".join(str(p) for p in (space, model, layer, m) if p not in (None, ""))
+
+
+def _legend_below(fig, names: Sequence[str], width: int | None, height: int,
+                  plot_bottom: int = 40) -> int:
+    """Put the legend in horizontal rows below the plot, in columns as wide as the longest entry;
+    returns the new figure height (the plot keeps ``height``; the legend rows are added to it).
+    ``width`` None: assume the ~650 px of a narrow notebook cell."""
+    names = [str(n) for n in names]
+    longest = max((len(n) for n in names), default=4)
+    entry = 40 + 7 * longest
+    per_row = max(1, ((width or 650) - 40) // entry)
+    rows = math.ceil(len(names) / per_row)
+    legend_h = 10 + 21 * rows
+    bottom = plot_bottom + legend_h
+    fig.update_layout(
+        legend=dict(orientation="h", x=0, xanchor="left", y=0, yanchor="bottom", yref="container",
+                    entrywidth=entry, entrywidthmode="pixels", title=dict(text="")),
+        margin=dict(b=bottom))
+    return height + legend_h
 
 
 # ------------------------------------------------------------------------------------------------
@@ -72,9 +133,43 @@ def embedding_scatter(df: pd.DataFrame, color: str | None = "label", symbol: str
     Above ``webgl_threshold`` rows the traces are ``Scattergl``. Axes have equal scale (a map's
     distances mean the same in x and y). ``selected`` (sample indices) highlights those points and
     dims the rest (see :func:`highlight`). ``class_names``: sequence or mapping label -> name.
+    More than ten classes: light-tier colours (see :func:`palette`) are outlined in their base hue,
+    and more than 18 put the class legend in rows below the map. ``width`` None (default): the
+    figure fills its cell; otherwise it is capped at :data:`MAX_WIDTH`. :func:`map_title` builds a
+    title naming the model, layer and method.
     """
     import plotly.graph_objects as go
 
+    hover = _check_scatter_columns(df, color, symbol, hover)
+    n = len(df)
+    Trace = go.Scattergl if n > webgl_threshold else go.Scatter
+    size = marker_size or (9 if n <= 500 else 7 if n <= 3000 else 5)
+    sym_values = list(pd.unique(df[symbol])) if symbol is not None else [None]
+    if len(sym_values) > len(SYMBOLS):
+        raise ValueError(f"{len(sym_values)} values in {symbol!r} but only {len(SYMBOLS)} marker "
+                         f"symbols; plot fewer sources at once")
+    col_values, continuous = _color_levels(df, color)
+    style_of = _class_styles(col_values)
+    width = fit_width(width)
+
+    fig = go.Figure()
+    for si, s in enumerate(sym_values):
+        for c, mask in _scatter_parts(df, color, symbol, s, col_values, continuous):
+            fig.add_trace(_scatter_trace(Trace, df[mask], color, s, c, SYMBOLS[si], size, continuous,
+                                         style_of, class_names, hover))
+    _show_each_class_once(fig)
+    many_sources = symbol is not None and len(sym_values) > 1 and not continuous
+    if many_sources:
+        _add_source_legend(fig, sym_values)
+    n_classes = len(col_values) if not continuous else 0
+    _scatter_layout(fig, df, color, symbol, title, height, width, many_sources, continuous,
+                    [_class_name(c, class_names) for c in col_values] if n_classes > 18 else None)
+    if selected is not None:
+        highlight(fig, selected)
+    return fig
+
+
+def _check_scatter_columns(df, color, symbol, hover) -> list:
     need = ["x", "y", "index"] + [c for c in (color, symbol) if c is not None]
     missing = [c for c in need if c not in df.columns]
     if missing:
@@ -85,118 +180,131 @@ def embedding_scatter(df: pd.DataFrame, color: str | None = "label", symbol: str
     if bad:
         raise ValueError(f"hover columns {bad} are not in the DataFrame; columns: "
                          f"{list(df.columns)}")
-    n = len(df)
-    Trace = go.Scattergl if n > webgl_threshold else go.Scatter
-    size = marker_size or (7 if n <= 500 else 5 if n <= 3000 else 3.5)
+    return hover
 
-    sym_values = list(pd.unique(df[symbol])) if symbol is not None else [None]
-    if len(sym_values) > len(SYMBOLS):
-        raise ValueError(f"{len(sym_values)} values in {symbol!r} but only {len(SYMBOLS)} marker "
-                         f"symbols; plot fewer sources at once")
-    col_values, continuous = _color_levels(df, color)
-    colors = palette(sum(v is not _NAN for v in col_values))
-    color_of, ci = {}, 0
-    for v in col_values:
-        if v is _NAN:
-            color_of[v] = _NO_LABEL_COLOR
+
+def _class_styles(col_values) -> dict:
+    """Class level -> (fill colour, outline colour or None): palette order over the labelled
+    levels, grey for the missing label, light-tier colours outlined in their base hue."""
+    labelled = [v for v in col_values if v is not _NAN and v is not None]
+    colors = palette(len(labelled))
+    style = {}
+    for i, v in enumerate(labelled):
+        outline = _BASE10[i % len(_BASE10)] if palette_tier(i) > 0 and len(labelled) > 10 else None
+        style[v] = (colors[i], outline)
+    style[_NAN] = (_NO_LABEL_COLOR, None)
+    style[None] = (_BASE10[0], None)
+    return style
+
+
+def _scatter_parts(df, color, symbol, s, col_values, continuous):
+    """(class level, row mask) for the points of source ``s``, one per non-empty class."""
+    smask = np.ones(len(df), bool) if symbol is None else (df[symbol] == s).to_numpy()
+    for c in ([None] if continuous else col_values):
+        if continuous or color is None:
+            mask = smask
+        elif c is _NAN:
+            mask = smask & df[color].isna().to_numpy()
         else:
-            color_of[v] = colors[ci]
-            ci += 1
+            mask = smask & (df[color] == c).to_numpy()
+        if mask.any():
+            yield c, mask
 
+
+def _scatter_trace(Trace, part, color, s, c, symbol, size, continuous, style_of, class_names, hover):
+    cname = "points" if color is None else (color if continuous else _class_name(c, class_names))
+    src = "" if s is None else str(s)
+    marker = dict(symbol=symbol, size=size, opacity=0.85, line=dict(width=0))
+    if continuous:
+        marker.update(color=part[color].to_numpy(dtype=float).round(4), coloraxis="coloraxis")
+    else:
+        fill, outline = style_of[c]
+        marker["color"] = fill
+        if outline:
+            marker["line"] = dict(width=1.2, color=outline)
+    lines = [f"<b>{_esc(cname)}</b>" if not continuous else "", _esc(src), "index %{customdata}"]
+    text = None
+    if hover:
+        text = ["<br>".join(f"{h}: {_fmt(v)}" for h, v in zip(hover, row))
+                for row in part[hover].itertuples(index=False)]
+        lines.append("%{text}")
+    return Trace(
+        # rounded, then float32: plotly stores arrays as base64, 4 bytes a value
+        x=part["x"].to_numpy(dtype=float).round(3).astype(np.float32),
+        y=part["y"].to_numpy(dtype=float).round(3).astype(np.float32),
+        mode="markers", name=cname if not continuous else src,
+        legendgroup=f"class:{cname}" if not continuous else f"source:{src}",
+        showlegend=continuous,  # class entries: set once per class by _show_each_class_once
+        customdata=part["index"].to_numpy(dtype=np.int64), text=text,
+        marker=marker, meta={"source": _py(s), "label": _py(c)},
+        hovertemplate="<br>".join(x for x in lines if x) + "<extra></extra>")
+
+
+def _show_each_class_once(fig):
+    """The class legend lists each class once (the first trace of its legend group); with a
+    continuous colour the sources are listed only when there are several."""
+    groups = [tr.legendgroup for tr in fig.data]
+    if all(g.startswith("source:") for g in groups):
+        if len(groups) == 1:
+            fig.data[0].showlegend = False
+        return
+    seen = set()
+    for tr in fig.data:
+        tr.showlegend = tr.legendgroup not in seen
+        seen.add(tr.legendgroup)
+
+
+def _add_source_legend(fig, sym_values):
+    import plotly.graph_objects as go
+
+    for si, s in enumerate(sym_values):
+        fig.add_trace(go.Scatter(
+            x=[None], y=[None], mode="markers", name=str(s), legend="legend2",
+            legendgroup=f"source:{s}", hoverinfo="skip", meta={"legend_only": True},
+            marker=dict(symbol=SYMBOLS[si], size=10, color="#444444")))
+
+
+def _scatter_layout(fig, df, color, symbol, title, height, width, many_sources, continuous,
+                    wrapped_names):
     method = df.attrs.get("method")
     axis_name = {"tsne": "t-SNE", "umap": "UMAP", "pca": "PC"}.get(method, "dim")
-    fig = go.Figure()
-    seen_legend = set()
-    for si, s in enumerate(sym_values):
-        smask = np.ones(n, bool) if symbol is None else (df[symbol] == s).to_numpy()
-        levels = [None] if continuous else col_values
-        for c in levels:
-            if continuous or color is None:
-                mask = smask
-            elif c is _NAN:
-                mask = smask & df[color].isna().to_numpy()
-            else:
-                mask = smask & (df[color] == c).to_numpy()
-            if not mask.any():
-                continue
-            part = df[mask]
-            cname = "points" if color is None else (
-                color if continuous else _class_name(c, class_names))
-            src = "" if s is None else str(s)
-            marker = dict(symbol=SYMBOLS[si], size=size, opacity=0.8,
-                          line=dict(width=0))
-            if continuous:
-                marker.update(color=part[color].to_numpy(dtype=float).round(4),
-                              coloraxis="coloraxis")
-            else:
-                marker["color"] = color_of[c] if color is not None else _DARK24[0]
-            show = (c not in seen_legend) and not continuous
-            seen_legend.add(c)
-            lines = [f"<b>{_esc(cname)}</b>" if not continuous else "", _esc(src),
-                     "index %{customdata}"]
-            text = None
-            if hover:
-                text = ["<br>".join(f"{h}: {_fmt(v)}" for h, v in zip(hover, row))
-                        for row in part[hover].itertuples(index=False)]
-                lines.append("%{text}")
-            fig.add_trace(Trace(
-                # rounded, then float32: plotly stores arrays as base64, 4 bytes a value
-                x=part["x"].to_numpy(dtype=float).round(3).astype(np.float32),
-                y=part["y"].to_numpy(dtype=float).round(3).astype(np.float32),
-                mode="markers", name=cname if not continuous else src,
-                legendgroup=f"class:{cname}" if not continuous else f"source:{src}",
-                showlegend=show or (continuous and len(sym_values) > 1),
-                customdata=part["index"].to_numpy(dtype=np.int64), text=text,
-                marker=marker, meta={"source": _py(s), "label": _py(c)},
-                hovertemplate="<br>".join(x for x in lines if x) + "<extra></extra>"))
-    many_sources = symbol is not None and len(sym_values) > 1 and not continuous
-    if many_sources:
-        for si, s in enumerate(sym_values):
-            fig.add_trace(go.Scatter(
-                x=[None], y=[None], mode="markers", name=str(s), legend="legend2",
-                legendgroup=f"source:{s}", hoverinfo="skip", meta={"legend_only": True},
-                marker=dict(symbol=SYMBOLS[si], size=9, color="#444444")))
-    n_classes = len(col_values) if not continuous else 0
     legend = dict(itemsizing="constant", font=dict(size=11), tracegroupgap=0,
                   title=dict(text=str(color) if color else ""))
-    margin = dict(l=10, r=10, t=60 if (title or many_sources) else 20, b=10)
-    if n_classes > 18:
-        # a long vertical legend would be clipped in static exports: wrap it below the map, in
-        # columns as wide as the longest class name (plotly adds ~45 px for the symbol);
-        # without a width, assume the ~650 px of a notebook cell
-        longest = max(len(_class_name(c, class_names)) for c in col_values)
-        entry = 36 + 7 * longest
-        per_row = max(1, ((width or 650) - 20) // (entry + 45))
-        legend.update(orientation="h", x=0, y=-0.04, yanchor="top", yref="paper",
-                      entrywidth=entry, title=dict(text=""))
-        margin["b"] = 30 + 21 * math.ceil(n_classes / per_row)
-        height = height + margin["b"]
     fig.update_layout(
         template="plotly_white", height=height, width=width, title=title, legend=legend,
-        margin=margin,
-        xaxis=dict(title=f"{axis_name} 1" if n_classes <= 18 else None, showticklabels=False,
+        margin=dict(l=10, r=10, t=60 if (title or many_sources) else 20, b=10),
+        xaxis=dict(title=f"{axis_name} 1" if not wrapped_names else None, showticklabels=False,
                    zeroline=False),
-        yaxis=dict(title=f"{axis_name} 2" if n_classes <= 18 else None, showticklabels=False,
-                   zeroline=False,
-                   scaleanchor="x", scaleratio=1),
+        yaxis=dict(title=f"{axis_name} 2" if not wrapped_names else None, showticklabels=False,
+                   zeroline=False, scaleanchor="x", scaleratio=1),
         dragmode="lasso", hoverlabel=dict(namelength=-1))
+    if wrapped_names:
+        # a long vertical legend would be clipped in static exports: wrap it below the map
+        fig.update_layout(height=_legend_below(fig, wrapped_names, width, height, plot_bottom=10))
     if many_sources:
         fig.update_layout(legend2=dict(orientation="h", x=1, xanchor="right", y=1.0,
                                        yanchor="bottom", font=dict(size=11), title=dict(
                                            text=str(symbol))))
     if continuous:
         fig.update_layout(coloraxis=dict(colorscale="Viridis", colorbar=dict(title=color)))
-    if selected is not None:
-        highlight(fig, selected)
-    return fig
 
 
-def highlight(fig, indices=None, *, dim: float = 0.12):
+def highlight(fig, indices=None, *, dim: float = 0.12, clear_boxes: bool = True):
     """Highlight the points whose ``customdata`` (sample index) is in ``indices`` in every trace
     of ``fig`` (a ``go.Figure`` or ``go.FigureWidget``, changed in place and returned); the other
-    points are dimmed to opacity ``dim``. ``indices=None`` clears the highlight."""
+    points are dimmed to opacity ``dim``. ``indices=None`` clears the highlight.
+
+    ``clear_boxes`` (default) also removes the boxes and lassos drawn on the figure
+    (``layout.selections``): plotly re-applies a drawn box to whatever lies inside it, so a box
+    kept after a recompute or next to a selection made in another map would highlight other
+    points than ``indices``. Without it, the same selection looks the same in every map."""
     keep = None if indices is None else set(int(i) for i in np.asarray(list(indices)).ravel())
     with fig.batch_update():  # one message to the browser for a FigureWidget
+        # Only boxes the Python side knows of: a box drawn in a browser is not synced back to a
+        # FigureWidget, and removing it from Python makes plotly.js fire a deselect event (measured
+        # with tests/browser), which a widget must then tell apart from a user's deselect.
+        if clear_boxes and fig.layout.selections:
+            fig.layout.selections = ()
         for tr in fig.data:
             if getattr(tr, "meta", None) and isinstance(tr.meta, dict) and \
                     tr.meta.get("legend_only"):
@@ -294,11 +402,11 @@ def training_curves(history, terms: Sequence[str] | None = None,
     One run: a panel of loss terms (colour = term,
     solid = train, dashed = val), a panel of metrics, and a learning-rate panel when it changes.
     Several runs: one panel per term and per metric, colour = run, dash = split.
-    Loss axes are logarithmic when every value is positive and they span at least a decade.
+    A term equal to another in every run and split (a single-term method's ``loss`` is its ``ce``)
+    is drawn once, named ``"loss = ce"``. Loss axes are logarithmic when every value is positive and
+    they span at least a decade. The figure is at most :data:`MAX_WIDTH` px wide; the legend sits
+    in rows below the panels.
     """
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
     runs = _as_runs(history)
     found_terms, found_metrics = [], []
     for h in runs.values():
@@ -311,66 +419,110 @@ def training_curves(history, terms: Sequence[str] | None = None,
                          f"{cols}); expected e.g. epoch, train/kd, val/kd, val/accuracy, lr")
     terms = _pick(terms, found_terms, "terms")
     metrics = _pick(metrics, found_metrics, "metrics")
-    multi = len(runs) > 1 or next(iter(runs)) is not None
+    terms, aliases = _merge_identical_terms(runs, terms)
+    if len(runs) > 1 or next(iter(runs)) is not None:
+        return _overlay_curves(runs, terms, metrics, aliases, title)
+    return _single_run_curves(next(iter(runs.values())), terms, metrics, aliases, title)
 
-    if not multi:
-        h = next(iter(runs.values()))
-        panels = []
-        if terms:
-            panels.append(("loss terms", [(t, s) for t in terms for s in _SPLITS
-                                          if f"{s}/{t}" in h.columns]))
-        if metrics:
-            panels.append(("metrics", [(m, s) for m in metrics for s in _SPLITS
-                                       if f"{s}/{m}" in h.columns]))
-        lr_varies = "lr" in h.columns and h["lr"].nunique(dropna=True) > 1
-        if lr_varies:
-            panels.append(("learning rate", [("lr", None)]))
-        cols = len(panels)
-        fig = make_subplots(rows=1, cols=cols, subplot_titles=[p[0] for p in panels],
-                            horizontal_spacing=0.08)
-        x = _epochs(h)
-        all_names = [*terms, *metrics]
-        colors = dict(zip(all_names, palette(len(all_names))))
-        for pi, (pname, series) in enumerate(panels, start=1):
-            values = []
-            for name, split in series:
-                y = h[name if split is None else f"{split}/{name}"].to_numpy(dtype=float)
-                values.append(y)
-                label = name if split is None else f"{name} ({split})"
-                fig.add_trace(go.Scatter(
-                    x=x, y=np.round(y, 6), mode="lines+markers" if len(x) <= 30 else "lines",
-                    name=label, legendgroup=name, showlegend=pname != "learning rate",
-                    line=dict(color=colors[name] if split else "#555555",
-                              dash=_SPLIT_DASH.get(split, "solid"), width=2),
-                    marker=dict(size=5),
-                    hovertemplate=f"{_esc(label)}<br>epoch %{{x}}: %{{y:.4g}}<extra></extra>"),
-                    row=1, col=pi)
-            if pname in ("loss terms", "learning rate") and _wants_log(values):
-                fig.update_yaxes(type="log", dtick="D2", tickformat=".2~g", row=1, col=pi)
-            if pname == "learning rate":
-                fig.update_yaxes(exponentformat="e", row=1, col=pi)
-        best = h.attrs.get("best_epoch") if hasattr(h, "attrs") else None
-        if best is not None:
-            for pi in range(1, cols + 1):
-                fig.add_vline(x=best, line=dict(color="#888888", dash="dot", width=1.5),
-                              row=1, col=pi)
-            fig.add_annotation(x=best, y=0.02, yref="y domain", xref="x", text=f"best: {best}",
-                               showarrow=False, xanchor="right", yanchor="bottom", xshift=-3,
-                               font=dict(size=10, color="#666666"), bgcolor="rgba(255,255,255,.7)")
-        width = 360 * cols + 200
-        fig.update_layout(template="plotly_white", height=360, width=width, title=title,
-                          legend=dict(font=dict(size=11), tracegroupgap=2),
-                          margin=dict(l=50, r=10, t=70 if title else 40, b=40))
-        fig.update_xaxes(title_text="epoch", **_epoch_ticks(runs))
-        return fig
+
+def _merge_identical_terms(runs: Mapping, terms: Sequence[str]) -> tuple[list[str], dict]:
+    """Drop a term whose columns equal an earlier term's in every run and split; returns the kept
+    terms and ``{kept term: display name}`` (``"loss = ce"``) for the ones that absorbed others."""
+    kept, aliases = [], {}
+    for t in terms:
+        twin = next((k for k in kept if _same_series(runs, k, t)), None)
+        if twin is None:
+            kept.append(t)
+        else:
+            aliases[twin] = f"{aliases.get(twin, twin)} = {t}"
+    return kept, aliases
+
+
+def _same_series(runs, a, b) -> bool:
+    found = False
+    for h in runs.values():
+        for sp in _SPLITS:
+            ca, cb = f"{sp}/{a}", f"{sp}/{b}"
+            if (ca in h.columns) != (cb in h.columns):
+                return False
+            if ca in h.columns:
+                x, y = h[ca].to_numpy(dtype=float), h[cb].to_numpy(dtype=float)
+                if not np.allclose(x, y, rtol=1e-6, atol=1e-9, equal_nan=True):
+                    return False
+                found = True
+    return found
+
+
+def _single_run_curves(h, terms, metrics, aliases, title):
+    """One run: loss terms | metrics | learning rate (when it changes), colour = term."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    panels = []
+    if terms:
+        panels.append(("loss terms", [(t, s) for t in terms for s in _SPLITS if f"{s}/{t}" in h.columns]))
+    if metrics:
+        panels.append(("metrics", [(m, s) for m in metrics for s in _SPLITS if f"{s}/{m}" in h.columns]))
+    if "lr" in h.columns and h["lr"].nunique(dropna=True) > 1:
+        panels.append(("learning rate", [("lr", None)]))
+    cols = len(panels)
+    fig = make_subplots(rows=1, cols=cols, subplot_titles=[p[0] for p in panels], horizontal_spacing=0.08)
+    x = _epochs(h)
+    all_names = [*terms, *metrics]
+    colors = dict(zip(all_names, palette(len(all_names))))
+    legend_names = []
+    for pi, (pname, series) in enumerate(panels, start=1):
+        values = []
+        for name, split in series:
+            y = h[name if split is None else f"{split}/{name}"].to_numpy(dtype=float)
+            values.append(y)
+            shown = aliases.get(name, name)
+            label = shown if split is None else f"{shown} ({split})"
+            if pname != "learning rate":
+                legend_names.append(label)
+            fig.add_trace(go.Scatter(
+                x=x, y=np.round(y, 6), mode="lines+markers" if len(x) <= 30 else "lines",
+                name=label, legendgroup=name, showlegend=pname != "learning rate",
+                line=dict(color=colors[name] if split else "#555555",
+                          dash=_SPLIT_DASH.get(split, "solid"), width=2),
+                marker=dict(size=6),
+                hovertemplate=f"{_esc(label)}<br>epoch %{{x}}: %{{y:.4g}}<extra></extra>"),
+                row=1, col=pi)
+        if pname in ("loss terms", "learning rate") and _wants_log(values):
+            fig.update_yaxes(type="log", dtick="D2", tickformat=".2~g", row=1, col=pi)
+        if pname == "learning rate":
+            fig.update_yaxes(exponentformat="e", row=1, col=pi)
+    _mark_best_epoch(fig, h.attrs.get("best_epoch") if hasattr(h, "attrs") else None, cols)
+    width = fit_width(340 * cols + 120)
+    fig.update_layout(template="plotly_white", width=width, title=title,
+                      margin=dict(l=50, r=10, t=70 if title else 40))
+    fig.update_layout(height=_legend_below(fig, legend_names, width, 340, plot_bottom=50))
+    fig.update_xaxes(title_text="epoch", **_epoch_ticks({None: h}))
+    return fig
+
+
+def _mark_best_epoch(fig, best, cols):
+    if best is None:
+        return
+    for pi in range(1, cols + 1):
+        fig.add_vline(x=best, line=dict(color="#888888", dash="dot", width=1.5), row=1, col=pi)
+    fig.add_annotation(x=best, y=0.02, yref="y domain", xref="x", text=f"best: {best}",
+                       showarrow=False, xanchor="right", yanchor="bottom", xshift=-3,
+                       font=dict(size=10, color="#666666"), bgcolor="rgba(255,255,255,.7)")
+
+
+def _overlay_curves(runs, terms, metrics, aliases, title):
+    """Several runs: one panel per term and metric (three a row), colour = run, dash = split."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
     names = [*terms, *metrics]
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, horizontal_spacing=0.07,
-                        vertical_spacing=0.14 if rows > 1 else 0.1)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[aliases.get(n, n) for n in names],
+                        horizontal_spacing=0.07, vertical_spacing=0.14 if rows > 1 else 0.1)
     run_colors = dict(zip(runs, palette(len(runs))))
-    shown = set()
+    shown, legend_names = set(), []
     for k, name in enumerate(names):
         r, c = divmod(k, cols)
         values = []
@@ -383,12 +535,13 @@ def training_curves(history, terms: Sequence[str] | None = None,
                 y = h[col].to_numpy(dtype=float)
                 values.append(y)
                 key = (run, split)
+                if key not in shown:
+                    legend_names.append(f"{run} ({split})")
                 fig.add_trace(go.Scatter(
                     x=x, y=np.round(y, 6), mode="lines+markers" if len(x) <= 30 else "lines",
-                    name=f"{run} ({split})", legendgroup=f"{run}/{split}",
-                    showlegend=key not in shown,
+                    name=f"{run} ({split})", legendgroup=f"{run}/{split}", showlegend=key not in shown,
                     line=dict(color=run_colors[run], dash=_SPLIT_DASH[split], width=2),
-                    marker=dict(size=4),
+                    marker=dict(size=5),
                     hovertemplate=f"{_esc(run)} {split}/{_esc(name)}<br>epoch %{{x}}: "
                                   f"%{{y:.4g}}<extra></extra>"),
                     row=r + 1, col=c + 1)
@@ -399,9 +552,10 @@ def training_curves(history, terms: Sequence[str] | None = None,
                               row=r + 1, col=c + 1)
         if name in terms and _wants_log(values):
             fig.update_yaxes(type="log", dtick="D2", tickformat=".2~g", row=r + 1, col=c + 1)
-    fig.update_layout(template="plotly_white", height=300 * rows + 60, width=330 * cols + 220,
-                      title=title, legend=dict(font=dict(size=11)),
-                      margin=dict(l=50, r=10, t=70 if title else 40, b=40))
+    width = fit_width(330 * cols + 120)
+    fig.update_layout(template="plotly_white", width=width, title=title,
+                      margin=dict(l=50, r=10, t=70 if title else 40))
+    fig.update_layout(height=_legend_below(fig, legend_names, width, 300 * rows + 60, plot_bottom=50))
     fig.update_xaxes(title_text="epoch", row=rows)
     fig.update_xaxes(**_epoch_ticks(runs))
     return fig
@@ -464,90 +618,123 @@ def _wants_log(values):
 # ------------------------------------------------------------------------------------------------
 # grids of maps and images
 # ------------------------------------------------------------------------------------------------
+def heat_scale(values, symmetric: bool = True, diverging: str = "RdBu_r",
+               positive: str = "Reds", negative: str = "Blues_r") -> tuple[str, float, float]:
+    """The colour scale and range for heat maps of ``values`` (an array or a list of them):
+    a diverging scale ``[-m, m]`` (``m`` = max ``|value|``, white at 0) only when the values have
+    both signs; otherwise a sequential scale from 0 (white) to the largest value — or from the
+    smallest value to 0 when all are ≤ 0. ``symmetric=False``: Viridis over min..max."""
+    arrs = [np.asarray(v, dtype=np.float64).ravel() for v in (values if isinstance(values, (list, tuple))
+                                                               else [values])]
+    v = np.concatenate(arrs) if arrs else np.zeros(1)
+    v = v[np.isfinite(v)]
+    lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 1.0)
+    if not symmetric:
+        return "Viridis", lo, (hi if hi > lo else lo + 1.0)
+    if lo < 0 < hi:
+        m = max(-lo, hi)
+        return diverging, -m, m
+    if hi > 0:
+        return positive, 0.0, hi
+    if lo < 0:
+        return negative, lo, 0.0
+    return positive, 0.0, 1.0  # all zero
+
+
 def feature_grid(maps, titles=None, row_titles=None, symmetric: str | None = "row",
-                 colorscale: str = "RdBu_r", cell: int = 120):
-    """A grid of 2-D maps on a diverging colour scale symmetric about 0.
+                 colorscale: str = "RdBu_r", cell: int = 120, shared: bool = False):
+    """A grid of 2-D maps, every scale with a colour bar.
 
     ``maps``: a list of rows, each a list of ``(H, W)`` arrays (numpy or torch), ``None`` (an
     empty cell), or RGB images (``uint8 (H, W, 3)``, drawn as images); or an array
     ``(R, C, H, W)``. ``titles``: one per column (a flat list) or per cell (list of lists).
-    ``symmetric``: ``"row"`` (one range ``[-m, m]`` per row, ``m`` = the row's max ``|value|``,
-    with one colour bar per row), ``"map"`` (per map, no colour bars), ``"global"`` (one range,
-    one colour bar) or ``None`` (each map its own min..max on a sequential scale).
+    ``symmetric`` says which maps share a colour scale: ``"row"`` (one per row), ``"map"`` (one per
+    map), ``"global"`` (one for all; ``shared=True`` is the same) or ``None`` (one per map, Viridis
+    over its min..max). Within a scale the colours follow :func:`heat_scale`: the diverging
+    ``colorscale`` symmetric about 0 only when the values have both signs, else a sequential scale
+    from 0 (post-ReLU maps are all ≥ 0). Every scale gets a colour bar (per row: right of the row;
+    per map: right of the map). The figure is at most :data:`MAX_WIDTH` px wide (cells shrink).
     """
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     if symmetric not in ("row", "map", "global", None):
         raise ValueError(f"symmetric must be 'row', 'map', 'global' or None, got {symmetric!r}")
+    if shared:
+        symmetric = "global"
     grid = _as_grid(maps)
     R, C = len(grid), max(len(r) for r in grid)
     cell_titles = _cell_titles(titles, R, C)
-
-    def is_image(a):
-        return a is not None and a.ndim == 3
-
-    scalar_max = []
-    for row in grid:
-        scalar_max.append([float(np.nanmax(np.abs(a))) if a is not None and not is_image(a)
-                           and np.isfinite(a).any() else 0.0 for a in row])
-    global_max = max((m for r in scalar_max for m in r), default=0.0) or 1.0
-
-    fig = make_subplots(rows=R, cols=C, subplot_titles=[t or "" for r in cell_titles for t in r],
-                        row_titles=list(row_titles) if row_titles is not None else None,
-                        horizontal_spacing=0.02, vertical_spacing=0.06 if R > 1 else 0.02)
     if row_titles is not None and len(row_titles) != R:
         raise ValueError(f"row_titles has {len(row_titles)} entries for {R} rows")
-    axes_used = {}
+    has_heat = any(a is not None and a.ndim == 2 for row in grid for a in row)
+    per_map = symmetric in ("map", None) and has_heat
+    bar_px = 46 if per_map else 0            # room right of every map for its colour bar
+    right = 0 if per_map else (80 if row_titles else 60) if has_heat else (30 if row_titles else 0)
+    cell = min(cell, (MAX_WIDTH - 40 - right) // C - bar_px)
+    width = int((cell + bar_px) * C + 40 + right)
+    fig = make_subplots(rows=R, cols=C, subplot_titles=[t or "" for r in cell_titles for t in r],
+                        row_titles=list(row_titles) if row_titles is not None else None,
+                        horizontal_spacing=(bar_px + 8) / width if per_map else 0.02,
+                        vertical_spacing=0.06 if R > 1 else 0.02)
+    scales = _grid_scales(grid, symmetric, colorscale)
     for r, row in enumerate(grid):
-        rmax = max(scalar_max[r], default=0.0) or 1.0
         for c in range(C):
             a = row[c] if c < len(row) else None
             if a is None:
                 continue
-            if is_image(a):
+            if a.ndim == 3:
                 fig.add_trace(go.Image(source=_png_uri(to_rgb_uint8(a)), hoverinfo="skip"),
                               row=r + 1, col=c + 1)
             else:
-                z = np.asarray(a, dtype=np.float32)
-                if symmetric == "map":
-                    m = scalar_max[r][c] or 1.0
-                    ca, zmin, zmax = f"coloraxis{_axis_no(r * C + c)}", -m, m
-                elif symmetric == "row":
-                    ca, zmin, zmax = f"coloraxis{_axis_no(r)}", -rmax, rmax
-                elif symmetric == "global":
-                    ca, zmin, zmax = "coloraxis", -global_max, global_max
-                else:
-                    ca = f"coloraxis{_axis_no(r * C + c)}"
-                    zmin, zmax = float(np.nanmin(z)), float(np.nanmax(z))
-                axes_used[ca] = (zmin, zmax, r)
                 fig.add_trace(go.Heatmap(
-                    z=z, coloraxis=ca, hovertemplate="(%{y}, %{x}): %{z:.3g}<extra></extra>"),
-                    row=r + 1, col=c + 1)
+                    z=np.asarray(a, dtype=np.float32), coloraxis=scales[(r, c)],
+                    hovertemplate="(%{y}, %{x}): %{z:.3g}<extra></extra>"), row=r + 1, col=c + 1)
             fig.update_xaxes(visible=False, row=r + 1, col=c + 1)
             fig.update_yaxes(visible=False, autorange="reversed", scaleanchor=_anchor(fig, r, c),
                              scaleratio=1, row=r + 1, col=c + 1)
     height = int(cell * R + 60 + (30 if any(t for rr in cell_titles for t in rr) else 0))
-    width = int(cell * C + 140)
-    layout = {}
-    for ca, (zmin, zmax, r) in axes_used.items():
-        show = symmetric in ("row", "global")
-        spec = dict(cmin=zmin, cmax=zmax, showscale=show,
-                    colorscale=colorscale if symmetric is not None else "Viridis")
-        if show:
-            if symmetric == "row":
-                dom = fig.get_subplot(r + 1, 1).yaxis.domain
-                spec["colorbar"] = dict(y=(dom[0] + dom[1]) / 2, len=(dom[1] - dom[0]) * 0.95,
-                                        thickness=12, x=1.0 + (0.06 if row_titles else 0.01),
-                                        tickfont=dict(size=10), tickformat=".2g")
-            else:
-                spec["colorbar"] = dict(thickness=12, tickfont=dict(size=10), tickformat=".2g")
-        layout[ca] = spec
-    fig.update_layout(template="plotly_white", height=height, width=width, **layout,
-                      margin=dict(l=10, r=80 if row_titles else 60, t=40, b=10),
-                      plot_bgcolor="white")
+    fig.update_layout(template="plotly_white", height=height, width=width,
+                      **_grid_coloraxes(fig, scales, grid, symmetric, bool(row_titles), colorscale),
+                      margin=dict(l=10, r=right + 10, t=40, b=10), plot_bgcolor="white")
     fig.update_annotations(font_size=11)
     return fig
+
+
+def _grid_scales(grid, symmetric, colorscale) -> dict:
+    """(row, col) of every scalar map -> the name of its colour axis."""
+    out = {}
+    for r, row in enumerate(grid):
+        for c, a in enumerate(row):
+            if a is None or a.ndim == 3:
+                continue
+            k = 0 if symmetric == "global" else r if symmetric == "row" else len(out)
+            out[(r, c)] = f"coloraxis{_axis_no(k)}"
+    return out
+
+
+def _grid_coloraxes(fig, scales, grid, symmetric, has_row_titles, colorscale) -> dict:
+    """The layout's colour axes: scale and range per :func:`heat_scale`, a colour bar each."""
+    members = {}
+    for (r, c), ca in scales.items():
+        members.setdefault(ca, []).append((r, c))
+    layout = {}
+    for ca, cells in members.items():
+        name, lo, hi = heat_scale([grid[r][c] for r, c in cells], symmetric=symmetric is not None,
+                                  diverging=colorscale)
+        bar = dict(thickness=10, tickfont=dict(size=9), tickformat=".2~g", outlinewidth=0)
+        r, c = cells[0]
+        if symmetric in ("map", None):
+            sub = fig.get_subplot(r + 1, c + 1)
+            xd, yd = sub.xaxis.domain, sub.yaxis.domain
+            bar.update(x=xd[1] + 0.004, xanchor="left", y=(yd[0] + yd[1]) / 2, len=(yd[1] - yd[0]),
+                       thickness=8)
+        elif symmetric == "row":
+            yd = fig.get_subplot(r + 1, 1).yaxis.domain
+            bar.update(y=(yd[0] + yd[1]) / 2, len=(yd[1] - yd[0]) * 0.95,
+                       x=1.0 + (0.06 if has_row_titles else 0.01))
+        layout[ca] = dict(cmin=lo, cmax=hi, colorscale=name, showscale=True, colorbar=bar)
+    return layout
 
 
 def _axis_no(k):
@@ -663,6 +850,7 @@ def image_grid(images, titles=None, cols: int = 8, cell: int = 96):
         raise ValueError(f"{len(titles)} titles for {len(imgs)} images")
     cols = max(1, min(cols, len(imgs)))
     rows = math.ceil(len(imgs) / cols)
+    cell = min(cell, (MAX_WIDTH - 20) // cols)
     fig = make_subplots(rows=rows, cols=cols, horizontal_spacing=0.01,
                         vertical_spacing=0.08 if titles is not None else 0.01,
                         subplot_titles=[str(t) for t in titles] if titles is not None else None)
@@ -712,6 +900,8 @@ def bar(data, x: str | None = None, y: str | None = None, error: str | None = No
     fig.update_layout(template="plotly_white", title=title, barmode="group", height=360,
                       yaxis_title=ylabel or (y if y not in (None, "y") else None),
                       margin=dict(l=50, r=10, t=60 if title else 30, b=40))
+    if len(groups) > 6:
+        fig.update_layout(height=_legend_below(fig, [str(g) for g in groups], None, 360, plot_bottom=60))
     return fig
 
 
@@ -798,6 +988,7 @@ def dense_predictions(image, rows: Mapping[str, Mapping[str, object]], kinds: Ma
     if unknown:
         raise ValueError(f"kinds must say 'labels' or 'scalar' for every row; missing/invalid for {unknown}")
     columns = list(dict.fromkeys(c for r in rows.values() for c in r))
+    cell = min(cell, (MAX_WIDTH - 330) // (len(columns) + 1))
     n_classes = len(class_names) if class_names is not None else None
     grid, titles, present, ranges = [], [], set(), {}
     for ri, (task, maps) in enumerate(rows.items()):
@@ -937,8 +1128,11 @@ def metric_curves(df: pd.DataFrame, x: str, metrics: Sequence[str], group: str |
                     hovertemplate=f"{_esc(name)}<br>{_esc(x)} %{{x:.4g}}<br>{_esc(m)} %{{y:.4g}}<extra></extra>"),
                     row=1, col=k)
     fig.update_xaxes(title_text=x_title or x, type="log" if log_x else None)
-    fig.update_layout(template="plotly_white", height=height, width=max(420, 330 * len(metrics) + 160), title=title,
-                      legend=dict(font=dict(size=11)), margin=dict(l=50, r=10, t=70 if title else 40, b=50))
+    width = fit_width(max(420, 300 * len(metrics) + 100))
+    fig.update_layout(template="plotly_white", width=width, title=title,
+                      legend=dict(font=dict(size=11)), margin=dict(l=50, r=10, t=70 if title else 40))
+    names = [t.name for t in fig.data if t.showlegend]
+    fig.update_layout(height=_legend_below(fig, names, width, height, plot_bottom=50))
     return fig
 
 
@@ -984,6 +1178,7 @@ def side_by_side(figures: Sequence, titles: Sequence[str] | None = None, *, pane
     has_legend2 = last.legend2 is not None and bool(last.legend2.to_plotly_json())
     # room above the panels for the panel titles and, above them, the sources' legend
     margin["t"] = max(margin.get("t", 40) or 40, 100 if has_legend2 else 60)
+    panel_width = min(panel_width, (MAX_WIDTH - 60) // n)
     fig.update_layout(template="plotly_white", height=height, width=panel_width * n + 60,
                       legend=last.legend, margin=margin, dragmode=last.dragmode,
                       hoverlabel=dict(namelength=-1))

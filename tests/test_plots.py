@@ -216,7 +216,8 @@ def test_feature_grid_array_input_and_symmetry_modes():
     assert g.layout.coloraxis.cmax == pytest.approx(55) and g.layout.coloraxis.cmin == -55
     m = P.feature_grid(maps, symmetric="map")
     assert len({t.coloraxis for t in m.data}) == 6
-    assert m.layout.coloraxis.cmax == pytest.approx(40)
+    # the first map is all negative (-40..-25): a sequential scale ending at 0, not a diverging one
+    assert (m.layout.coloraxis.cmin, m.layout.coloraxis.cmax) == (pytest.approx(-40), 0)
     n = P.feature_grid(maps, symmetric=None)
     assert n.layout.coloraxis.cmin == pytest.approx(-40) and n.layout.coloraxis.cmax == \
         pytest.approx(-25)
@@ -288,3 +289,151 @@ def test_training_curves_label_whole_epochs():
     assert few.layout.xaxis.dtick == 1 and few.layout.xaxis2.dtick == 1
     many = P.training_curves({"a": history(n=40, best=30)}, terms=["kd"], metrics=["accuracy"])
     assert many.layout.xaxis.dtick is None  # plotly picks the ticks for long runs
+
+
+# ------------------------------------------------------------------------------------------------
+# figures that fit JupyterLab (issue 18): width, legends, palettes, colour bars, titles
+# ------------------------------------------------------------------------------------------------
+def _teacher_history(scale, n=6):
+    ep = np.arange(1, n + 1)
+    loss = scale / ep
+    return pd.DataFrame({"epoch": ep, "train/loss": loss, "train/ce": loss, "val/loss": loss * 1.1,
+                         "val/ce": loss * 1.1, "val/accuracy": 1 - 0.5 / ep})
+
+
+def _all_figures():
+    rng = np.random.default_rng(0)
+    df = emb_df(n_per_source=40, classes=20)
+    cur = pd.DataFrame({"params": np.tile([1e5, 2e5], 3), "a": rng.random(6), "b": rng.random(6),
+                        "c": rng.random(6), "d": rng.random(6), "e": rng.random(6),
+                        "g": np.repeat(["x", "y", "z"], 2)})
+    seg = rng.integers(0, 4, size=(8, 8))
+    return {
+        "training_curves (one run)": P.training_curves(history()),
+        "training_curves (runs)": P.training_curves({f"run number {i}": history() for i in range(5)}),
+        "embedding_scatter": P.embedding_scatter(df, width=2000),
+        "side_by_side": P.side_by_side([P.embedding_scatter(df)] * 3, panel_width=600),
+        "metric_curves": P.metric_curves(cur, x="params", metrics=list("abcde"), group="g"),
+        "dense_predictions": P.dense_predictions(
+            rng.random((8, 8, 3)), {"seg": {f"model {i}": seg for i in range(8)}}, kinds={"seg": "labels"}),
+        "feature_grid": P.feature_grid([[rng.normal(size=(4, 4)) for _ in range(12)]], symmetric="map"),
+        "image_grid": P.image_grid(rng.random((24, 4, 4, 3)), cols=24, cell=96),
+        "bar": P.bar(pd.Series([1.0, 2.0], index=["a", "b"])),
+    }
+
+
+def test_every_figure_fits_the_output_area():
+    for name, fig in _all_figures().items():
+        w = fig.layout.width
+        assert w is None or w <= P.MAX_WIDTH <= 1100, f"{name}: width {w}"
+    assert P.embedding_scatter(emb_df()).layout.width is None  # fills its cell by default
+
+
+def test_curve_legends_are_rows_below_the_plot_with_room_for_them():
+    for fig in (P.training_curves({f"a long run name {i}": history() for i in range(9)}),
+                P.training_curves(history())):
+        lg = fig.layout.legend
+        assert lg.orientation == "h" and lg.yref == "container" and lg.yanchor == "bottom"
+        shown = [t.name for t in fig.data if t.showlegend is not False]
+        per_row = max(1, (fig.layout.width - 40) // lg.entrywidth)
+        rows = -(-len(shown) // per_row)
+        assert fig.layout.margin.b >= 21 * rows + 40     # the rows fit under the x axis title
+        assert lg.entrywidth >= 7 * max(len(n) for n in shown)  # entries are not cut
+
+
+def test_training_curves_draw_a_term_equal_to_another_once():
+    fig = P.training_curves({"resnet": _teacher_history(2.0), "vgg": _teacher_history(3.0)})
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles[:2] == ["loss = ce", "accuracy"] and "ce" not in titles
+    one = P.training_curves(_teacher_history(2.0))
+    assert {t.name for t in one.data} == {"loss = ce (train)", "loss = ce (val)", "accuracy (val)"}
+    # equal in one run only: both kept
+    other = _teacher_history(3.0)
+    other["train/ce"] = other["train/ce"] * 0.5
+    fig = P.training_curves({"resnet": _teacher_history(2.0), "vgg": other})
+    assert [a.text for a in fig.layout.annotations][:3] == ["loss", "ce", "accuracy"]
+
+
+def _deutan(rgb):
+    """Viénot, Brettel & Mollon (1999) deuteranopia simulation in linear RGB."""
+    lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    m = np.array([[0.29275, 0.70725, 0.0], [0.29275, 0.70725, 0.0], [-0.02234, 0.02234, 1.0]])
+    return np.clip(lin @ m.T, 0, 1)
+
+
+def _rgb(colors):
+    return np.array([[int(c[i:i + 2], 16) / 255 for i in (1, 3, 5)] for c in colors])
+
+
+def test_palette_many_classes_hue_times_lightness_and_colour_blind_aware():
+    twenty = P.palette(20)
+    assert len(set(twenty)) == 20 and len(set(P.palette(50))) == 50
+    assert twenty[:10] == P.palette(10)
+    rgb = _rgb(twenty)
+    d = np.linalg.norm(rgb[:, None] - rgb[None], axis=-1) + np.eye(20) * 9
+    assert d[:10, :10].min() > 0.15                   # the ten base hues are far apart (0.16)
+    # the light tier is closer (light orange vs light yellow: 0.071); its markers carry an outline too
+    assert d.min() > 0.065
+    light = rgb[10:].mean(axis=1) - rgb[:10].mean(axis=1)
+    assert (light > 0.15).all()                       # the second ten: same hues, lighter
+    assert [P.palette_tier(i) for i in (0, 9, 10, 19)] == [0, 0, 1, 1]
+    sim = _deutan(_rgb(P.palette(8)))                 # the first eight stay apart for a deutan eye
+    ds = np.linalg.norm(sim[:, None] - sim[None], axis=-1) + np.eye(8) * 9
+    assert ds.min() > 0.15
+    old = _deutan(_rgb(["#1F77B4", "#FF7F0E", "#2CA02C", "#D62728", "#9467BD", "#8C564B", "#E377C2", "#7F7F7F"]))
+    do = np.linalg.norm(old[:, None] - old[None], axis=-1) + np.eye(8) * 9
+    assert ds.min() > do.min()                        # better than the tab10 colours it replaces
+
+
+def test_scatter_many_classes_outline_light_tier_and_bigger_markers():
+    df = emb_df(n_per_source=60, sources=("a",), classes=20)
+    fig = P.embedding_scatter(df)
+    by_label = {t.meta["label"]: t for t in fig.data}
+    assert by_label[0].marker.line.width == 0
+    assert by_label[10].marker.line.width > 0 and by_label[10].marker.line.color == by_label[0].marker.color
+    assert by_label[0].marker.size >= 8               # 60 points
+    big = emb_df(n_per_source=700, sources=("a", "b", "c"), classes=3)
+    assert data_traces(P.embedding_scatter(big))[0].marker.size >= 7
+
+
+def test_heat_scale_diverging_only_with_both_signs():
+    assert P.heat_scale(np.array([-1.0, 3.0])) == ("RdBu_r", -3.0, 3.0)
+    assert P.heat_scale(np.array([0.0, 2.0, 5.0])) == ("Reds", 0.0, 5.0)
+    assert P.heat_scale([np.array([1.0, 2.0]), np.array([0.5])]) == ("Reds", 0.0, 2.0)
+    assert P.heat_scale(np.array([-4.0, -1.0])) == ("Blues_r", -4.0, 0.0)
+    assert P.heat_scale(np.array([2.0, 5.0]), symmetric=False) == ("Viridis", 2.0, 5.0)
+
+
+def test_feature_grid_colourbar_on_every_scale_and_shared_option():
+    rng = np.random.default_rng(0)
+    relu = [np.maximum(rng.normal(size=(6, 6)), 0) * (k + 1) for k in range(4)]
+    img = np.zeros((6, 6, 3), np.uint8)
+    for sym in ("map", "row", "global", None):
+        fig = P.feature_grid([[img, *relu]], symmetric=sym)
+        axes = {t.coloraxis for t in fig.data if isinstance(t, go.Heatmap)}
+        assert axes and all(fig.layout[a].showscale for a in axes), sym
+    per_map = P.feature_grid([[img, *relu]], symmetric="map")
+    assert per_map.layout.coloraxis.colorscale[0][1] == go.Figure(
+        layout=dict(coloraxis=dict(colorscale="Reds"))).layout.coloraxis.colorscale[0][1]
+    assert per_map.layout.coloraxis.cmin == 0        # post-ReLU: sequential from 0
+    shared = P.feature_grid([[img, *relu]], symmetric="map", shared=True)
+    assert {t.coloraxis for t in shared.data if isinstance(t, go.Heatmap)} == {"coloraxis"}
+    assert shared.layout.coloraxis.cmax == pytest.approx(max(float(a.max()) for a in relu), rel=1e-5)
+
+
+def test_map_title_names_space_model_layer_and_method():
+    assert P.map_title("common space", model="CFL · vgg8", layer="features", method="tsne",
+                       params={"perplexity": 30}) == "common space · CFL · vgg8 · features · t-SNE (perplexity 30)"
+    assert P.map_title(model="resnet", method="umap", params={"n_neighbors": 15, "min_dist": 0.1}) == \
+        "resnet · UMAP (n neighbors 15, min dist 0.1)"
+
+
+def test_highlight_clears_drawn_boxes():
+    fig = P.embedding_scatter(emb_df())
+    fig.update_layout(selections=[dict(type="rect", x0=0, x1=1, y0=0, y1=1)])
+    P.highlight(fig, [1, 2])
+    assert not fig.layout.selections
+    fig.update_layout(selections=[dict(type="rect", x0=0, x1=1, y0=0, y1=1)])
+    P.highlight(fig, [1, 2], clear_boxes=False)
+    assert len(fig.layout.selections) == 1
+
