@@ -88,10 +88,10 @@ class Lab:
             try:
                 self.api("status")
                 break
-            except OSError:
+            except OSError as exc:
                 if time.monotonic() - t0 > timeout:
                     raise RuntimeError(f"jupyter lab did not answer on port {self.port} within {timeout} s; "
-                                       f"see {self.log.name}")
+                                       f"see {self.log.name}") from exc
                 time.sleep(0.5)
         from playwright.sync_api import sync_playwright
 
