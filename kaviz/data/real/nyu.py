@@ -66,15 +66,14 @@ def detect_layout(root: Path, split: str, classes: int = 13) -> str:
     for layout in candidates:
         if len(present[layout]) == 3:
             return layout
+    if classes == 40 and (root / "train" / "label").is_dir():
+        _raise(root, "MTAN's folders hold the 13-class labels only (label/); classes=40 needs seg40/ maps")
     best = max(candidates, key=lambda k: len(present[k]))
     if present[best]:  # a layout partly there: name what it lacks
         missing = [f for f in _folders(best, split, seg).values() if f not in present[best]]
         raise layout_error(TITLE, root, "missing " + ", ".join(missing), LAYOUT)
     found = sorted(p.name + "/" for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    if classes == 40 and (root / "train" / "label").is_dir():
-        problem = "MTAN's folders hold the 13-class labels only (label/); classes=40 needs seg40/ maps"
-    else:
-        problem = (f"no {split} split in any known layout (looked for {split}/image + {split}/{seg} + "
+    problem = (f"no {split} split in any known layout (looked for {split}/image + {split}/{seg} + "
                    f"{split}/depth, image/{split} + {seg}/{split} + depth/{split}"
                    + (", and MTAN's train|val/image + label + depth" if classes == 13 else "") + ")"
                    + (f"; the folder holds {', '.join(found[:8])}" if found else ""))
