@@ -3,7 +3,7 @@ paper notebooks end to end on a CPU (tests/test_realdata_notebooks.py).
 
     python tests/make_fixtures.py OUT [--only cub200,voc2007]
 
-writes ``OUT/CUB_200_2011``, ``OUT/StanfordDogs``, ``OUT/VOC2007``, ``OUT/coco``, ``OUT/celeba``,
+writes ``OUT/CUB_200_2011`` (and ``OUT/CUB_200_2011_15``, 15 images per class), ``OUT/StanfordDogs``, ``OUT/VOC2007``, ``OUT/coco``, ``OUT/celeba``,
 ``OUT/nyuv2``, ``OUT/nyuv2_mtan``, ``OUT/CamVid`` (about 2 MB in all, a few seconds). The formats are
 the real ones: CUB's text files with float ``x y w h`` boxes and CRLF endings, Stanford Dogs' MATLAB
 ``train_list.mat``/``test_list.mat`` and XML boxes, VOC XML with ``difficult``, COCO 2014 json with
@@ -227,6 +227,9 @@ def make_camvid(root: Path, sizes=(("train", 8), ("val", 3), ("test", 3)), h: in
 
 BUILDERS = {
     "cub200": ("CUB_200_2011", make_cub),
+    # 10 training images per class: the smallest CUB-like split on which a 10 % validation share
+    # stratified by class still holds one image of every class
+    "cub200_15": ("CUB_200_2011_15", lambda root: make_cub(root, per_class=15)),
     "stanford_dogs": ("StanfordDogs", make_dogs),
     "voc2007": ("VOC2007", make_voc),
     "coco2014": ("coco", make_coco),

@@ -30,6 +30,7 @@ CASES = [
     ("common_feature_learning", "cub_dogs",
      {"DATA": "cub_dogs", "CUB_ROOT": "@cub200", "DOGS_ROOT": "@stanford_dogs"}),
     ("knowledge_consistency", "cub200", {"DATA": "cub200", "CUB_ROOT": "@cub200"}),
+    ("knowledge_consistency", "cub200_15", {"DATA": "cub200", "CUB_ROOT": "@cub200_15"}),
     ("layerwise_amalgamation", "cub200", {"DATA": "cub200", "CUB_ROOT": "@cub200", "IMAGE_SIZE": 64}),
     ("feature_mimicking_lsh", "voc2007", {"DATA": "voc2007", "VOC_ROOT": "@voc2007"}),
     ("feature_mimicking_lsh", "coco2014", {"DATA": "coco2014", "COCO_ROOT": "@coco2014"}),
@@ -38,7 +39,12 @@ CASES = [
 
 SLOW = {("common_feature_learning", "cub_dogs")}
 # Failures inside method code (kaviz/methods/**), not fixed here: strict xfails that flip when fixed.
-XFAIL: dict[tuple[str, str], str] = {}
+XFAIL: dict[tuple[str, str], str] = {
+    ("knowledge_consistency", "cub200"): (
+        "kaviz/methods/consistency.py load_data('cub200') holds out val=0.1 of the training split stratified by "
+        "class: with 4 training images per class the validation split is empty, and Relabelled.__init__ "
+        "(via coarse_task) fails with 'max(): Expected reduction dim to be specified for input.numel() == 0'"),
+}
 
 
 @pytest.fixture(scope="module")
