@@ -58,6 +58,8 @@ portability: setup
 test: setup
 	CI=1 $(PY) -m pytest -q tests
 	CI=1 $(PY) -m pytest -q $(NBVAL) notebooks
+	@echo "nbval under another floating-point path: $(ALT_FP)"
+	CI=1 $(ALT_FP) $(PY) -m pytest -q $(NBVAL) notebooks
 
 # Re-execute the notebooks in place (for developers: after a change, store fresh outputs).
 execute: setup

@@ -161,7 +161,7 @@ def expect(name: str, value, stored: float | None = None, tol: float | None = No
         ok = ok and v <= at_most
     expectation = ", ".join(parts)
     _record(dict(kind="expect", name=name, value=v, stored=stored, tol=tol, at_least=at_least,
-                 at_most=at_most, ok=ok))
+                 at_most=at_most, ok=bool(ok)))
     if not ok and not _recording():
         where = f" The band comes from {why}." if why else ""
         raise ExpectationError(
@@ -266,7 +266,7 @@ def expect_verdict(comparison: Comparison, expected: str | Iterable[str]) -> Com
     ok = comparison.verdict in allowed
     shown = " or ".join(v for v in VERDICTS if v in allowed)
     _record(dict(kind="verdict", name=comparison.claim, value=comparison.margin_std, verdict=comparison.verdict,
-                 expected=sorted(allowed), ok=ok))
+                 expected=sorted(allowed), ok=bool(ok)))
     if not ok and not _recording():
         raise ExpectationError(
             f"{comparison.claim}: the re-run's verdict is '{comparison.verdict}' "
