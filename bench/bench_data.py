@@ -1,9 +1,16 @@
-"""Speed of the embedded datasets (target: 5,000 32x32 shapes well under 1 s).
-    python bench/bench_data.py
+"""Speed of the embedded datasets (target: 5,000 32x32 shapes well under 1 s), and of the real-format data
+path against a plain torchvision ImageFolder + transforms.v2 baseline on the same JPEG files (target: ratio
+>= 1.0).
+    python bench/bench_data.py [--real-only] [--n 240]
 Prints the best of a few runs (the machine may be shared) in images per second.
 """
+import argparse
+import sys
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 import kaviz.data as D
@@ -18,8 +25,79 @@ def best(fn, repeats=5):
     return min(times)
 
 
+def real_format(n: int = 240, size=(375, 500), image_size: int = 224, repeats: int = 3):
+    """images/s of one worker (one process, num_workers=0) reading CUB-format JPEGs with the training
+    transform (RandomResizedCrop 224 + flip + normalise), kaviz.data.real vs torchvision ImageFolder."""
+    from PIL import Image
+    from torchvision import datasets
+    from torchvision.transforms import v2
+
+    from kaviz.data import real
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from fixtures_real import save_jpeg_variant
+
+    rng = np.random.default_rng(0)
+    h, w = size
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "CUB_200_2011"
+        n_classes = 4
+        lines = {"images": [], "image_class_labels": [], "train_test_split": [], "bounding_boxes": [], "classes": []}
+        y, x = np.mgrid[:h, :w]
+        for i in range(1, n + 1):
+            c = i % n_classes
+            folder = f"{c + 1:03d}.Bird_{c + 1}"
+            rel = f"{folder}/Bird_{i:05d}.jpg"
+            # smooth shapes plus sensor-like noise: JPEG sizes like photographs (~30-60 kB at 500x375)
+            base = np.stack([127 + 100 * np.sin((x + 7 * i) / (20 + c)), 127 + 100 * np.cos((y - 3 * i) / 17),
+                             127 + 80 * np.sin((x + y) / 31)], -1)
+            img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+            save_jpeg_variant(root / "images" / rel, img, "gray" if i % 50 == 0 else "rgb")
+            lines["images"].append(f"{i} {rel}")
+            lines["image_class_labels"].append(f"{i} {c + 1}")
+            lines["train_test_split"].append(f"{i} 1")
+            lines["bounding_boxes"].append(f"{i} 10.0 10.0 {w - 20}.0 {h - 20}.0")
+        lines["classes"] = [f"{c + 1} {c + 1:03d}.Bird_{c + 1}" for c in range(n_classes)]
+        for name, rows in lines.items():
+            (root / f"{name}.txt").write_text("\n".join(rows) + "\n")
+        kaviz_ds = real.cub200(root, "train", image_size=image_size)
+        baseline_tf = v2.Compose([v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True),
+                                  v2.RandomHorizontalFlip(), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                                  v2.Normalize(real.IMAGENET_MEAN, real.IMAGENET_STD)])
+        folder_ds = datasets.ImageFolder(str(root / "images"), transform=baseline_tf,
+                                         loader=lambda p: Image.open(p).convert("RGB"))
+        assert len(folder_ds) == len(kaviz_ds) == n
+
+        def epoch(ds):
+            dl = torch.utils.data.DataLoader(ds, batch_size=32, num_workers=0)
+            for xb, _ in dl:
+                assert xb.shape[-2:] == (image_size, image_size)
+
+        rates = {}
+        # the same kaviz dataset made to decode with PIL (a transform passed explicitly gets PIL images)
+        kaviz_pil = kaviz_ds.with_transform(real.default_transform(image_size, train=True))
+        for name, ds in (("torchvision ImageFolder + v2 (PIL)", folder_ds), ("kaviz.data.real.cub200", kaviz_ds),
+                         ("kaviz.data.real.cub200, PIL decoding", kaviz_pil)):
+            epoch(ds)  # warm
+            rates[name] = n / best(lambda ds=ds: epoch(ds), repeats)
+        for name, r in rates.items():
+            print(f"{name:42s} {r:9.1f} images/s per worker ({h}x{w} JPEG -> {image_size}, train transform)")
+        ratio = rates["kaviz.data.real.cub200"] / rates["torchvision ImageFolder + v2 (PIL)"]
+        print(f"{'ratio kaviz / ImageFolder':42s} {ratio:9.2f}  target >= 1.0")
+        print(f"{'ratio decode_jpeg / PIL decoding (kaviz)':42s} "
+              f"{rates['kaviz.data.real.cub200'] / rates['kaviz.data.real.cub200, PIL decoding']:9.2f}")
+        return ratio
+
+
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--real-only", action="store_true", help="only the real-format data path")
+    ap.add_argument("--n", type=int, default=240, help="JPEGs in the real-format benchmark")
+    args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.real_only:
+        real_format(args.n)
+        return
     D.render_scenes(16, seed=0)  # warm the noise tile
     rows = [
         ("render_scenes 5000 x 32x32, 1 object", 5000, lambda: D.render_scenes(5000, seed=0, size=32)),
@@ -36,6 +114,7 @@ def main():
     ds = D.shapes(n=5000)
     t = best(lambda: sum(1 for _ in D.loader(ds, batch_size=64, shuffle=True)), 3)
     print(f"{'one loader epoch over shapes(5000), batch 64':42s} {t:6.3f} s  {5000 / t:9.0f} images/s")
+    real_format(args.n)
 
 
 if __name__ == "__main__":

@@ -190,14 +190,19 @@ CELEBA_ATTRIBUTES = (
 CELEBA_PARTITION = [0, 0, 0, 1, 2, 2]
 
 
-def make_celeba(root: Path, nested: bool = False, h: int = 16, w: int = 13) -> dict:
-    """Six faces; ``nested`` puts the annotation files in Anno/ and Eval/ (the Google Drive layout)."""
+def make_celeba(root: Path, nested: bool = False, h: int = 16, w: int = 13, distribution: bool = False,
+                partition=None) -> dict:
+    """Six faces; ``nested`` puts the annotation files in Anno/ and Eval/ (the Google Drive layout);
+    ``distribution`` also puts the images in Img/img_align_celeba/ (the distribution's own tree)."""
     rng = np.random.default_rng(2)
-    n = len(CELEBA_PARTITION)
+    partition = list(CELEBA_PARTITION if partition is None else partition)
+    n = len(partition)
     values = rng.choice([-1, 1], size=(n, len(CELEBA_ATTRIBUTES)))
     names = [f"{k + 1:06d}.jpg" for k in range(n)]
+    nested = nested or distribution
+    images = root / "Img" / "img_align_celeba" if distribution else root / "img_align_celeba"
     for name in names:
-        save_rgb(root / "img_align_celeba" / name, rng.integers(0, 256, (h, w, 3)))
+        save_rgb(images / name, rng.integers(0, 256, (h, w, 3)))
     attr = root / "Anno" / "list_attr_celeba.txt" if nested else root / "list_attr_celeba.txt"
     part = root / "Eval" / "list_eval_partition.txt" if nested else root / "list_eval_partition.txt"
     attr.parent.mkdir(parents=True, exist_ok=True)
@@ -205,41 +210,64 @@ def make_celeba(root: Path, nested: bool = False, h: int = 16, w: int = 13) -> d
     # The real file pads values with two spaces and ends the name line with a space.
     rows = "".join(name + " " + " ".join(f"{v:2d}" for v in row) + "\n" for name, row in zip(names, values))
     attr.write_text(f"{n}\n" + " ".join(CELEBA_ATTRIBUTES) + " \n" + rows)
-    part.write_text("".join(f"{name} {p}\n" for name, p in zip(names, CELEBA_PARTITION)))
-    return {"values": values, "names": names, "partition": CELEBA_PARTITION}
+    part.write_text("".join(f"{name} {p}\n" for name, p in zip(names, partition)))
+    return {"values": values, "names": names, "partition": partition,
+            "image_dir": "Img/img_align_celeba" if distribution else "img_align_celeba"}
 
 
 # --------------------------------------------------------------------------------------------------
 
 
-def make_nyu(root: Path, n_train: int = 3, n_test: int = 2, size: int = 32, block: int = 8,
-             depth_format: str = "npy", seg_format: str = "png") -> dict:
+def make_nyu(root: Path, n_train: int = 3, n_test: int = 2, size=32, block: int = 8,
+             depth_format: str = "npy", seg_format: str = "png", layout: str = "split_first",
+             seg40: bool = False) -> dict:
     """Block images whose seg13 mask is the thresholded image (white -> class 1, black -> class 0)
     and whose depth is 1 m on black and 3 m on white, so a misaligned transform shows at once.
-    The first train item also has one ignored (255 / -1) block at the top-left corner."""
+    The first train item also has one ignored (255 / -1) block at the top-left corner.
+
+    ``layout``: "split_first" (``train/image``), "kind_first" (VainF's toolkit: ``image/train``) or
+    "mtan" (MTAN's ``train|val/image|label|depth/*.npy``: float images in [0, 1], float labels with
+    -1, depth (H, W, 1) metres). ``seg40`` also writes ``seg40`` maps (class 1 -> 30 "person")."""
     rng = np.random.default_rng(3)
+    h, w = (size, size) if isinstance(size, int) else size
     out = {}
     for split, n in (("train", n_train), ("test", n_test)):
         out[split] = []
         for k in range(n):
-            img = block_image(size, size, block, rng)
+            img = block_image(h, w, block, rng)
             mask = (img[..., 0] > 127).astype(np.int64)
             depth = np.where(mask == 1, 3.0, 1.0).astype(np.float32)
             if split == "train" and k == 0:
                 mask[:block, :block] = -1
             stem = str(k * 5)  # 0, 5, 10: checks numeric ordering
-            save_rgb(root / split / "image" / f"{stem}.png", img)
-            (root / split / "seg13").mkdir(parents=True, exist_ok=True)
-            (root / split / "depth").mkdir(parents=True, exist_ok=True)
+            if layout == "mtan":
+                d = root / ("val" if split == "test" else split)
+                for sub in ("image", "label", "depth"):
+                    (d / sub).mkdir(parents=True, exist_ok=True)
+                np.save(d / "image" / f"{stem}.npy", img.astype(np.float32) / 255.0)
+                np.save(d / "label" / f"{stem}.npy", mask.astype(np.float32))
+                np.save(d / "depth" / f"{stem}.npy", depth[..., None])
+                out[split].append((stem, img, mask, depth))
+                continue
+            def folder(kind, split=split):
+                return root / split / kind if layout == "split_first" else root / kind / split
+
+            save_rgb(folder("image") / f"{stem}.png", img)
+            folder("seg13").mkdir(parents=True, exist_ok=True)
+            folder("depth").mkdir(parents=True, exist_ok=True)
             if seg_format == "png":
                 Image.fromarray(np.where(mask < 0, 255, mask).astype(np.uint8),
-                                "L").save(root / split / "seg13" / f"{stem}.png")
+                                "L").save(folder("seg13") / f"{stem}.png")
             else:
-                np.save(root / split / "seg13" / f"{stem}.npy", mask)
+                np.save(folder("seg13") / f"{stem}.npy", mask)
+            if seg40:
+                folder("seg40").mkdir(parents=True, exist_ok=True)
+                m40 = np.where(mask < 0, 255, np.where(mask == 1, 30, 0)).astype(np.uint8)
+                Image.fromarray(m40, "L").save(folder("seg40") / f"{stem}.png")
             if depth_format == "npy":
-                np.save(root / split / "depth" / f"{stem}.npy", depth)
+                np.save(folder("depth") / f"{stem}.npy", depth)
             else:
-                Image.fromarray((depth * 1000).astype(np.uint16)).save(root / split / "depth" / f"{stem}.png")
+                Image.fromarray((depth * 1000).astype(np.uint16)).save(folder("depth") / f"{stem}.png")
             out[split].append((stem, img, mask, depth))
     return out
 
@@ -258,3 +286,43 @@ def make_camvid(root: Path, h: int = 12, w: int = 16) -> dict:
             Image.fromarray(ann, "L").save(root / f"{split}annot" / f"{stem}.png")
             out[split].append((stem, ann))
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Awkward files real datasets contain
+
+
+def save_jpeg_variant(path: Path, array: np.ndarray, kind: str) -> np.ndarray:
+    """Save ``array`` (H, W, 3 uint8) as a JPEG of ``kind`` and return the RGB image a reader should
+    see: "gray" (mode L, as some CUB/Dogs/VOC images), "cmyk" (Adobe CMYK, as a few Stanford Dogs and
+    ImageNet images), "exif" (stored rotated, with EXIF Orientation = 6: shown rotated 90° clockwise
+    back upright), "rgb"."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(np.asarray(array, dtype=np.uint8), "RGB")
+    if kind == "gray":
+        im = im.convert("L")
+        im.save(path, quality=95)
+        return np.asarray(im.convert("RGB"))
+    if kind == "cmyk":
+        im.convert("CMYK").save(path, quality=95)
+        return np.asarray(array, dtype=np.uint8)
+    if kind == "exif":
+        # Orientation 6: the stored pixels must be rotated 90° clockwise for display; store the
+        # upright image rotated 90° counter-clockwise.
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        im.transpose(Image.Transpose.ROTATE_90).save(path, quality=95, subsampling=0, exif=exif)
+        return np.asarray(array, dtype=np.uint8)
+    im.save(path, quality=95, subsampling=0)
+    return np.asarray(array, dtype=np.uint8)
+
+
+def to_crlf(root: Path, pattern: str = "*.txt") -> list[Path]:
+    """Rewrite every text index file under ``root`` with Windows line endings (as after a copy through
+    some archive tools); returns the files changed."""
+    changed = []
+    for p in sorted(Path(root).rglob(pattern)):
+        data = p.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        p.write_bytes(data)
+        changed.append(p)
+    return changed

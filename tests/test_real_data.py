@@ -17,6 +17,8 @@ from fixtures_real import (
     make_dogs,
     make_nyu,
     make_voc,
+    save_jpeg_variant,
+    to_crlf,
 )
 from PIL import Image
 
@@ -566,3 +568,114 @@ def test_works_with_the_embedded_data_helpers(tmp_path):
     make_nyu(tmp_path / "nyu")
     x = data.Unlabeled(real.nyuv2(tmp_path / "nyu", "train", image_size=8))[0]
     assert isinstance(x, torch.Tensor) and x.shape == (3, 8, 8)
+
+
+# -------------------------------------------------------------------------------------------------
+# The layouts users have, and awkward files
+
+
+def test_celeba_distribution_layout(tmp_path):
+    """CelebA's own tree: Img/img_align_celeba/, Anno/list_attr_celeba.txt, Eval/list_eval_partition.txt."""
+    info = make_celeba(tmp_path, distribution=True)
+    ds = real.celeba(tmp_path, "train", image_size=8)
+    assert ds.files == ["Img/img_align_celeba/" + n for n in info["names"][:3]]
+    assert torch.equal(ds.targets, torch.from_numpy((info["values"][:3] == 1).astype(np.int64)))
+    assert ds[0][0].shape == (3, 8, 8)
+    # unzipped one level deeper (Img/img_align_celeba/img_align_celeba/...) is followed too
+    inner = tmp_path / "Img" / "img_align_celeba"
+    shutil.move(str(inner), str(tmp_path / "Img" / "tmp"))
+    inner.mkdir()
+    shutil.move(str(tmp_path / "Img" / "tmp"), str(inner / "img_align_celeba"))
+    assert real.celeba(tmp_path, "test", image_size=8).files[0] == "Img/img_align_celeba/img_align_celeba/000005.jpg"
+    shutil.rmtree(tmp_path / "Img")
+    (tmp_path / "Img").mkdir()
+    (tmp_path / "Img" / "img_align_celeba.zip").write_bytes(b"PK")
+    with pytest.raises(DatasetLayoutError,
+                       match=r"Img/ holds no img_align_celeba/ folder \(unzip img_align_celeba.zip"):
+        real.celeba(tmp_path)
+
+
+@pytest.mark.parametrize("layout", ["split_first", "kind_first", "mtan"])
+def test_nyu_layouts(tmp_path, layout):
+    info = make_nyu(tmp_path, layout=layout)
+    ds = real.nyuv2(tmp_path, "train", image_size=32, augment=False)
+    assert ds.info["layout"] == layout and len(ds) == 3
+    first = {"split_first": "train/image/0.png", "kind_first": "image/train/0.png", "mtan": "train/image/0.npy"}
+    assert ds.files[0] == first[layout]
+    x, y = ds[0]
+    stem, img, mask, depth = info["train"][0]
+    assert torch.equal(y["mask"], torch.from_numpy(np.where(mask < 0, 255, mask)))
+    assert torch.equal(y["depth"], torch.from_numpy(depth))
+    assert np.array_equal(ds.image_array(0), img)  # MTAN's float [0, 1] images read back exactly
+    test = real.nyuv2(tmp_path, "test", augment=False)  # MTAN calls the test split val/
+    assert len(test) == 2 and test.info["layout"] == layout
+
+
+def test_nyu_40_classes_and_errors(tmp_path):
+    info = make_nyu(tmp_path, seg40=True)
+    ds = real.nyuv2(tmp_path, "train", image_size=32, augment=False, classes=40)
+    assert ds.num_classes == 40 and ds.classes[30] == "person" and ds.mask_files[0] == "train/seg40/0.png"
+    mask = info["train"][0][2]
+    assert torch.equal(ds[0][1]["mask"], torch.from_numpy(np.where(mask < 0, 255, np.where(mask == 1, 30, 0))))
+    assert real.nyuv2(tmp_path, "train", classes=13).num_classes == 13
+    with pytest.raises(ValueError, match=r"classes=21; NYUv2 comes with 13 \(seg13\) or 40"):
+        real.nyuv2(tmp_path, classes=21)
+    mtan = tmp_path / "mtan"
+    make_nyu(mtan, layout="mtan")
+    with pytest.raises(DatasetLayoutError, match=r"MTAN's folders hold the 13-class labels only"):
+        real.nyuv2(mtan, classes=40)
+    with pytest.raises(DatasetLayoutError, match=r"no train split in any known layout"):
+        real.nyuv2(tmp_path / "mtan" / "train")
+
+
+@pytest.mark.parametrize("kind", ["rgb", "gray", "cmyk", "exif"])
+def test_jpeg_variants_decode_upright_and_alike(tmp_path, kind):
+    """Grayscale, CMYK and EXIF-rotated JPEGs: the tensor path (decode_jpeg, the default transforms)
+    and the PIL path (a user's own transform) give the same upright RGB pixels."""
+    from kaviz.data.real.base import _load_image, _load_rgb
+
+    rng = np.random.default_rng(0)
+    upright = np.zeros((24, 40, 3), np.uint8)
+    upright[:12] = (200, 40, 30)          # red top half, blue bottom: a rotation shows at once
+    upright[12:] = (30, 40, 200)
+    upright[:, :5] = rng.integers(0, 256, (24, 5, 3))
+    path = tmp_path / f"{kind}.jpg"
+    expected = save_jpeg_variant(path, upright, kind)
+    pil = np.asarray(_load_rgb(path))
+    tensor = _load_image(path, as_tensor=True)
+    assert isinstance(tensor, torch.Tensor) and tensor.dtype == torch.uint8
+    t = tensor.permute(1, 2, 0).numpy()
+    assert pil.shape == t.shape == (24, 40, 3)
+    assert np.abs(pil.astype(int) - t.astype(int)).max() <= 1
+    # content: the right colours in the right place (JPEG is lossy: compare the block means)
+    assert np.abs(pil[2:10, 8:].mean((0, 1)) - expected[2:10, 8:].mean((0, 1))).max() < 8
+    assert np.abs(pil[14:22, 8:].mean((0, 1)) - expected[14:22, 8:].mean((0, 1))).max() < 8
+
+
+def test_jpeg_decoder_choice_and_dataset_items(tmp_path, cub):
+    root, _ = cub
+    ds = real.cub200(root, "test", image_size=16, augment=False)
+    assert isinstance(ds._pil(0), torch.Tensor)  # default transform: decoded to a tensor
+    own = ds.with_transform(lambda im: torch.from_numpy(np.asarray(im)).permute(2, 0, 1))
+    assert not isinstance(own._pil(0), torch.Tensor)  # a user's transform gets PIL images
+    assert own.fingerprint != ds.fingerprint
+    via_pil = ds.with_transform(real.default_transform(16))
+    assert via_pil.transform.__class__ is ds.transform.__class__
+    assert (ds[0][0] - via_pil[0][0]).abs().max() < 0.1  # tensor vs PIL resizing: the same picture
+    assert ds.image_array(0).shape == (16, 16, 3) and ds.image_array(0).dtype == np.uint8
+
+
+def test_crlf_index_files(tmp_path):
+    cub_root = tmp_path / "cub"
+    info = make_cub(cub_root)
+    celeba_root = tmp_path / "celeba"
+    cinfo = make_celeba(celeba_root, distribution=True)
+    voc_root = tmp_path / "voc"
+    make_voc(voc_root)
+    assert to_crlf(tmp_path)
+    assert b"\r\n" in (cub_root / "images.txt").read_bytes()
+    assert real.cub200(cub_root, "train").targets.tolist() == [c for _, c in info["train"]]
+    ds = real.celeba(celeba_root, "train")
+    assert ds.files[0] == "Img/img_align_celeba/000001.jpg" and ds.targets.shape == (3, 40)
+    assert torch.equal(ds.targets, torch.from_numpy((cinfo["values"][:3] == 1).astype(np.int64)))
+    assert real.voc2007(voc_root, "test").files == ["JPEGImages/000004.jpg", "JPEGImages/000005.jpg"]

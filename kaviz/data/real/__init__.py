@@ -35,13 +35,13 @@ from .celeba import celeba
 from .coco import coco2014_multilabel
 from .cub import cub200
 from .dogs import stanford_dogs
-from .nyu import NYU13_CLASSES, nyuv2
+from .nyu import NYU13_CLASSES, NYU40_CLASSES, nyuv2
 from .voc import VOC_CLASSES, voc2007
 
 __all__ = [
     "load", "available", "cub200", "stanford_dogs", "voc2007", "coco2014_multilabel", "celeba", "nyuv2",
     "camvid", "DatasetLayoutError", "DatasetFormatError", "RealImageDataset", "DenseDataset", "JointTransform", "ResizeCover",
-    "default_transform", "IGNORE_INDEX", "IMAGENET_MEAN", "IMAGENET_STD", "VOC_CLASSES", "NYU13_CLASSES",
+    "default_transform", "IGNORE_INDEX", "IMAGENET_MEAN", "IMAGENET_STD", "VOC_CLASSES", "NYU13_CLASSES", "NYU40_CLASSES",
     "CAMVID_CLASSES",
 ]
 

@@ -22,9 +22,11 @@ from .base import (
 TITLE = "CelebA"
 LAYOUT = """\
   celeba/
-    img_align_celeba/000001.jpg ...
-    list_attr_celeba.txt        (or Anno/list_attr_celeba.txt)
-    list_eval_partition.txt     (or Eval/list_eval_partition.txt)"""
+    img_align_celeba/000001.jpg ...   (or Img/img_align_celeba/, as in the distribution)
+    list_attr_celeba.txt              (or Anno/list_attr_celeba.txt)
+    list_eval_partition.txt           (or Eval/list_eval_partition.txt)"""
+#: Where the aligned images may be, relative to root: flat, and the distribution's Img/ folder.
+IMAGE_DIRS = ("img_align_celeba", "Img/img_align_celeba")
 SPLITS = ("train", "valid", "test")
 _PARTITION = {"train": "0", "valid": "1", "test": "2"}
 
@@ -34,6 +36,24 @@ def _locate(root: Path, name: str, subdir: str) -> Path | None:
         if p.exists():
             return p
     return None
+
+
+def _image_dir(root: Path) -> str:
+    """The folder of the aligned images: ``img_align_celeba/`` or the distribution's
+    ``Img/img_align_celeba/``; one more ``img_align_celeba/`` level inside (what unzipping
+    ``img_align_celeba.zip`` into a folder of that name gives) is followed too."""
+    for rel in IMAGE_DIRS:
+        if (root / rel).is_dir():
+            inner = root / rel / "img_align_celeba"
+            if inner.is_dir() and not (root / rel / "000001.jpg").exists():
+                return f"{rel}/img_align_celeba"
+            return rel
+    if (root / "Img").is_dir():
+        zips = sorted(p.name for p in (root / "Img").glob("*.zip"))
+        problem = ("Img/ holds no img_align_celeba/ folder" + (f" (unzip {zips[0]} there)" if zips else ""))
+    else:
+        problem = "missing img_align_celeba/ (or Img/img_align_celeba/)"
+    raise layout_error(TITLE, root, problem, LAYOUT, marker="img_align_celeba")
 
 
 def select_attributes(names: list[str], attributes) -> list[int]:
@@ -83,7 +103,8 @@ def celeba(root, split: str = "train", attributes=None, image_size=224, transfor
     ``list_eval_partition.txt`` (0 train, 1 valid, 2 test).
     """
     check_split(TITLE, split, SPLITS)
-    root = check_root(TITLE, root, LAYOUT, ["img_align_celeba"])
+    root = check_root(TITLE, root, LAYOUT, [])
+    image_dir = _image_dir(root)
     attr_file = _locate(root, "list_attr_celeba.txt", "Anno")
     part_file = _locate(root, "list_eval_partition.txt", "Eval")
     missing = [n for n, p in (("list_attr_celeba.txt", attr_file), ("list_eval_partition.txt", part_file)) if p is None]
@@ -112,7 +133,7 @@ def celeba(root, split: str = "train", attributes=None, image_size=224, transfor
         if part.get(r[0]) == want:
             rows.append(r)
             line_no.append(n)
-    files = [safe_relpath(TITLE, root, r[0], attr_file.name, n, prefix="img_align_celeba/")
+    files = [safe_relpath(TITLE, root, r[0], attr_file.name, n, prefix=image_dir + "/")
              for r, n in zip(rows, line_no)]
     arr = _parse_values([r[1] if len(r) > 1 else "" for r in rows], len(names))
     if arr is None:  # find the culprit for the message
