@@ -14,8 +14,9 @@ import random
 import re
 import time
 
-import labharness as L
 import pytest
+
+from browser import labharness as L
 
 NOTEBOOK = "getting_started.ipynb"
 PARAMS: dict = {}   # the stored parameters: the teachers come from the cache nbval filled

@@ -1,0 +1,1 @@
+"""The Playwright browser test (make browser)."""
