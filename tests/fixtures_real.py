@@ -249,7 +249,8 @@ def make_nyu(root: Path, n_train: int = 3, n_test: int = 2, size=32, block: int 
                 np.save(d / "depth" / f"{stem}.npy", depth[..., None])
                 out[split].append((stem, img, mask, depth))
                 continue
-            folder = (lambda kind: root / split / kind) if layout == "split_first" else (lambda kind: root / kind / split)
+            def folder(kind, split=split):
+                return root / split / kind if layout == "split_first" else root / kind / split
             save_rgb(folder("image") / f"{stem}.png", img)
             folder("seg13").mkdir(parents=True, exist_ok=True)
             folder("depth").mkdir(parents=True, exist_ok=True)

@@ -52,9 +52,9 @@ SLOW = {("common_feature_learning", "cub_dogs"), ("student_becoming_the_master",
 # Strict xfails: a pass fails the test (remove the entry), and so does a different failure.
 XFAIL: dict[tuple[str, str], tuple[str, str]] = {
     ("knowledge_consistency", "cub200"): (
-        "kaviz/methods/consistency.py load_data('cub200') holds out val=0.1 of the training split stratified by "
-        "class: with 4 training images per class the validation split is empty, and Relabelled.__init__ "
-        "(via coarse_task) fails with 'max(): Expected reduction dim to be specified for input.numel() == 0'",
+        ("kaviz/methods/consistency.py load_data('cub200') holds out val=0.1 of the training split stratified by "
+         "class: with 4 training images per class the validation split is empty, and Relabelled.__init__ "
+         "(via coarse_task) fails with 'max(): Expected reduction dim to be specified for input.numel() == 0'"),
         "max(): Expected reduction dim to be specified for input.numel() == 0"),
 }
 
@@ -100,7 +100,7 @@ def test_notebook_runs_on_real_format_data(nb, ds, params, fixtures, tmp_path):
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, "-m", "kaviz", "run", str(path), *_params(params, fixtures),
                            "--out", str(tmp_path), "--timeout", "600"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     print(f"{nb} on {ds}: {cpu:.1f} s CPU")
