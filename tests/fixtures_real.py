@@ -251,7 +251,6 @@ def make_nyu(root: Path, n_train: int = 3, n_test: int = 2, size=32, block: int 
                 continue
             def folder(kind, split=split):
                 return root / split / kind if layout == "split_first" else root / kind / split
-
             save_rgb(folder("image") / f"{stem}.png", img)
             folder("seg13").mkdir(parents=True, exist_ok=True)
             folder("depth").mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fixtures_real import CELEBA_ATTRIBUTES, save_jpeg_variant, to_crlf  # noqa: E402
+from fixtures_real import CELEBA_ATTRIBUTES, save_jpeg_variant, to_crlf
 
 KINDS = ("rgb", "rgb", "rgb", "gray", "cmyk", "exif")  # one image in six is awkward
 VOC_NAMES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",

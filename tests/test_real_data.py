@@ -602,8 +602,8 @@ def test_nyu_layouts(tmp_path, layout):
     assert ds.info["layout"] == layout and len(ds) == 3
     first = {"split_first": "train/image/0.png", "kind_first": "image/train/0.png", "mtan": "train/image/0.npy"}
     assert ds.files[0] == first[layout]
-    x, y = ds[0]
-    stem, img, mask, depth = info["train"][0]
+    _, y = ds[0]
+    _, img, mask, depth = info["train"][0]
     assert torch.equal(y["mask"], torch.from_numpy(np.where(mask < 0, 255, mask)))
     assert torch.equal(y["depth"], torch.from_numpy(depth))
     assert np.array_equal(ds.image_array(0), img)  # MTAN's float [0, 1] images read back exactly
@@ -679,3 +679,36 @@ def test_crlf_index_files(tmp_path):
     assert ds.files[0] == "Img/img_align_celeba/000001.jpg" and ds.targets.shape == (3, 40)
     assert torch.equal(ds.targets, torch.from_numpy((cinfo["values"][:3] == 1).astype(np.int64)))
     assert real.voc2007(voc_root, "test").files == ["JPEGImages/000004.jpg", "JPEGImages/000005.jpg"]
+
+
+def test_notebook_fixture_trees_load(tmp_path):
+    """tests/make_fixtures.py: every tree loads with its loader, in the layouts the notebooks' real-data
+    test relies on, with the awkward files real datasets have."""
+    from make_fixtures import build
+
+    roots = build(tmp_path)
+    sizes = {
+        "cub200": (real.cub200(roots["cub200"], "train"), 16, 4),
+        "stanford_dogs": (real.stanford_dogs(roots["stanford_dogs"], "test"), 8, 4),
+        "voc2007": (real.voc2007(roots["voc2007"], "trainval"), 40, 20),
+        "coco2014": (real.coco2014_multilabel(roots["coco2014"], "val"), 24, 80),  # 2 images without objects dropped
+        "celeba": (real.celeba(roots["celeba"], "valid"), 18, 40),
+        "nyuv2": (real.nyuv2(roots["nyuv2"], "test", classes=40), 4, 40),
+        "nyuv2_mtan": (real.nyuv2(roots["nyuv2_mtan"], "test"), 4, 13),
+        "camvid": (real.camvid(roots["camvid"], "val"), 3, 11),
+    }
+    for name, (ds, n, classes) in sizes.items():
+        assert (len(ds), ds.num_classes) == (n, classes), name
+    assert real.nyuv2(roots["nyuv2"], "train").info["layout"] == "kind_first"
+    assert real.nyuv2(roots["nyuv2_mtan"], "train").info["layout"] == "mtan"
+    assert real.celeba(roots["celeba"], "train").files[0].startswith("Img/img_align_celeba/")
+    assert b"\r\n" in (roots["cub200"] / "images.txt").read_bytes()
+    voc = real.voc2007(roots["voc2007"], "test")
+    assert voc.targets["difficult"].any() and (voc.targets["labels"].sum(0) > 0).all()  # every class in test
+    modes, exif = set(), 0
+    for p in sorted((roots["cub200"] / "images").rglob("*.jpg")):
+        with Image.open(p) as im:
+            modes.add(im.mode)
+            exif += im.getexif().get(0x0112, 1) != 1
+    assert {"RGB", "L", "CMYK"} <= modes and exif > 0
+    assert len(real.cub200(roots["cub200_15"], "train")) == 40
