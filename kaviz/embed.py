@@ -116,37 +116,11 @@ def embed(features, labels=None, *, method="tsne", mode="joint", reference=None,
     reference, seed, pca`` (components kept, or None), ``trustworthiness`` and ``knn_preservation``
     (see :func:`quality`; computed against the PCA'd input), ``seconds`` and ``cached``.
     """
-    method = _check_method(method)
-    full_params = _check_params(method, params)
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(map(repr, MODES))}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    seed = int(seed)
-    if pca is not None and (isinstance(pca, bool) or not isinstance(pca, (int, np.integer))
-                            or pca < 2):
-        raise ValueError(f"pca must be an int >= 2 (components kept before embedding) or None, "
-                         f"got {pca!r}")
-
+    method, full_params, seed = _check_arguments(method, params, mode, seed, pca)
     sources = _as_sources(features)
     names = list(sources)
     sizes = {k: v.shape[0] for k, v in sources.items()}
-    dims = {k: v.shape[1] for k, v in sources.items()}
-    if len(set(dims.values())) > 1:
-        detail = ", ".join(f"{k!r}: {d}" for k, d in dims.items())
-        raise ValueError(
-            f"sources have different feature dimensions ({detail}); one map needs one input "
-            f"space, in mode='joint' and in mode='reference' alike. Project the features to a "
-            f"common space first (e.g. CFL's common space h_s, h_t), pool conv maps to vectors, "
-            f"or embed each source separately.")
-    if mode == "reference":
-        if reference is None:
-            raise ValueError(f"mode='reference' needs reference=<source name>; sources: {names}")
-        if reference not in sources:
-            raise ValueError(f"unknown reference source {reference!r}; sources: {names}")
-    elif reference is not None:
-        raise ValueError(f"reference={reference!r} is only used with mode='reference' "
-                         f"(mode is {mode!r}); drop it or pass mode='reference'")
+    _check_sources(sources, mode, reference)
     label_col = _per_source(labels, sizes, "labels")
     index_col = _per_source(index, sizes, "index")
     if index_col is not None:
@@ -158,34 +132,18 @@ def embed(features, labels=None, *, method="tsne", mode="joint", reference=None,
     if cache:
         key = _cache_key(sources, label_col, index_col, method, full_params, mode, reference,
                          pca, seed)
-        with _cache_lock:
-            if key in _cache:
-                _cache.move_to_end(key)
-                _cache_stats["hits"] += 1
-                out = _cache[key].copy(deep=True)
-                out.attrs["cached"] = True
-                return out
-            _cache_stats["misses"] += 1
+        hit = _cache_get(key)
+        if hit is not None:
+            return hit
 
     t0 = time.perf_counter()
     fit_names = [reference] if mode == "reference" else names
     X_fit = np.concatenate([sources[k] for k in fit_names], axis=0)
     X_all = np.concatenate([sources[k] for k in names], axis=0)
-    n_fit = X_fit.shape[0]
-    if n_fit < 3:
-        raise ValueError(f"need at least 3 rows to fit a map, got {n_fit}")
-    spread = float(np.ptp(X_fit, axis=0).max())
-    if spread <= 1e-7 * max(1.0, float(np.abs(X_fit).max())):
-        raise ValueError(
-            f"the features the map is fitted on ({', '.join(map(repr, fit_names))}) are constant: all "
-            f"{n_fit} rows are the same vector, so there are no neighbourhoods to map ({method} of "
-            f"identical points fails or draws noise). The layer does not respond to its input (a dead "
-            f"ReLU, an untrained or collapsed network, identical images?): pick another layer or "
-            f"check the model.")
+    _check_fit_rows(X_fit, fit_names, method)
 
     # PCA first: denoises and makes the neighbour search cheap; fitted on what the map is fitted on
     reduced, pca_kept = _pca_reduce(X_fit, X_all, pca, seed)
-
     eff = dict(full_params)
     if method == "tsne":
         Y = _run_tsne(reduced, names, sources, fit_names, mode, reference, eff, seed)
@@ -209,12 +167,80 @@ def embed(features, labels=None, *, method="tsne", mode="joint", reference=None,
         "seconds": round(time.perf_counter() - t0, 3), "cached": False,
     })
     if cache:
-        with _cache_lock:
-            _cache[key] = df.copy(deep=True)
-            _cache.move_to_end(key)
-            while len(_cache) > _CACHE_MAXSIZE:
-                _cache.popitem(last=False)
+        _cache_put(key, df)
     return df
+
+
+def _check_arguments(method, params, mode, seed, pca):
+    """Validate embed()'s scalar arguments; returns (method, full params, seed as int)."""
+    method = _check_method(method)
+    full_params = _check_params(method, params)
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(map(repr, MODES))}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if pca is not None and (isinstance(pca, bool) or not isinstance(pca, (int, np.integer))
+                            or pca < 2):
+        raise ValueError(f"pca must be an int >= 2 (components kept before embedding) or None, "
+                         f"got {pca!r}")
+    return method, full_params, int(seed)
+
+
+def _check_sources(sources, mode, reference):
+    """One input space for one map, and a reference source only in reference mode."""
+    names = list(sources)
+    dims = {k: v.shape[1] for k, v in sources.items()}
+    if len(set(dims.values())) > 1:
+        detail = ", ".join(f"{k!r}: {d}" for k, d in dims.items())
+        raise ValueError(
+            f"sources have different feature dimensions ({detail}); one map needs one input "
+            f"space, in mode='joint' and in mode='reference' alike. Project the features to a "
+            f"common space first (e.g. CFL's common space h_s, h_t), pool conv maps to vectors, "
+            f"or embed each source separately.")
+    if mode == "reference":
+        if reference is None:
+            raise ValueError(f"mode='reference' needs reference=<source name>; sources: {names}")
+        if reference not in sources:
+            raise ValueError(f"unknown reference source {reference!r}; sources: {names}")
+    elif reference is not None:
+        raise ValueError(f"reference={reference!r} is only used with mode='reference' "
+                         f"(mode is {mode!r}); drop it or pass mode='reference'")
+
+
+def _check_fit_rows(X_fit, fit_names, method):
+    """At least 3 rows, and not all the same vector (no neighbourhoods to map)."""
+    n_fit = X_fit.shape[0]
+    if n_fit < 3:
+        raise ValueError(f"need at least 3 rows to fit a map, got {n_fit}")
+    spread = float(np.ptp(X_fit, axis=0).max())
+    if spread <= 1e-7 * max(1.0, float(np.abs(X_fit).max())):
+        raise ValueError(
+            f"the features the map is fitted on ({', '.join(map(repr, fit_names))}) are constant: all "
+            f"{n_fit} rows are the same vector, so there are no neighbourhoods to map ({method} of "
+            f"identical points fails or draws noise). The layer does not respond to its input (a dead "
+            f"ReLU, an untrained or collapsed network, identical images?): pick another layer or "
+            f"check the model.")
+
+
+def _cache_get(key):
+    """A deep copy of the cached map (attrs["cached"] = True), or None; counts hits and misses."""
+    with _cache_lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            _cache_stats["hits"] += 1
+            out = _cache[key].copy(deep=True)
+            out.attrs["cached"] = True
+            return out
+        _cache_stats["misses"] += 1
+    return None
+
+
+def _cache_put(key, df):
+    with _cache_lock:
+        _cache[key] = df.copy(deep=True)
+        _cache.move_to_end(key)
+        while len(_cache) > _CACHE_MAXSIZE:
+            _cache.popitem(last=False)
 
 
 def embed_models(models: Mapping, data, *, method: str = "tsne", mode: str = "joint", reference=None,
