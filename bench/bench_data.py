@@ -25,7 +25,7 @@ def best(fn, repeats=5):
     return min(times)
 
 
-def real_format(n: int = 240, size=(375, 500), image_size: int = 224, repeats: int = 3):
+def real_format(n: int = 240, size=(375, 500), image_size: int = 224, repeats: int = 5):
     """images/s of one worker (one process, num_workers=0) reading CUB-format JPEGs with the training
     transform (RandomResizedCrop 224 + flip + normalise), kaviz.data.real vs torchvision ImageFolder."""
     from PIL import Image
@@ -73,13 +73,20 @@ def real_format(n: int = 240, size=(375, 500), image_size: int = 224, repeats: i
             for xb, _ in dl:
                 assert xb.shape[-2:] == (image_size, image_size)
 
-        rates = {}
         # the same kaviz dataset made to decode with PIL (a transform passed explicitly gets PIL images)
         kaviz_pil = kaviz_ds.with_transform(real.default_transform(image_size, train=True))
-        for name, ds in (("torchvision ImageFolder + v2 (PIL)", folder_ds), ("kaviz.data.real.cub200", kaviz_ds),
-                         ("kaviz.data.real.cub200, PIL decoding", kaviz_pil)):
-            epoch(ds)  # warm
-            rates[name] = n / best(lambda ds=ds: epoch(ds), repeats)
+        paths = {"torchvision ImageFolder + v2 (PIL)": folder_ds, "kaviz.data.real.cub200": kaviz_ds,
+                 "kaviz.data.real.cub200, PIL decoding": kaviz_pil}
+        for ds in paths.values():
+            epoch(ds)  # warm (page cache, allocator)
+        # interleaved repeats, best of each: a shared machine's load swings hit every path alike
+        times = {name: [] for name in paths}
+        for _ in range(repeats):
+            for name, ds in paths.items():
+                t0 = time.perf_counter()
+                epoch(ds)
+                times[name].append(time.perf_counter() - t0)
+        rates = {name: n / min(t) for name, t in times.items()}
         for name, r in rates.items():
             print(f"{name:42s} {r:9.1f} images/s per worker ({h}x{w} JPEG -> {image_size}, train transform)")
         ratio = rates["kaviz.data.real.cub200"] / rates["torchvision ImageFolder + v2 (PIL)"]

@@ -6,10 +6,10 @@ for the embedded default, but keeps the real loaders, image sizes (or says in th
 one is reduced) and the real-data architectures where they fit a CPU.
 
 Each case prints the CPU time it used (the runner, its kernel and everything they waited for). Measured
-on a loaded 2-core machine: 12-16 s of CPU per case, and the three marked ``slow`` 25-42 s (CFL with
-ResNets at 112 px, Knowledge Consistency on 60 images, SBM at NYUv2's 288x384); all 13 cases together
-about 230 s of CPU, the non-slow ones about 125 s. ``-m "not slow"`` leaves the slow ones out,
-``-m "not realdata"`` all of them.
+on a shared 2-core machine: 10-19 s of CPU per case, and the three marked ``slow`` 28-45 s (CFL with
+ResNets at 112 px, Knowledge Consistency on 60 images, SBM at NYUv2's 288x384); all 12 cases together
+about 240 s of CPU (251 s wall), the nine others about 130 s. ``-m "not slow"`` leaves the slow ones
+out, ``-m "not realdata"`` all of them.
 """
 from __future__ import annotations
 

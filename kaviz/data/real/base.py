@@ -356,7 +356,7 @@ _JPEG = (".jpg", ".jpeg")
 def _load_image(path: Path, as_tensor: bool):
     """``as_tensor``: JPEGs are decoded by ``torchvision.io.decode_jpeg`` straight into a uint8
     (3, H, W) tensor (libjpeg-turbo, EXIF orientation applied, grayscale/CMYK converted to RGB: the same
-    pixels as the PIL path): with the default 224 px training transform, 1.25-1.4x the images per second
+    pixels as the PIL path): with the default 224 px training transform, 1.3-1.4x the images per second
     of PIL decoding plus PIL resizing, measured on 375x500 JPEGs (bench/bench_data.py). Everything else, and any JPEG decode_jpeg refuses, goes
     through PIL (which raises the teaching error for a truncated file)."""
     if as_tensor and path.suffix.lower() in _JPEG:
