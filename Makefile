@@ -60,7 +60,9 @@ portability: setup
 	CI=1 $(ALT_FP) $(PY) -m pytest -q $(NBVAL) notebooks
 
 test: setup lint
-	CI=1 $(PY) -m pytest -q tests
+	CI=1 $(PY) -m pytest -q -m "not realdata" tests
+	@echo "every paper notebook's real-data switch on real-format fixtures (tests/test_realdata_notebooks.py)"
+	CI=1 $(PY) -m pytest -q -m realdata tests
 	CI=1 $(PY) -m pytest -q $(NBVAL) notebooks
 	@echo "nbval under another floating-point path: $(ALT_FP)"
 	CI=1 $(ALT_FP) $(PY) -m pytest -q $(NBVAL) notebooks
