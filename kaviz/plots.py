@@ -8,8 +8,10 @@
 * :func:`feature_grid` — a grid of 2-D maps on a diverging colour scale symmetric about 0, with
   optional RGB image panels (the Knowledge-Consistency component figure).
 * :func:`image_grid`, :func:`bar` — small helpers the notebooks would otherwise re-write.
-* :func:`dense_predictions` — input, ground truth and models' class maps and depth maps side by
-  side (the dense papers); :func:`label_image` / :func:`scalar_image` colour one map as an image.
+* :func:`dense_predictions` — the one dense-panel builder: input, ground truth and models' class
+  maps, depth maps and reconstructions side by side (SBM, recombination); :func:`label_image` /
+  :func:`scalar_image` colour one map as an image.
+* :func:`metric_curves` — metrics against one variable (quality against parameters pruned).
 
 Stored outputs stay small: coordinates are rounded to 3 decimals, heatmaps are float32, images are
 embedded as PNG at their own resolution.
@@ -971,58 +973,116 @@ def dense_predictions(image, rows: Mapping[str, Mapping[str, object]], kinds: Ma
                       class_names: Sequence[str] | None = None, class_colors=None,
                       value_range: tuple[float, float] | None = None, value_title: str = "depth",
                       colorscale: str = "Viridis", ignore_index: int = 255, cell: int = 120,
-                      title: str | None = None):
-    """Input image and dense maps side by side: one row per task, one column per source.
+                      title: str | None = None, num_classes: int | None = None, background: int | None = None):
+    """The one dense-panel builder: input image and dense maps side by side, one row per task and
+    one column per source (SBM's segmentation and depth, recombination's reconstructions and
+    segmentation).
 
-    ``rows``: ``{task: {column: (H, W) map}}`` (e.g. ``{"segmentation": {"ground truth": m,
-    "teacher": t, "student": s}, "depth": {...}}``); ``kinds``: ``{task: "labels" | "scalar"}``.
-    The input image opens the first row. Label maps use one colour per class (``class_colors``,
-    default :func:`palette`) with a legend of the classes that appear; scalar maps share one range
-    per row (``value_range``, default the row's finite min..max) with a colour bar.
+    ``rows``: ``{task: {column: map}}`` (e.g. ``{"segmentation": {"ground truth": m, "teacher": t,
+    "student": s}, "depth": {...}}``); ``kinds``: ``{task: "labels" | "scalar" | "rgb"}``.
+    The input image (``None``: no input column) opens the first row. ``labels``: integer ``(H, W)``
+    class-id maps, one colour per class in every panel (``class_colors``, default :func:`palette`
+    of ``num_classes`` — else of ``len(class_names)``, else of the largest id + 1), the
+    ``background`` class (if given) near-black, ``ignore_index`` white, with a legend of the classes
+    that appear. ``scalar``: one shared range per row (``value_range``, default the row's finite
+    min..max) with a colour bar. ``rgb``: images (``(H, W, 3)`` or ``(3, H, W)``, float in [0, 1] or
+    uint8 — reconstructions) drawn as they are.
     """
-    import plotly.graph_objects as go
-
     if not rows:
         raise ValueError("rows is empty: give {task: {column: map}}")
-    unknown = [t for t in rows if kinds.get(t) not in ("labels", "scalar")]
+    unknown = [t for t in rows if kinds.get(t) not in _DENSE_KINDS]
     if unknown:
-        raise ValueError(f"kinds must say 'labels' or 'scalar' for every row; missing/invalid for {unknown}")
+        raise ValueError(f"kinds must say {' | '.join(map(repr, _DENSE_KINDS))} for every row; "
+                         f"missing/invalid for {unknown}")
     columns = list(dict.fromkeys(c for r in rows.values() for c in r))
-    cell = min(cell, (MAX_WIDTH - 330) // (len(columns) + 1))
-    n_classes = len(class_names) if class_names is not None else None
+    lead = 1 if image is not None else 0
+    cell = min(cell, (MAX_WIDTH - 330) // (len(columns) + lead))
+    arrays = {task: {c: _as_array(m) for c, m in maps.items()} for task, maps in rows.items()}
+    k = _dense_class_count(arrays, kinds, num_classes, class_names, ignore_index)
+    colors = _dense_label_colors(k, class_colors, background) if k else None
     grid, titles, present, ranges = [], [], set(), {}
-    for ri, (task, maps) in enumerate(rows.items()):
-        arrays = {c: (m.detach().cpu().numpy() if type(m).__module__.split(".")[0] == "torch" else np.asarray(m))
-                  for c, m in maps.items()}
-        row = [to_rgb_uint8(image) if ri == 0 else None]
-        row_titles = ["input" if ri == 0 else None]
+    for ri, (task, maps) in enumerate(arrays.items()):
+        row = [to_rgb_uint8(image) if ri == 0 else None] if lead else []
+        row_titles = ["input" if ri == 0 else None] if lead else []
         if kinds[task] == "labels":
-            k = n_classes or int(max(int(a[a != ignore_index].max(initial=0)) for a in arrays.values()) + 1)
-            for a in arrays.values():
+            for a in maps.values():
                 present.update(int(v) for v in np.unique(a) if v != ignore_index)
-        else:
-            vals = np.concatenate([a[np.isfinite(a)].ravel() for a in arrays.values()])
-            lo, hi = value_range if value_range is not None else (float(vals.min()), float(vals.max()))
-            ranges[ri] = (lo, hi)
+        elif kinds[task] == "scalar":
+            vals = np.concatenate([a[np.isfinite(a)].ravel() for a in maps.values()])
+            ranges[ri] = value_range if value_range is not None else (float(vals.min()), float(vals.max()))
         for c in columns:
-            a = arrays.get(c)
-            if a is None:
-                row.append(None)
-            elif kinds[task] == "labels":
-                row.append(label_image(a, k, class_colors, ignore_index))
-            else:
-                row.append(scalar_image(a, *ranges[ri], colorscale=colorscale))
+            a = maps.get(c)
+            row.append(None if a is None else _dense_panel(task, c, a, kinds[task], k, colors, ignore_index,
+                                                           ranges.get(ri), colorscale))
             row_titles.append(f"{c}" if a is not None else None)
         grid.append(row)
         titles.append(row_titles)
     fig = feature_grid(grid, titles=titles, row_titles=list(rows), symmetric=None, cell=cell)
-    if present:
-        k = n_classes or (max(present) + 1)
-        colors = list(class_colors) if class_colors is not None else palette(k)
-        for c in sorted(present):
-            name = class_names[c] if class_names is not None and c < len(class_names) else str(c)
-            fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name, showlegend=True,
-                                     marker=dict(symbol="square", size=11, color=colors[c])), row=1, col=1)
+    _dense_legend(fig, present, colors, class_names)
+    _dense_colorbars(fig, grid, ranges, colorscale, value_title)
+    fig.update_layout(title=title, showlegend=bool(present),
+                      legend=dict(x=1.0 + 0.16, y=1.0, font=dict(size=10), title=dict(text="class")),
+                      width=int(cell * (len(columns) + lead) + 330), margin=dict(r=240, t=60 if title else 40))
+    return fig
+
+
+_DENSE_KINDS = ("labels", "scalar", "rgb")
+
+
+def _as_array(m) -> np.ndarray:
+    return m.detach().cpu().numpy() if type(m).__module__.split(".")[0] == "torch" else np.asarray(m)
+
+
+def _dense_class_count(arrays, kinds, num_classes, class_names, ignore_index) -> int:
+    """How many classes the label rows are coloured for (0 without label rows)."""
+    labels = [a for task, maps in arrays.items() if kinds[task] == "labels" for a in maps.values()]
+    if not labels:
+        return 0
+    if num_classes is not None:
+        return int(num_classes)
+    if class_names is not None:
+        return len(class_names)
+    return int(max(int(a[a != ignore_index].max(initial=0)) for a in labels) + 1)
+
+
+def _dense_label_colors(k: int, class_colors, background) -> list:
+    colors = list(class_colors) if class_colors is not None else palette(k)
+    if background is not None and 0 <= background < len(colors):
+        colors[background] = "#111111"
+    return colors
+
+
+def _dense_panel(task, column, a, kind, k, colors, ignore_index, value_range, colorscale) -> np.ndarray:
+    """One map of ``rows[task][column]`` as an RGB image; errors name the panel."""
+    where = f"rows[{task!r}][{column!r}]"
+    if kind == "labels":
+        if a.ndim != 2:
+            raise ValueError(f"{where}: a 'labels' row takes (H, W) class-id maps, got shape {a.shape}")
+        try:
+            return label_image(a, k, colors, ignore_index)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    if kind == "scalar":
+        if a.ndim != 2:
+            raise ValueError(f"{where}: a 'scalar' row takes (H, W) maps, got shape {a.shape}")
+        return scalar_image(a, *value_range, colorscale=colorscale)
+    if a.ndim != 3:
+        raise ValueError(f"{where}: an 'rgb' row takes (H, W, 3) or (3, H, W) images, got shape {a.shape}")
+    return to_rgb_uint8(a)
+
+
+def _dense_legend(fig, present, colors, class_names) -> None:
+    import plotly.graph_objects as go
+
+    for c in sorted(present):
+        name = class_names[c] if class_names is not None and c < len(class_names) else str(c)
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name, showlegend=True,
+                                 marker=dict(symbol="square", size=11, color=colors[c])), row=1, col=1)
+
+
+def _dense_colorbars(fig, grid, ranges, colorscale, value_title) -> None:
+    import plotly.graph_objects as go
+
     for ri, (lo, hi) in ranges.items():
         dom = fig.get_subplot(ri + 1, 1).yaxis.domain
         col = next(c for c, a in enumerate(grid[ri]) if a is not None) + 1  # an axis already hidden
@@ -1032,52 +1092,12 @@ def dense_predictions(image, rows: Mapping[str, Mapping[str, object]], kinds: Ma
                         colorbar=dict(title=dict(text=value_title, side="right"), thickness=12,
                                       len=(dom[1] - dom[0]) * 0.9, y=(dom[0] + dom[1]) / 2,
                                       x=1.0 + 0.08, tickfont=dict(size=10)))), row=ri + 1, col=col)
-    fig.update_layout(title=title, showlegend=bool(present),
-                      legend=dict(x=1.0 + 0.16, y=1.0, font=dict(size=10), title=dict(text="class")),
-                      width=int(cell * (len(columns) + 1) + 330), margin=dict(r=240, t=60 if title else 40))
-    return fig
 
 
 # ------------------------------------------------------------------------------------------------
-# recombination notebook (§4.3): RGB outputs next to label maps, and metrics against one variable.
-# (The dense-prediction colourings label_image / scalar_image / dense_predictions come with the SBM
-# work; dense_panels only adds what they do not cover: reconstructions (RGB) in the same row as
-# label maps. Once both are merged, dense_panels' label colouring can call label_image.)
+# metrics against one variable (recombination: quality against parameters pruned).
 # ------------------------------------------------------------------------------------------------
-__all__ += ["dense_panels", "metric_curves"]
-
-
-def dense_panels(panels: Mapping, num_classes: int, cols: int | None = None, cell: int = 110,
-                 ignore_index: int = 255, background: int | None = None):
-    """One row (or grid) of dense outputs ``{title: array}`` for one image: RGB images
-    (``(H, W, 3)`` or ``(3, H, W)``, float in [0, 1] or uint8 — inputs, reconstructions) drawn as
-    they are, integer ``(H, W)`` maps as label maps with class k in ``palette(num_classes)[k]``
-    (the same colour in every panel), ``ignore_index`` white, the ``background`` class (if given)
-    near-black."""
-    from plotly.colors import hex_to_rgb
-
-    if not isinstance(panels, Mapping) or not panels:
-        raise ValueError("panels must be a non-empty dict {title: image or label map}")
-    lut = np.array([hex_to_rgb(c) for c in palette(num_classes)] + [(255, 255, 255)], dtype=np.uint8)
-    if background is not None and 0 <= background < num_classes:
-        lut[background] = (17, 17, 17)
-    imgs = []
-    for title, a in panels.items():
-        if type(a).__module__.split(".")[0] == "torch":
-            a = a.detach().cpu().numpy()
-        a = np.asarray(a)
-        if a.ndim == 2 and a.dtype.kind in "iu":
-            bad = (a != ignore_index) & ((a < 0) | (a >= num_classes))
-            if bad.any():
-                raise ValueError(f"panel {title!r}: class ids must lie in [0, {num_classes}) or be "
-                                 f"{ignore_index} (ignored), got {np.unique(a[bad])[:5].tolist()}")
-            imgs.append(lut[np.where(a == ignore_index, num_classes, a)])
-        elif a.ndim == 3:
-            imgs.append(to_rgb_uint8(a))
-        else:
-            raise ValueError(f"panel {title!r} has shape {a.shape} ({a.dtype}); expected an integer (H, W) label "
-                             "map or an RGB image")
-    return image_grid(imgs, titles=[str(t) for t in panels], cols=cols or len(imgs), cell=cell)
+__all__ += ["metric_curves"]
 
 
 def metric_curves(df: pd.DataFrame, x: str, metrics: Sequence[str], group: str | None = None,

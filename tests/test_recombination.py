@@ -454,9 +454,15 @@ def test_recombine_end_to_end(tiny_scenes, tiny_teachers):
     # the stored networks are snapshots, not the live one
     assert sum(p.numel() for p in res.nets[0].parameters()) > sum(p.numel() for p in res.nets[2].parameters())
     p = res.panels(2, 0, d["test"])
-    assert list(p) == ["input", "ground truth", "teacher reconstruction", "round 2 reconstruction",
-                       "teacher segmentation", "round 2 segmentation"]
-    assert p["round 2 reconstruction"].shape == (16, 16, 3) and p["round 2 segmentation"].dtype == np.int64
+    assert list(p) == ["image", "rows", "kinds"] and p["kinds"] == {"reconstruction": "rgb", "segmentation": "labels"}
+    columns = ["ground truth", "teacher", "round 2"]
+    assert {t: list(r) for t, r in p["rows"].items()} == {"reconstruction": columns, "segmentation": columns}
+    assert np.array_equal(p["rows"]["reconstruction"]["ground truth"], p["image"])  # reconstruction's target
+    assert p["rows"]["reconstruction"]["round 2"].shape == (16, 16, 3)
+    assert p["rows"]["segmentation"]["round 2"].dtype == np.int64
+    from kaviz import plots
+    fig = plots.dense_predictions(**p, num_classes=d["num_classes"], background=0)
+    assert sum(t.type == "image" for t in fig.data) == 1 + 3 + 3
     with pytest.raises(KeyError, match="rounds"):
         res.panels(5, 0, d["test"])
     with pytest.raises(ValueError, match="split"):
@@ -500,30 +506,41 @@ def test_camvid_path_on_a_fixture_tree(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # the figure builders added to kaviz.plots for this notebook
 # ------------------------------------------------------------------------------------------------
-def test_dense_panels_colours_label_maps_consistently_and_draws_rgb_as_is():
+def test_dense_predictions_draws_rgb_rows_as_is_and_colours_labels_consistently():
     from kaviz import plots
 
     m = np.array([[0, 1], [2, 255]]).repeat(4, 0).repeat(4, 1)
     rgb = np.random.default_rng(0).random((8, 8, 3))
-    fig = plots.dense_panels({"image": rgb, "truth": m, "prediction": np.full((8, 8), 2)}, num_classes=3,
-                             background=0)
-    assert [a.text for a in fig.layout.annotations] == ["image", "truth", "prediction"]
+    fig = plots.dense_predictions(None, {"reconstruction": {"truth": rgb},
+                                         "segmentation": {"truth": m, "prediction": np.full((8, 8), 2)}},
+                                  kinds={"reconstruction": "rgb", "segmentation": "labels"}, num_classes=3,
+                                  background=0)
+    images = [t for t in fig.data if t.type == "image"]
+    assert [a.text for a in fig.layout.annotations if a.text in ("truth", "prediction")] == \
+        ["truth", "truth", "prediction"]
 
     def decoded(k):
         from PIL import Image
-        return np.asarray(Image.open(io.BytesIO(base64.b64decode(fig.data[k].source.split(",", 1)[1]))).convert("RGB"))
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(images[k].source.split(",", 1)[1]))).convert("RGB"))
 
-    assert len(fig.data) == 3 and np.array_equal(decoded(0), plots.to_rgb_uint8(rgb))  # RGB drawn as it is
+    assert len(images) == 3 and np.array_equal(decoded(0), plots.to_rgb_uint8(rgb))  # RGB drawn as it is
     truth, pred = decoded(1), decoded(2)
     # class 2 has one colour in both label panels; background near-black; ignored pixels white
     assert tuple(truth[4, 0]) == tuple(pred[0, 0]) and tuple(truth[0, 0]) == (17, 17, 17)
     assert tuple(truth[4, 4]) == (255, 255, 255) and tuple(truth[0, 4]) != tuple(truth[4, 0])
-    with pytest.raises(ValueError, match="class ids"):
-        plots.dense_panels({"bad": np.array([[5]])}, num_classes=3)
-    with pytest.raises(ValueError, match="panel"):
-        plots.dense_panels({"bad": np.zeros((1, 2, 3, 4))}, num_classes=3)
-    with pytest.raises(ValueError, match="non-empty"):
-        plots.dense_panels({}, num_classes=3)
+    # the legend lists the classes that appear (not the ignored pixels), in their panel colours
+    legend = {t.name: t.marker.color for t in fig.data if t.type == "scatter" and t.showlegend}
+    assert list(legend) == ["0", "1", "2"] and legend["0"] == "#111111"
+    with pytest.raises(ValueError, match=r"rows\['s'\]\['bad'\].*class ids"):
+        plots.dense_predictions(None, {"s": {"bad": np.array([[5]])}}, kinds={"s": "labels"}, num_classes=3)
+    with pytest.raises(ValueError, match=r"rows\['r'\]\['bad'\].*'rgb'"):
+        plots.dense_predictions(None, {"r": {"bad": np.zeros((1, 2, 3, 4))}}, kinds={"r": "rgb"})
+    with pytest.raises(ValueError, match="'labels' row"):
+        plots.dense_predictions(None, {"s": {"bad": rgb}}, kinds={"s": "labels"})
+    with pytest.raises(ValueError, match="kinds must say"):
+        plots.dense_predictions(None, {"s": {"a": m}}, kinds={"s": "label"})
+    with pytest.raises(ValueError, match="empty"):
+        plots.dense_predictions(None, {}, kinds={})
 
 
 def test_metric_curves():

@@ -54,8 +54,11 @@ class RecombinationResult:
         return t
 
     def panels(self, round: int, index: int, data) -> dict:
-        """Input, ground truth, the teachers' and round ``round``'s outputs for image ``index`` of
-        ``data``: ``{title: array}`` with RGB images (H, W, 3) in [0, 1] and label maps (H, W) int."""
+        """Image ``index`` of ``data`` through the teachers and round ``round``'s network, as the
+        keyword arguments of :func:`kaviz.plots.dense_predictions`: ``image`` (the input, (H, W, 3)
+        in [0, 1]), ``rows`` ``{task: {"ground truth" | "teacher" | "round r": map}}`` and ``kinds``
+        (``"rgb"`` for reconstructions, whose ground truth is the input; ``"labels"`` for
+        segmentation, int64 class maps)."""
         if round not in self.nets:
             raise KeyError(f"no network for round {round}; rounds: {sorted(self.nets)}")
         if not 0 <= index < len(data):
@@ -66,14 +69,20 @@ class RecombinationResult:
         with torch.no_grad():
             out = net.eval()(x)
             t_out = {task: t.eval()(x) for task, t in self.teachers.items()}
-        panels = {"input": x[0].permute(1, 2, 0).clamp(0, 1).numpy()}
-        if isinstance(target, Mapping) and "mask" in target:
-            panels["ground truth"] = target["mask"].numpy().astype(np.int64)
+        image = x[0].permute(1, 2, 0).clamp(0, 1).numpy()
+        rows, kinds = {}, {}
         for task, kind in net.kinds.items():
-            for who, y in ((f"teacher {task}", t_out[task]), (f"round {round} {task}", out[task])):
-                panels[who] = (y[0].permute(1, 2, 0).clamp(0, 1).numpy() if kind == "reconstruction"
-                               else y[0].argmax(0).numpy().astype(np.int64))
-        return panels
+            row = {}
+            if kind == "reconstruction":
+                row["ground truth"] = image
+            elif isinstance(target, Mapping) and "mask" in target:
+                row["ground truth"] = target["mask"].numpy().astype(np.int64)
+            for who, y in (("teacher", t_out[task]), (f"round {round}", out[task])):
+                row[who] = (y[0].permute(1, 2, 0).clamp(0, 1).numpy() if kind == "reconstruction"
+                            else y[0].argmax(0).numpy().astype(np.int64))
+            rows[task] = row
+            kinds[task] = "rgb" if kind == "reconstruction" else "labels"
+        return {"image": image, "rows": rows, "kinds": kinds}
 
 
 def _score_rows(net_or_teachers, stage, rnd, splits, num_classes, ignore_index, batch_size, extra):
