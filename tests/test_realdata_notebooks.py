@@ -50,13 +50,7 @@ SLOW = {("common_feature_learning", "cub_dogs"), ("student_becoming_the_master",
         ("knowledge_consistency", "cub200_15")}
 # Failures inside method code (kaviz/methods/**), not fixed here: (reason, text the failure must show).
 # Strict xfails: a pass fails the test (remove the entry), and so does a different failure.
-XFAIL: dict[tuple[str, str], tuple[str, str]] = {
-    ("knowledge_consistency", "cub200"): (
-        ("kaviz/methods/consistency.py load_data('cub200') holds out val=0.1 of the training split stratified by "
-         "class: with 4 training images per class the validation split is empty, and Relabelled.__init__ "
-         "(via coarse_task) fails with 'max(): Expected reduction dim to be specified for input.numel() == 0'"),
-        "max(): Expected reduction dim to be specified for input.numel() == 0"),
-}
+XFAIL: dict[tuple[str, str], tuple[str, str]] = {}
 
 
 class KnownFailure(AssertionError):
