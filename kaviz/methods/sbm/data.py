@@ -22,8 +22,8 @@ def scene_splits(data: str = "embedded", *, root=None, image_size=32, n: int = 1
     fraction of the train split (never augmented), test = the test split; ``augment=True`` keeps
     the random crops and flips on the training part (the teachers' predictions are then computed
     on the fly). ``max_per_split`` (real data): at most that many images of each split, a seeded
-    choice (:func:`kaviz.data.limit`); ``None`` keeps everything. Returns ``(Splits(train, val, test), info)`` with ``info = {"num_classes",
-    "class_names", "size", "source"}``.
+    choice (:func:`kaviz.data.limit`); ``None`` keeps everything. Returns ``(Splits(train, val,
+    test), info)`` with ``info = {"num_classes", "class_names", "size", "source"}``.
     """
     from ...data import Splits, limit, split
 
