@@ -870,7 +870,8 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
                   schedule: str | None = "cosine", seed: int = 0, loss: str = "ce", target_key: str | None = None,
                   arch_kwargs: Mapping | None = None, cache: bool | str | os.PathLike = True, device=None,
                   progress: bool | None = None, method: Callable[[nn.Module], nn.Module] | None = None,
-                  monitor: str | tuple[str, str] | None = None):
+                  monitor: str | tuple[str, str] | None = None, amp=False, channels_last: bool = False,
+                  num_workers: int = 0, pin_memory: bool | None = None, persistent_workers: bool | None = None):
     """Train (or load from the cache) a teacher; returns ``(model, history)``; the model is in eval mode.
 
     The cache key covers the architecture and its arguments, the number of classes, the
@@ -885,7 +886,10 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
     (or a ``functools.partial`` of one) used instead of ``Supervised(model, loss, target_key)`` —
     e.g. a dense task's loss (:class:`kaviz.methods.sbm.DenseSupervised`). Its qualified name and
     arguments are part of the cache key. ``monitor``: the validation value that picks the epoch kept
-    (see :func:`fit`; part of the key when given).
+    (see :func:`fit`; part of the key when given). ``amp``, ``channels_last``, ``num_workers``,
+    ``pin_memory``, ``persistent_workers``: passed to :func:`fit` (a GPU run); amp and channels_last
+    change the weights and are part of the key when used, and so are the worker settings when
+    ``num_workers > 0`` (workers draw their own augmentation seeds).
     """
     from . import default_device, seed_everything
     from .models import build
@@ -902,6 +906,16 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
         settings["method"] = _callable_key(method)
     if monitor is not None:  # likewise
         settings["monitor"] = monitor
+    run = dict(amp=amp, channels_last=channels_last, num_workers=num_workers, pin_memory=pin_memory,
+               persistent_workers=persistent_workers)
+    dtype = amp_dtype(amp, default_device(device))
+    if dtype is not None:  # likewise: the default keys stay the same
+        settings["amp"] = str(dtype).replace("torch.", "")
+    if channels_last:
+        settings["channels_last"] = True
+    opts = loader_options(default_device(device), num_workers, pin_memory, persistent_workers)
+    if opts["num_workers"]:
+        settings["workers"] = [opts["num_workers"], opts["persistent_workers"]]
     key = teacher_key(arch, num_classes, train_data, val_data, **settings)
     folder = teacher_cache_folder(cache)
 
@@ -914,7 +928,7 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
         history = fresh["history"] = fit(trainer, train_data, val_data, epochs=epochs, lr=lr, batch_size=batch_size,
                                          optimizer=optimizer,
                       weight_decay=weight_decay, schedule=schedule, seed=seed, device=device, progress=progress,
-                      monitor=monitor)
+                      monitor=monitor, **run)
         return model, {"arch": arch, "num_classes": num_classes, "settings": settings, **history_meta(history)}
 
     model, meta, cached = cached_training(folder, arch, key, lambda: build(arch, num_classes, **arch_kwargs), train,

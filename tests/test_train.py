@@ -392,3 +392,15 @@ def test_workers_give_the_same_batches_and_weights(tiny):
     for (x0, y0), (x2, y2) in zip(runs[0].seen, runs[2].seen):
         assert torch.equal(x0, x2) and torch.equal(y0, y2)
     assert models.weights_hash(runs[0].model) == models.weights_hash(runs[2].model)
+
+
+def test_train_teacher_passes_gpu_options_and_keys_them(tmp_path, tiny):
+    torch.set_num_threads(1)
+    kw = dict(num_classes=3, epochs=1, batch_size=16, arch_kwargs={"width": 4}, cache=tmp_path, progress=False)
+    plain, _ = train_teacher("cifar_resnet8", tiny, **kw)
+    amp, hist = train_teacher("cifar_resnet8", tiny, amp=True, **kw)
+    assert hist.attrs["cached"] is False  # trained under bf16 autocast, not the float32 teacher reused
+    assert models.weights_hash(plain) != models.weights_hash(amp)
+    assert len(list(tmp_path.glob("cifar_resnet8-*.pt"))) == 2
+    again, hist2 = train_teacher("cifar_resnet8", tiny, amp=True, **kw)  # the amp entry is reused
+    assert hist2.attrs["cached"] is True and models.weights_hash(again) == models.weights_hash(amp)
