@@ -161,8 +161,6 @@ def load_checkpoint(path) -> dict:
     return ck
 
 
-
-
 def _rng_state() -> dict:
     np_state = np.random.get_state()
     return {
@@ -638,7 +636,10 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
     read the training and validation data (``persistent_workers``, default: when there are workers,
     keeps them across epochs); ``pin_memory`` (default: the device is CUDA) pins batches so the
     host→device copies (always ``non_blocking``) overlap with compute. ``amp`` and ``channels_last``
-    are part of a checkpoint's settings (resuming with others is refused).
+    are part of a checkpoint's settings (resuming with others is refused). With workers, random
+    augmentations draw from per-worker seeds (from the seeded torch RNG): runs stay reproducible, but
+    differ from ``num_workers=0``, and a resumed run with persistent workers is not bit-identical to an
+    uninterrupted one (its workers are seeded anew).
     """
     import pandas as pd
     from tqdm.auto import tqdm
