@@ -3,7 +3,7 @@
 On CPU, amp=True is bf16 autocast (no gradient scaler); on CUDA it is fp16 with torch.amp.GradScaler, and the
 hand-written loop below does the same. Target (DESIGN.md §6): the loop adds at most 5 % over the hand-written
 one. Prints the ratio (interleaved repeats, median of each, as bench/bench_train.py).
-    python bench/bench_amp.py [--threads 2] [--repeats 6] [--device cpu]
+    python bench/bench_amp.py [--threads 2] [--repeats 8] [--device cpu]
 """
 import argparse
 import os
@@ -24,7 +24,7 @@ from kaviz.train import Supervised, fit  # noqa: E402
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=8)
     p.add_argument("--n", type=int, default=1024)
     p.add_argument("--arch", default="vgg8_small")
     p.add_argument("--device", default="cpu")
