@@ -80,6 +80,7 @@ execute: setup
 
 bench: setup
 	$(PY) bench/bench_train.py
+	$(PY) bench/bench_amp.py
 	$(PY) bench/bench_extract.py
 	$(PY) bench/bench_import.py
 	$(PY) bench/bench_cka.py

@@ -1,8 +1,9 @@
 """Speed of the embedded datasets (target: 5,000 32x32 shapes well under 1 s), and of the real-format data
 path against a plain torchvision ImageFolder + transforms.v2 baseline on the same JPEG files (target: ratio
 >= 1.0).
-    python bench/bench_data.py [--real-only] [--n 240]
-Prints the best of a few runs (the machine may be shared) in images per second.
+    python bench/bench_data.py [--real-only] [--n 240] [--workers 0,1,2]
+Prints the best of a few runs (the machine may be shared) in images per second, and the ratio for each
+DataLoader worker count (0: read in the main process).
 """
 import argparse
 import sys
@@ -25,9 +26,10 @@ def best(fn, repeats=5):
     return min(times)
 
 
-def real_format(n: int = 240, size=(375, 500), image_size: int = 224, repeats: int = 5):
-    """images/s of one worker (one process, num_workers=0) reading CUB-format JPEGs with the training
-    transform (RandomResizedCrop 224 + flip + normalise), kaviz.data.real vs torchvision ImageFolder."""
+def real_format(n: int = 240, size=(375, 500), image_size: int = 224, repeats: int = 5, workers=(0, 1, 2)):
+    """images/s reading CUB-format JPEGs with the training transform (RandomResizedCrop 224 + flip +
+    normalise), kaviz.data.real vs torchvision ImageFolder, through a DataLoader with each worker count
+    in ``workers``; returns {workers: ratio}."""
     from PIL import Image
     from torchvision import datasets
     from torchvision.transforms import v2
@@ -68,8 +70,8 @@ def real_format(n: int = 240, size=(375, 500), image_size: int = 224, repeats: i
                                          loader=lambda p: Image.open(p).convert("RGB"))
         assert len(folder_ds) == len(kaviz_ds) == n
 
-        def epoch(ds):
-            dl = torch.utils.data.DataLoader(ds, batch_size=32, num_workers=0)
+        def epoch(ds, num_workers):
+            dl = torch.utils.data.DataLoader(ds, batch_size=32, num_workers=num_workers)
             for xb, _ in dl:
                 assert xb.shape[-2:] == (image_size, image_size)
 
@@ -78,32 +80,37 @@ def real_format(n: int = 240, size=(375, 500), image_size: int = 224, repeats: i
         paths = {"torchvision ImageFolder + v2 (PIL)": folder_ds, "kaviz.data.real.cub200": kaviz_ds,
                  "kaviz.data.real.cub200, PIL decoding": kaviz_pil}
         for ds in paths.values():
-            epoch(ds)  # warm (page cache, allocator)
-        # interleaved repeats, best of each: a shared machine's load swings hit every path alike
-        times = {name: [] for name in paths}
-        for _ in range(repeats):
-            for name, ds in paths.items():
-                t0 = time.perf_counter()
-                epoch(ds)
-                times[name].append(time.perf_counter() - t0)
-        rates = {name: n / min(t) for name, t in times.items()}
-        for name, r in rates.items():
-            print(f"{name:42s} {r:9.1f} images/s per worker ({h}x{w} JPEG -> {image_size}, train transform)")
-        ratio = rates["kaviz.data.real.cub200"] / rates["torchvision ImageFolder + v2 (PIL)"]
-        print(f"{'ratio kaviz / ImageFolder':42s} {ratio:9.2f}  target >= 1.0")
-        print(f"{'ratio decode_jpeg / PIL decoding (kaviz)':42s} "
-              f"{rates['kaviz.data.real.cub200'] / rates['kaviz.data.real.cub200, PIL decoding']:9.2f}")
-        return ratio
+            epoch(ds, 0)  # warm (page cache, allocator)
+        ratios = {}
+        for nw in workers:
+            # interleaved repeats, best of each: a shared machine's load swings hit every path alike
+            times = {name: [] for name in paths}
+            for _ in range(repeats):
+                for name, ds in paths.items():
+                    t0 = time.perf_counter()
+                    epoch(ds, nw)
+                    times[name].append(time.perf_counter() - t0)
+            rates = {name: n / min(t) for name, t in times.items()}
+            print(f"num_workers={nw} ({h}x{w} JPEG -> {image_size}, train transform, batch 32):")
+            for name, r in rates.items():
+                print(f"  {name:42s} {r:9.1f} images/s")
+            ratios[nw] = rates["kaviz.data.real.cub200"] / rates["torchvision ImageFolder + v2 (PIL)"]
+            print(f"  {'ratio kaviz / ImageFolder':42s} {ratios[nw]:9.2f}  target >= 1.0")
+            print(f"  {'ratio decode_jpeg / PIL decoding (kaviz)':42s} "
+                  f"{rates['kaviz.data.real.cub200'] / rates['kaviz.data.real.cub200, PIL decoding']:9.2f}")
+        return ratios
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--real-only", action="store_true", help="only the real-format data path")
     ap.add_argument("--n", type=int, default=240, help="JPEGs in the real-format benchmark")
+    ap.add_argument("--workers", default="0,1,2", help="DataLoader worker counts of the real-format benchmark")
     args = ap.parse_args()
+    workers = tuple(int(w) for w in args.workers.split(",") if w.strip())
     torch.set_num_threads(1)
     if args.real_only:
-        real_format(args.n)
+        real_format(args.n, workers=workers)
         return
     D.render_scenes(16, seed=0)  # warm the noise tile
     rows = [
@@ -121,7 +128,7 @@ def main():
     ds = D.shapes(n=5000)
     t = best(lambda: sum(1 for _ in D.loader(ds, batch_size=64, shuffle=True)), 3)
     print(f"{'one loader epoch over shapes(5000), batch 64':42s} {t:6.3f} s  {5000 / t:9.0f} images/s")
-    real_format(args.n)
+    real_format(args.n, workers=workers)
 
 
 if __name__ == "__main__":

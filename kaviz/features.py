@@ -41,6 +41,10 @@ __all__ = [
     "CorruptStoreError",
     "pool_features",
     "iter_batches",
+    "amp_dtype",
+    "autocast",
+    "loader_options",
+    "to_device",
 ]
 
 OUTPUT = "<output>"
@@ -715,19 +719,85 @@ def _check_order(data) -> None:
     )
 
 
-def iter_batches(data, batch_size: int, who: str = "extract()"):
+# ------------------------------------------------------------------ GPU-ready options (one set for fit and extract)
+_AMP_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def amp_dtype(amp, device) -> torch.dtype | None:
+    """The autocast dtype that ``amp`` asks for on ``device``: ``False``/``None`` → ``None`` (full
+    float32, today's numbers); ``True`` → ``torch.float16`` on CUDA (fit adds a gradient scaler) and
+    ``torch.bfloat16`` elsewhere (CPU autocast runs in bf16, which needs no scaler);
+    ``"bf16"``/``"fp16"`` (or ``"bfloat16"``/``"float16"``, or the torch dtypes) choose explicitly."""
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    if amp is None or amp is False:
+        return None
+    if amp is True:
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    if isinstance(amp, str) and amp.lower() in _AMP_NAMES:
+        return _AMP_NAMES[amp.lower()]
+    if amp in (torch.bfloat16, torch.float16):
+        return amp
+    raise ValueError(f"amp={amp!r} is not a mixed-precision mode: pass amp=False (float32), amp=True (bf16 on CPU, "
+                     "fp16 with a gradient scaler on CUDA), amp='bf16' or amp='fp16'")
+
+
+def autocast(device, dtype: torch.dtype | None):
+    """``torch.autocast`` on ``device``'s type in ``dtype``; a no-op context for ``dtype=None``."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def loader_options(device, num_workers: int = 0, pin_memory: bool | None = None,
+                   persistent_workers: bool | None = None) -> dict:
+    """DataLoader keywords for reading data towards ``device``: ``num_workers`` worker processes,
+    ``pin_memory`` (default: the device is CUDA, so host→GPU copies can be asynchronous; without CUDA
+    there is nothing to pin for and it is off) and ``persistent_workers`` (default: when there are
+    workers, so they are started once, not every epoch)."""
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)) or num_workers < 0:
+        raise ValueError(f"num_workers must be an int >= 0 (0: read in the main process), got {num_workers!r}")
+    if persistent_workers and not num_workers:
+        raise ValueError("persistent_workers=True needs num_workers > 0 (there are no workers to keep); "
+                         "pass num_workers=2 (or more), or leave persistent_workers=None")
+    return {"num_workers": int(num_workers),
+            "pin_memory": bool(device.type == "cuda" if pin_memory is None else pin_memory)
+            and torch.cuda.is_available(),
+            "persistent_workers": bool(num_workers > 0 if persistent_workers is None else persistent_workers)}
+
+
+def to_device(batch, device, channels_last: bool = False):
+    """``batch`` (a tensor, or dicts / lists / tuples of them) on ``device`` with non-blocking copies
+    (asynchronous from pinned memory); ``channels_last=True`` also stores 4-d float tensors (images)
+    in the channels-last layout (same values, NHWC strides)."""
+    if torch.is_tensor(batch):
+        if channels_last and batch.dim() == 4 and batch.is_floating_point():
+            return batch.to(device, non_blocking=True, memory_format=torch.channels_last)
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device, channels_last) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device, channels_last) for v in batch)
+    return batch
+
+
+def iter_batches(data, batch_size: int, who: str = "extract()", *, num_workers: int = 0, pin_memory: bool = False):
     """``(images, targets)`` batches, in order, of a tensor of images (targets None), a DataLoader or a Dataset
-    of ``(image, ...)`` items (read through an unshuffled DataLoader of ``batch_size``)."""
+    of ``(image, ...)`` items (read through an unshuffled DataLoader of ``batch_size`` with ``num_workers``
+    workers and ``pin_memory``; a DataLoader passed in is used as it is)."""
     from torch.utils.data import DataLoader, Dataset
 
     if torch.is_tensor(data):
         for i in range(0, len(data), batch_size):
-            yield data[i:i + batch_size], None
+            x = data[i:i + batch_size]
+            yield (x.pin_memory() if pin_memory else x), None
         return
     if isinstance(data, DataLoader):
         loader = data
     elif isinstance(data, Dataset) or hasattr(data, "__getitem__"):
-        loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
+        loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            pin_memory=pin_memory)
     else:
         raise TypeError(f"{who} takes a Dataset, a DataLoader or a tensor of images, not {type(data).__name__}")
     for batch in loader:
@@ -828,7 +898,8 @@ class _NpyWriter:
 def extract(model: nn.Module, data, layers: str | Iterable[str], *, pool: str | Mapping[str, str] = "avg",
             batch_size: int = 256, store: str | os.PathLike | None = None, dtype: str = "float32",
             device=None, progress: bool | None = None, clone: bool = False, on_repeat: str = "error",
-            overwrite: bool = False) -> FeatureStore:
+            overwrite: bool = False, amp=False, channels_last: bool = False, num_workers: int = 0,
+            pin_memory: bool | None = None) -> FeatureStore:
     """Features of ``layers`` for every sample of ``data``, in dataset order.
 
     ``data``: a Dataset, a tensor of float images, or a DataLoader that yields its dataset in order
@@ -848,17 +919,30 @@ def extract(model: nn.Module, data, layers: str | Iterable[str], *, pool: str | 
     data, an interrupted extraction leaves the previous store intact, and a second process waits
     and reuses the first one's store. ``meta.json`` records the size and sha256 of every file; a
     store that fails its checks is reported (a warning naming the file) and recomputed.
+
+    For a GPU: ``amp`` runs the forward passes under autocast (``True``: bf16 on CPU, fp16 on CUDA;
+    ``"bf16"``/``"fp16"``; features are stored as float32 either way), ``channels_last=True`` puts the
+    model and the images in the channels-last layout (the model's layout is restored afterwards),
+    ``num_workers`` reads a Dataset with that many DataLoader workers and ``pin_memory`` (default: the
+    device is CUDA) pins the batches for non-blocking copies. The defaults give today's exact
+    numbers; amp and channels_last are part of an on-disk store's key (their features differ).
     """
     from . import default_device
 
     layers, pools, n = _validate_extract(data, layers, pool, dtype, batch_size)
     device = default_device(device) if device is not None else next(
         (p.device for p in model.parameters()), torch.device("cpu"))
+    run = {"amp": amp_dtype(amp, device), "channels_last": bool(channels_last),
+           **loader_options(device, num_workers, pin_memory, persistent_workers=False)}
     meta = _store_meta(model, data, layers, pools, dtype, n, on_disk=store is not None)
+    if run["amp"] is not None:  # absent by default: stores written before these options stay valid
+        meta["amp"] = str(run["amp"]).replace("torch.", "")
+    if run["channels_last"]:
+        meta["channels_last"] = True
     tap = FeatureTap(model, layers, clone=clone, on_repeat=on_repeat)  # unknown layers fail before any file
 
     def compute(folder):
-        return _compute(model, data, tap, layers, pools, meta, n, batch_size, dtype, device, progress, folder)
+        return _compute(model, data, tap, layers, pools, meta, n, batch_size, dtype, device, progress, folder, run)
 
     if store is None:
         return compute(None)
@@ -947,7 +1031,7 @@ _NO_ROOM = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def _compute(model, data, tap: FeatureTap, layers, pools, meta, n, batch_size, dtype, device, progress,
-             folder: Path | None) -> FeatureStore | None:
+             folder: Path | None, run: Mapping | None = None) -> FeatureStore | None:
     """Run the extraction; in memory (``folder=None``) return the store, else write a complete store
     (arrays, then ``meta.json``) into ``folder``."""
     from tqdm.auto import tqdm
@@ -957,7 +1041,7 @@ def _compute(model, data, tap: FeatureTap, layers, pools, meta, n, batch_size, d
     bar = tqdm(total=n, desc=f"extract {', '.join(layers)}", disable=not show, leave=False)
     t0 = time.perf_counter()
     try:
-        seen = _extract_loop(model, data, tap, layers, pools, batch_size, device, arrays, bar)
+        seen = _extract_loop(model, data, tap, layers, pools, batch_size, device, arrays, bar, run or {})
     finally:
         bar.close()
         arrays.release()
@@ -990,16 +1074,37 @@ class _Arrays:
                 a._f.close()
 
 
-def _extract_loop(model, data, tap: FeatureTap, layers, pools, batch_size, device, arrays: _Arrays, bar) -> int:
-    """One forward pass per batch (eval mode, ``no_grad``), each layer pooled into its array; the
-    targets of the first batch decide which target arrays are kept. Returns the samples seen."""
+@contextlib.contextmanager
+def _channels_last(model: nn.Module, enabled: bool):
+    """The model's 4-d parameters and buffers in channels-last layout for the block, restored afterwards."""
+    if not enabled:
+        yield
+        return
+    saved = {k: t for k, t in list(model.named_parameters()) + list(model.named_buffers()) if t.dim() == 4}
+    formats = {k: t.is_contiguous() for k, t in saved.items()}
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        if all(formats.values()):
+            model.to(memory_format=torch.contiguous_format)
+
+
+def _extract_loop(model, data, tap: FeatureTap, layers, pools, batch_size, device, arrays: _Arrays, bar,
+                  run: Mapping) -> int:
+    """One forward pass per batch (eval mode, ``no_grad``; autocast and channels-last when ``run`` asks),
+    each layer pooled into its array; the targets of the first batch decide which target arrays are kept.
+    Returns the samples seen."""
     start = 0
-    with eval_mode(model), torch.no_grad(), tap:
-        for images, target in iter_batches(data, batch_size):
+    cl = bool(run.get("channels_last"))
+    with eval_mode(model), torch.no_grad(), tap, _channels_last(model, cl):
+        for images, target in iter_batches(data, batch_size, num_workers=run.get("num_workers", 0),
+                                           pin_memory=run.get("pin_memory", False)):
             if start == 0:
                 _check_images(images)
             b = images.shape[0]
-            model(images.to(device, non_blocking=True))
+            with autocast(device, run.get("amp")):
+                model(to_device(images, device, channels_last=cl))
             for l in layers:
                 arrays.put(_key(l), start, pool_features(tap[l], pools[l]).float().cpu().numpy())
             for k, v in (_targets_to_numpy(target) or {}).items():

@@ -34,6 +34,7 @@ from .cache import (
     write_atomic,
 )
 from .cache import key as cache_key
+from .features import amp_dtype, autocast, loader_options, to_device  # to_device: kaviz.train.to_device too
 
 __all__ = [
     "fit",
@@ -160,16 +161,6 @@ def load_checkpoint(path) -> dict:
     return ck
 
 
-def to_device(batch, device):
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
-
-
 def _rng_state() -> dict:
     np_state = np.random.get_state()
     return {
@@ -246,13 +237,15 @@ def _param_groups(method: nn.Module, lr: float):
 
 
 # ------------------------------------------------------------------------------------------- loop
-def _make_loader(data, batch_size, shuffle, generator, drop_last, num_workers, collate_fn):
+def _make_loader(data, batch_size, shuffle, generator, drop_last, opts: Mapping, collate_fn):
+    """A DataLoader over ``data`` (``opts``: num_workers, pin_memory, persistent_workers); a DataLoader
+    passed in is used as it is."""
     from torch.utils.data import DataLoader
 
     if isinstance(data, DataLoader):
         return data
     return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
-                      num_workers=num_workers, collate_fn=collate_fn)
+                      collate_fn=collate_fn, **opts)
 
 
 def _distributed() -> tuple[int, int]:
@@ -263,7 +256,7 @@ def _distributed() -> tuple[int, int]:
     return 1, 0
 
 
-def _train_loader(data, batch_size, world, rank, seed, drop_last, num_workers, collate_fn):
+def _train_loader(data, batch_size, world, rank, seed, drop_last, opts: Mapping, collate_fn):
     """Shuffled batches from a permutation seeded with ``seed·1000003 + epoch``. Under
     torch.distributed each rank takes every world-th sample of that same permutation, so global
     batch k (the union of the ranks' k-th batches) is exactly one process's batch k.
@@ -279,7 +272,7 @@ def _train_loader(data, batch_size, world, rank, seed, drop_last, num_workers, c
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=seed * 1_000_003,
                                  drop_last=True)
     loader = DataLoader(data, batch_size=batch_size // world, sampler=sampler, drop_last=drop_last,
-                        num_workers=num_workers, collate_fn=collate_fn)
+                        collate_fn=collate_fn, **opts)
     return loader, sampler
 
 
@@ -326,17 +319,21 @@ def _check_terms(terms, epoch, step):
                             f"{tuple(v.shape) if torch.is_tensor(v) else ''}")
 
 
-def _evaluate(method, val_data, batch_size, device, weights, val_losses, collate_fn):
+def _evaluate(method, val_data, batch_size, device, weights, val_losses, collate_fn, *, loader=None,
+              amp=None, channels_last: bool = False):
+    """The validation row: the loss terms over ``loader`` (built once by fit; else an unshuffled loader of
+    ``val_data``) and the method's ``evaluate(val_data)`` metrics, both under autocast when ``amp``."""
     from .features import eval_mode
 
     row = {}
-    with eval_mode(method), torch.no_grad():
+    with eval_mode(method), torch.no_grad(), autocast(device, amp):
         if val_losses:
-            loader = _make_loader(val_data, batch_size, False, None, False, 0, collate_fn)
+            if loader is None:
+                loader = _make_loader(val_data, batch_size, False, None, False, {"num_workers": 0}, collate_fn)
             sums: dict[str, float] = {}
             count = 0
             for batch in loader:
-                terms = method(to_device(batch, device))
+                terms = method(to_device(batch, device, channels_last))
                 b = _batch_size(batch)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * b
@@ -406,7 +403,8 @@ def _check_fit_args(epochs, restore, train_data, val_data) -> None:
 
 
 def _run_config(core, train_data, val_data, ckpt_dir, *, epochs, batch_size, lr, optimizer, weight_decay, schedule,
-                weights, seed, n_train, grad_clip, momentum, monitor, drop_last, restore) -> dict:
+                weights, seed, n_train, grad_clip, momentum, monitor, drop_last, restore, amp=None,
+                channels_last=False) -> dict:
     """Everything that decides the result of a run, as recorded in ``last.pt`` and compared on resume."""
     config = {
         "method": type(core).__name__, "epochs": epochs, "batch_size": batch_size, "lr": lr,
@@ -424,10 +422,15 @@ def _run_config(core, train_data, val_data, ckpt_dir, *, epochs, batch_size, lr,
             "monitor": list(monitor) if isinstance(monitor, tuple) else monitor,
             "drop_last": drop_last, "restore": restore,
         })
+    # recorded only when used, so checkpoints written before these options resume as before
+    if amp is not None:
+        config["amp"] = str(amp).replace("torch.", "")
+    if channels_last:
+        config["channels_last"] = True
     return config
 
 
-def _resume(ckpt_dir: Path, config: dict, schedule, core, opt, sched):
+def _resume(ckpt_dir: Path, config: dict, schedule, core, opt, sched, scaler=None):
     """Continue from ``ckpt_dir/last.pt``: check that it was written with the same settings and data, then
     load the weights, optimiser, scheduler and RNG states; ``(history, start epoch, best)``, or None when
     there is no ``last.pt`` yet."""
@@ -458,6 +461,8 @@ def _resume(ckpt_dir: Path, config: dict, schedule, core, opt, sched):
     opt.load_state_dict(ck["optimizer"])
     if sched is not None and ck.get("scheduler") is not None:
         sched.load_state_dict(ck["scheduler"])
+    if scaler is not None and ck.get("scaler") is not None:
+        scaler.load_state_dict(ck["scaler"])
     _set_rng_state(ck["rng"])
     best = {"epoch": ck["best_epoch"], "value": ck["best_value"], "state": None}
     if (ckpt_dir / "best.pt").exists():
@@ -478,10 +483,13 @@ def _non_finite_error(terms, loss, epoch: int, step: int, ckpt_dir) -> NonFinite
 
 
 def _train_epoch(method, core, loader, sampler, epoch: int, *, device, weights, opt, sched, sched_unit, grad_clip,
-                 world: int, ckpt_dir) -> dict:
+                 world: int, ckpt_dir, amp=None, scaler=None, channels_last: bool = False) -> dict:
     """One pass over the training data: a step per batch; returns the epoch's row (``epoch``, the
     sample-weighted means ``train/loss`` and ``train/<term>``, ``lr``). A NaN/inf loss puts the weights back
-    to those at the start of the epoch and raises :class:`NonFiniteLossError`."""
+    to those at the start of the epoch and raises :class:`NonFiniteLossError`. ``amp``: the forward pass
+    (the method's loss terms) runs under autocast in that dtype; backward and the optimiser step stay in
+    float32. ``scaler`` (fp16): the loss is scaled before backward and the gradients unscaled before
+    clipping and the step (a step with inf/NaN gradients is skipped, the scale lowered)."""
     good = {k: v.detach().to("cpu", copy=True) for k, v in trainable_state(core).items()}
     if sampler is not None:
         sampler.set_epoch(epoch)  # permutation seeded with seed·1000003 + epoch, for any world size
@@ -490,23 +498,34 @@ def _train_epoch(method, core, loader, sampler, epoch: int, *, device, weights, 
     total_sum = 0.0
     count = 0
     for step, batch in enumerate(loader):
-        batch = to_device(batch, device)
-        terms = method(batch)
+        batch = to_device(batch, device, channels_last)
+        with autocast(device, amp):
+            terms = method(batch)
         _check_terms(terms, epoch + 1, step)
         loss = _weighted_total(terms, weights)
+        if amp is not None:
+            loss = loss.float()
         if not _all_finite(loss, world):
             load_trainable_state(core, good, source="the last good state")
             raise _non_finite_error(terms, loss, epoch, step, ckpt_dir)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
-        opt.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if grad_clip is not None:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
+            opt.step()
         if sched is not None and sched_unit == "step":
             sched.step()
         b = _batch_size(batch)
         for k, v in terms.items():
-            d = v.detach() * b
+            d = v.detach().float() * b
             sums[k] = sums[k] + d if k in sums else d
         total_sum += float(loss.detach()) * b
         count += b
@@ -542,7 +561,7 @@ class _Monitor:
 
 
 def _end_of_epoch(core, epoch: int, row: dict, history: list, mon: _Monitor, best: dict, *, config, opt, sched,
-                  ckpt_dir, rank: int) -> None:
+                  ckpt_dir, rank: int, scaler=None) -> None:
     """Keep the best epoch by the monitor (its weights in memory and in ``best.pt``) and write ``last.pt``."""
     value = mon.value(row)
     if not math.isfinite(value):
@@ -564,6 +583,7 @@ def _end_of_epoch(core, epoch: int, row: dict, history: list, mon: _Monitor, bes
             "history": json.dumps(history),
             "best_epoch": best["epoch"],
             "best_value": best["value"],
+            **({"scaler": scaler.state_dict()} if scaler is not None else {}),
         }, ckpt_dir / "last.pt")
 
 
@@ -585,7 +605,8 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
         weights: Mapping[str, float] | None = None, monitor: str | tuple[str, str] | None = None,
         restore: str = "best", seed: int = 0, checkpoint_dir=None, resume: bool = False, device=None,
         progress: bool | None = None, val_losses: bool = True, drop_last: bool = True, num_workers: int = 0,
-        collate_fn=None, grad_clip: float | None = None, callbacks: Iterable[Callable] = ()):
+        collate_fn=None, grad_clip: float | None = None, callbacks: Iterable[Callable] = (), amp=False,
+        channels_last: bool = False, pin_memory: bool | None = None, persistent_workers: bool | None = None):
     """Train ``method`` (``forward(batch) -> {term: scalar}``) and return the history DataFrame.
 
     Loss = Σ weights[term]·term (``weights`` defaults to ``method.loss_weights`` or 1 per term).
@@ -606,6 +627,19 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
     epoch best; a ``RuntimeWarning`` names those epochs (and says when no epoch is best at all).
     Empty ``val_data`` is refused before training.
     ``history.attrs``: ``best_epoch``, ``monitor``, ``best_value``.
+
+    For a GPU (the defaults keep today's exact numbers): ``amp=True`` runs the forward pass under
+    autocast — bf16 on CPU, fp16 on CUDA with a ``torch.amp.GradScaler`` (its state is checkpointed);
+    ``amp="bf16"`` or ``"fp16"`` choose; parameters, gradients and the optimiser stay float32.
+    ``channels_last=True`` puts the method's 4-d weights and every 4-d float batch tensor in the
+    channels-last layout (faster convolutions on tensor cores). ``num_workers`` DataLoader workers
+    read the training and validation data (``persistent_workers``, default: when there are workers,
+    keeps them across epochs); ``pin_memory`` (default: the device is CUDA) pins batches so the
+    host→device copies (always ``non_blocking``) overlap with compute. ``amp`` and ``channels_last``
+    are part of a checkpoint's settings (resuming with others is refused). With workers, random
+    augmentations draw from per-worker seeds (from the seeded torch RNG): runs stay reproducible, but
+    differ from ``num_workers=0``, and a resumed run with persistent workers is not bit-identical to an
+    uninterrupted one (its workers are seeded anew).
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -614,13 +648,20 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
 
     _check_fit_args(epochs, restore, train_data, val_data)
     device = default_device(device)
+    amp = amp_dtype(amp, device)  # a bad value fails before anything moves
+    opts = loader_options(device, num_workers, pin_memory, persistent_workers)
     method.to(device)
+    if channels_last:
+        method.to(memory_format=torch.channels_last)
     weights = dict(weights if weights is not None else getattr(method, "loss_weights", {}) or {})
     is_loader = hasattr(train_data, "dataset") and hasattr(train_data, "batch_size")
     n_train = len(train_data.dataset) if is_loader else len(train_data)
     drop_last = drop_last and n_train > batch_size
     world, rank = _distributed()
-    loader, sampler = _train_loader(train_data, batch_size, world, rank, seed, drop_last, num_workers, collate_fn)
+    loader, sampler = _train_loader(train_data, batch_size, world, rank, seed, drop_last, opts, collate_fn)
+    val_loader = (_make_loader(val_data, batch_size, False, None, False, opts, collate_fn)
+                  if val_data is not None and val_losses else None)
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     steps_per_epoch = len(loader)
     groups = _param_groups(method, lr)
     opt = _make_optimizer(optimizer, groups, lr, weight_decay, momentum)
@@ -633,7 +674,7 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
     config = _run_config(core, train_data, val_data, ckpt_dir, epochs=epochs, batch_size=batch_size, lr=lr,
                          optimizer=optimizer, weight_decay=weight_decay, schedule=schedule, weights=weights,
                          seed=seed, n_train=n_train, grad_clip=grad_clip, momentum=momentum, monitor=monitor,
-                         drop_last=drop_last, restore=restore)
+                         drop_last=drop_last, restore=restore, amp=amp, channels_last=channels_last)
     if ckpt_dir is not None and rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         clean_stale_tmp(ckpt_dir)  # e.g. a full-size .last.pt.<pid>.<uuid>.tmp left by a kill
@@ -643,7 +684,8 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
     if resume:
         if ckpt_dir is None:
             raise ValueError("resume=True needs a checkpoint_dir")
-        history, start_epoch, best = _resume(ckpt_dir, config, schedule, core, opt, sched) or (history, 0, best)
+        history, start_epoch, best = (_resume(ckpt_dir, config, schedule, core, opt, sched, scaler)
+                                      or (history, 0, best))
 
     show = (progress if progress is not None else not os.environ.get("CI")) and rank == 0
     bar = tqdm(total=epochs, initial=start_epoch, desc=type(core).__name__, disable=not show, leave=False)
@@ -652,13 +694,15 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
         for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
             row = _train_epoch(method, core, loader, sampler, epoch, device=device, weights=weights, opt=opt,
-                               sched=sched, sched_unit=sched_unit, grad_clip=grad_clip, world=world, ckpt_dir=ckpt_dir)
+                               sched=sched, sched_unit=sched_unit, grad_clip=grad_clip, world=world, ckpt_dir=ckpt_dir,
+                               amp=amp, scaler=scaler, channels_last=channels_last)
             if val_data is not None:  # every rank evaluates all of val_data: identical decisions everywhere
-                row.update(_evaluate(core, val_data, batch_size, device, weights, val_losses, collate_fn))
+                row.update(_evaluate(core, val_data, batch_size, device, weights, val_losses, collate_fn,
+                                     loader=val_loader, amp=amp, channels_last=channels_last))
             row["seconds"] = time.perf_counter() - t0
             history.append(row)
             _end_of_epoch(core, epoch, row, history, mon, best, config=config, opt=opt, sched=sched,
-                          ckpt_dir=ckpt_dir, rank=rank)
+                          ckpt_dir=ckpt_dir, rank=rank, scaler=scaler)
             bar.update(1)
             bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in row.items() if k in ("train/loss", mon.name)})
             for cb in callbacks:
@@ -827,7 +871,8 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
                   schedule: str | None = "cosine", seed: int = 0, loss: str = "ce", target_key: str | None = None,
                   arch_kwargs: Mapping | None = None, cache: bool | str | os.PathLike = True, device=None,
                   progress: bool | None = None, method: Callable[[nn.Module], nn.Module] | None = None,
-                  monitor: str | tuple[str, str] | None = None):
+                  monitor: str | tuple[str, str] | None = None, amp=False, channels_last: bool = False,
+                  num_workers: int = 0, pin_memory: bool | None = None, persistent_workers: bool | None = None):
     """Train (or load from the cache) a teacher; returns ``(model, history)``; the model is in eval mode.
 
     The cache key covers the architecture and its arguments, the number of classes, the
@@ -842,7 +887,10 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
     (or a ``functools.partial`` of one) used instead of ``Supervised(model, loss, target_key)`` —
     e.g. a dense task's loss (:class:`kaviz.methods.sbm.DenseSupervised`). Its qualified name and
     arguments are part of the cache key. ``monitor``: the validation value that picks the epoch kept
-    (see :func:`fit`; part of the key when given).
+    (see :func:`fit`; part of the key when given). ``amp``, ``channels_last``, ``num_workers``,
+    ``pin_memory``, ``persistent_workers``: passed to :func:`fit` (a GPU run); amp and channels_last
+    change the weights and are part of the key when used, and so are the worker settings when
+    ``num_workers > 0`` (workers draw their own augmentation seeds).
     """
     from . import default_device, seed_everything
     from .models import build
@@ -859,6 +907,16 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
         settings["method"] = _callable_key(method)
     if monitor is not None:  # likewise
         settings["monitor"] = monitor
+    run = dict(amp=amp, channels_last=channels_last, num_workers=num_workers, pin_memory=pin_memory,
+               persistent_workers=persistent_workers)
+    dtype = amp_dtype(amp, default_device(device))
+    if dtype is not None:  # likewise: the default keys stay the same
+        settings["amp"] = str(dtype).replace("torch.", "")
+    if channels_last:
+        settings["channels_last"] = True
+    opts = loader_options(default_device(device), num_workers, pin_memory, persistent_workers)
+    if opts["num_workers"]:
+        settings["workers"] = [opts["num_workers"], opts["persistent_workers"]]
     key = teacher_key(arch, num_classes, train_data, val_data, **settings)
     folder = teacher_cache_folder(cache)
 
@@ -871,7 +929,7 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
         history = fresh["history"] = fit(trainer, train_data, val_data, epochs=epochs, lr=lr, batch_size=batch_size,
                                          optimizer=optimizer,
                       weight_decay=weight_decay, schedule=schedule, seed=seed, device=device, progress=progress,
-                      monitor=monitor)
+                      monitor=monitor, **run)
         return model, {"arch": arch, "num_classes": num_classes, "settings": settings, **history_meta(history)}
 
     model, meta, cached = cached_training(folder, arch, key, lambda: build(arch, num_classes, **arch_kwargs), train,

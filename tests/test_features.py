@@ -264,3 +264,41 @@ def test_issue14_store_key_uses_shape_aware_data_fingerprint(tmp_path):
     full = extract(m, torch.utils.data.DataLoader(ds, batch_size=4), "1:in", store=tmp_path / "t")
     rev = extract(m, torch.utils.data.Subset(ds, list(range(5, -1, -1))), "1:in", store=tmp_path / "t")
     assert full.meta["data"] != rev.meta["data"] and list(rev.targets) == [5, 4, 3, 2, 1, 0]
+
+
+# ---------------------------------------------------------------------- GPU-ready options (tested on CPU)
+def test_extract_amp_channels_last_and_workers(tiny, tmp_path):
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    m = models.build("cifar_resnet8", 3).eval()
+    layers, pool = ["layer2", OUTPUT], {"layer2": "none", OUTPUT: "none"}
+    ref = extract(m, tiny, layers, pool=pool, batch_size=40)
+    # DataLoader workers (and pin_memory, a no-op without CUDA) read the same images in the same order
+    par = extract(m, tiny, layers, pool=pool, batch_size=40, num_workers=2, pin_memory=True)
+    for l in layers:
+        assert np.array_equal(par[l], ref[l]), l
+    assert np.array_equal(par.targets, ref.targets)
+    # channels_last: the same numbers up to float rounding, and the model's layout is put back
+    cl = extract(m, tiny, layers, pool=pool, batch_size=40, channels_last=True)
+    for l in layers:
+        assert np.allclose(cl[l], ref[l], rtol=1e-4, atol=1e-5), l
+    assert m.conv1.weight.is_contiguous()
+    # amp: the forward runs in bf16 on CPU (a hook sees it), the features are stored as float32 close to the
+    # float32 ones (bf16 keeps 8 bits of mantissa), and differ from them (autocast did something)
+    seen = set()
+    h = m.layer1.register_forward_hook(lambda mod, i, o: seen.add(o.dtype))
+    try:
+        amp = extract(m, tiny, layers, pool=pool, batch_size=40, amp=True)
+    finally:
+        h.remove()
+    assert seen == {torch.bfloat16}
+    for l in layers:
+        assert amp[l].dtype == np.float32 and not np.array_equal(amp[l], ref[l])
+        scale = np.abs(ref[l]).max()
+        assert np.abs(amp[l] - ref[l]).max() < 0.05 * scale, l
+    # on disk, amp and channels_last are part of the key: a float32 store is not reused for amp
+    extract(m, tiny, layers, pool=pool, batch_size=40, store=tmp_path / "s")
+    on_disk = extract(m, tiny, layers, pool=pool, batch_size=40, store=tmp_path / "s", amp="bf16")
+    assert on_disk.meta.get("amp") == "bfloat16" and np.array_equal(on_disk["layer2"], amp["layer2"])
+    with pytest.raises(ValueError, match="amp='bf16' or amp='fp16'"):
+        extract(m, tiny, layers, amp="half-ish")

@@ -712,3 +712,82 @@ def test_notebook_fixture_trees_load(tmp_path):
             exif += im.getexif().get(0x0112, 1) != 1
     assert {"RGB", "L", "CMYK"} <= modes and exif > 0
     assert len(real.cub200(roots["cub200_15"], "train")) == 40
+
+
+# -------------------------------------------------------------------------------------------------
+# small real splits: at least one validation image per class, and max_per_split
+
+
+def test_split_min_per_class_keeps_a_validation_image_of_every_class(cub):
+    from kaviz.data import split
+
+    root, _ = cub
+    ds = real.cub200(root, "train", image_size=16, augment=False)  # 8 images: 2 or 3 per class
+    assert len(split(ds, val=0.1, test=0.0, seed=0).val) == 0      # 10 % rounds to none: the bug's cause
+    sp = split(ds, val=0.1, test=0.0, seed=0, min_per_class=1)
+    assert torch.bincount(sp.val.targets, minlength=3).tolist() == [1, 1, 1]
+    assert torch.bincount(sp.train.targets, minlength=3).min() >= 1
+    assert not set(sp.train.files) & set(sp.val.files) and len(sp.train) + len(sp.val) == len(ds)
+    # a class of one image keeps it in train; the floor never empties the training split
+    one = ds.subset([0, 1, 2, 3, 4, 5, 6])
+    sp1 = split(one, val=0.1, test=0.1, seed=0, min_per_class=1)
+    counts = torch.bincount(one.targets, minlength=3)
+    assert (torch.bincount(sp1.train.targets, minlength=3) >= (counts > 0).long()).all()
+    with pytest.raises(ValueError, match="min_per_class"):
+        split(ds, val=0.1, min_per_class=-1)
+
+
+def test_limit_is_class_balanced_seeded_and_deterministic(cub, tmp_path):
+    from kaviz.data import limit
+
+    root, _ = cub
+    ds = real.cub200(root, "train", image_size=16)
+    assert limit(ds, None) is ds and limit(ds, 100) is ds
+    a, b = limit(ds, 4, seed=3), limit(ds, 4, seed=3)
+    assert a.files == b.files and len(a) == 4
+    assert sorted(torch.bincount(a.targets, minlength=3).tolist()) == [1, 1, 2]  # round robin over classes
+    assert limit(ds, 3, seed=0).files != limit(ds, 3, seed=1).files or len(ds) <= 3
+    assert torch.bincount(limit(ds, 3, seed=1).targets, minlength=3).tolist() == [1, 1, 1]
+    make_camvid(tmp_path / "camvid")
+    dense = real.camvid(tmp_path / "camvid", "train", image_size=(16, 16))
+    d2 = limit(dense, 2, seed=0)
+    assert len(d2) == 2 and d2.files == limit(dense, 2, seed=0).files
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_per_split"):
+            limit(ds, bad)
+
+
+def test_consistency_load_data_small_cub_and_max_per_split(cub):
+    from kaviz.methods import consistency as kc
+
+    root, _ = cub
+    with pytest.warns(UserWarning, match="kept one of each such class"):
+        d = kc.load_data("cub200", root=root, image_size=16)
+    assert torch.bincount(d.val.targets, minlength=3).tolist() == [1, 1, 1]
+    narrow = kc.coarse_task(d.val, kc.default_coarse_groups(d.train.classes))  # failed on an empty val split
+    assert len(narrow) == 3
+    with pytest.warns(UserWarning):
+        small = kc.load_data("cub200", root=root, image_size=16, max_per_split=2)
+    assert (len(small.train), len(small.val), len(small.test)) == (2, 2, 2)
+    assert small.train_features.files == small.train.files
+    with pytest.raises(ValueError, match="empty dataset.*no image"):
+        kc.Relabelled(d.val.subset([]), [0, 0, 0], ["all"])
+
+
+def test_methods_load_data_max_per_split(tmp_path):
+    from make_fixtures import build
+
+    from kaviz.methods import cfl, lshfm, recombination, sbm
+
+    roots = build(tmp_path, ["cub200", "stanford_dogs", "voc2007", "nyuv2", "camvid"])
+    pair = cfl.load_data("cub_dogs", cub_root=roots["cub200"], dogs_root=roots["stanford_dogs"], image_size=16,
+                         max_per_split=3)
+    assert all(len(part) <= 3 for sp in pair.sources.values() for part in sp) and len(pair.train) == 6
+    full = cfl.load_data("cub_dogs", cub_root=roots["cub200"], dogs_root=roots["stanford_dogs"], image_size=16)
+    assert len(full.train) > 6
+    tr, va, te = lshfm.load_data("voc2007", root=roots["voc2007"], image_size=16, max_per_split=5)
+    assert (len(tr), len(va), len(te)) == (5, 5, 5)
+    (tr, va, te), _ = sbm.scene_splits("nyuv2", root=roots["nyuv2"], image_size=(16, 16), max_per_split=2)
+    assert max(len(tr), len(va), len(te)) <= 2
+    d = recombination.load_splits("camvid", root=roots["camvid"], size=16, max_per_split=2)
+    assert all(len(d[s]) <= 2 for s in ("train", "val", "test"))

@@ -5,10 +5,13 @@ cell names, and must end OK. ``SMOKE=True`` shrinks epochs and image counts and 
 for the embedded default, but keeps the real loaders, image sizes (or says in the parameter cell why
 one is reduced) and the real-data architectures where they fit a CPU.
 
+The smoke runs pass ``max_per_split`` to the methods' loaders (at most 4-16 images per split, 64 for
+the multi-label sets; class-balanced and seeded, ``kaviz.data.limit``).
+
 Each case prints the CPU time it used (the runner, its kernel and everything they waited for). Measured
-on a shared 2-core machine: 10-19 s of CPU per case, and the three marked ``slow`` 28-45 s (CFL with
-ResNets at 112 px, Knowledge Consistency on 60 images, SBM at NYUv2's 288x384); all 12 cases together
-about 240 s of CPU (251 s wall), the nine others about 130 s. ``-m "not slow"`` leaves the slow ones
+on a shared 2-core machine: 12-20 s of CPU per case, and the three marked ``slow`` 21-33 s (CFL with
+ResNets at 112 px, Knowledge Consistency on 60 images, SBM at NYUv2's 288x384; 28-45 s before
+``max_per_split``); all 12 cases together about 215 s of CPU. ``-m "not slow"`` leaves the slow ones
 out, ``-m "not realdata"`` all of them.
 """
 from __future__ import annotations
@@ -50,13 +53,7 @@ SLOW = {("common_feature_learning", "cub_dogs"), ("student_becoming_the_master",
         ("knowledge_consistency", "cub200_15")}
 # Failures inside method code (kaviz/methods/**), not fixed here: (reason, text the failure must show).
 # Strict xfails: a pass fails the test (remove the entry), and so does a different failure.
-XFAIL: dict[tuple[str, str], tuple[str, str]] = {
-    ("knowledge_consistency", "cub200"): (
-        ("kaviz/methods/consistency.py load_data('cub200') holds out val=0.1 of the training split stratified by "
-         "class: with 4 training images per class the validation split is empty, and Relabelled.__init__ "
-         "(via coarse_task) fails with 'max(): Expected reduction dim to be specified for input.numel() == 0'"),
-        "max(): Expected reduction dim to be specified for input.numel() == 0"),
-}
+XFAIL: dict[tuple[str, str], tuple[str, str]] = {}
 
 
 class KnownFailure(AssertionError):

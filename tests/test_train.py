@@ -295,3 +295,112 @@ def test_empty_validation_data_is_refused_before_the_first_epoch(tiny):
         fit(Supervised(small_net()), tiny, TinyImages(n=0), epochs=1, batch_size=16,
             callbacks=[lambda *a: seen.append(a)])
     assert seen == []
+
+
+# ---------------------------------------------------------------------- GPU-ready options (tested on CPU)
+class Recording(Supervised):
+    """Supervised training that records every training batch it sees and the dtype/layout of the first
+    conv's input and output (what autocast and channels_last really did)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.seen, self.dtypes, self.layouts = [], set(), set()
+        conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        conv.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        if self.training:
+            self.dtypes.add(output.dtype)
+            self.layouts.add(inputs[0].is_contiguous(memory_format=torch.channels_last)
+                             and not inputs[0].is_contiguous())
+
+    def forward(self, batch):
+        if self.training:
+            self.seen.append((batch[0].clone(), batch[1].clone()))
+        return super().forward(batch)
+
+
+def test_amp_bf16_on_cpu_trains_with_float32_weights(tiny):
+    torch.set_num_threads(1)
+    kaviz.seed_everything(0)
+    method = Recording(small_net())
+    hist = fit(method, tiny, TinyImages(n=24, seed=1), epochs=4, batch_size=16, lr=0.05, amp=True, device="cpu")
+    assert method.dtypes == {torch.bfloat16}  # the forward really ran under bf16 autocast
+    assert hist["train/ce"].iloc[-1] < hist["train/ce"].iloc[0] and hist["train/loss"].notna().all()
+    assert all(p.dtype == torch.float32 for p in method.parameters())
+    assert hist["val/accuracy"].max() > 0.9
+    # the default is untouched: no autocast, float32 activations
+    plain = Recording(small_net())
+    fit(plain, tiny, epochs=1, batch_size=16, device="cpu")
+    assert plain.dtypes == {torch.float32}
+
+
+def test_amp_fp16_uses_a_grad_scaler_and_checkpoints_it(tiny, tmp_path):
+    torch.set_num_threads(1)
+    kaviz.seed_everything(0)
+    method = Recording(small_net())
+    hist = fit(method, tiny, epochs=2, batch_size=16, lr=0.05, amp="fp16", device="cpu", grad_clip=1.0,
+               checkpoint_dir=tmp_path)
+    assert method.dtypes == {torch.float16} and hist["train/loss"].notna().all()
+    ck = load_checkpoint(tmp_path / "last.pt")
+    assert "scale" in ck["scaler"] and json.loads(ck["config"])["amp"] == "float16"
+    with pytest.raises(CheckpointMismatchError, match="amp"):  # another precision is another run
+        fit(Supervised(small_net()), tiny, epochs=3, batch_size=16, lr=0.05, device="cpu", grad_clip=1.0,
+            checkpoint_dir=tmp_path, resume=True)
+
+
+@pytest.mark.parametrize("bad", ["int8", "fp32", 16, "yes"])
+def test_amp_bad_value_teaches(tiny, bad):
+    with pytest.raises(ValueError, match=r"amp=.*amp=True \(bf16 on CPU, fp16 with a gradient scaler on CUDA\)"):
+        fit(Supervised(small_net()), tiny, epochs=1, amp=bad)
+
+
+def test_bad_loader_options_teach(tiny):
+    with pytest.raises(ValueError, match="num_workers must be an int >= 0"):
+        fit(Supervised(small_net()), tiny, epochs=1, num_workers=-1)
+    with pytest.raises(ValueError, match="persistent_workers=True needs num_workers > 0"):
+        fit(Supervised(small_net()), tiny, epochs=1, persistent_workers=True)
+
+
+def test_channels_last_matches_contiguous(tiny):
+    torch.set_num_threads(1)
+    runs = {}
+    for cl in (False, True):
+        kaviz.seed_everything(3)
+        method = Recording(small_net())
+        # SGD: Adam would turn the rounding noise of the conv bias's ~0 gradient (BatchNorm follows) into full steps
+        hist = fit(method, tiny, TinyImages(n=24, seed=1), epochs=2, batch_size=16, lr=0.05, optimizer="sgd",
+                   channels_last=cl)
+        runs[cl] = (method, hist)
+    assert runs[True][0].layouts == {True} and runs[False][0].layouts == {False}
+    assert runs[True][0].model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    a, b = (dict(runs[cl][0].model.state_dict()) for cl in (False, True))
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
+    assert runs[True][1]["train/loss"].to_numpy() == pytest.approx(runs[False][1]["train/loss"].to_numpy(), rel=1e-5)
+
+
+def test_workers_give_the_same_batches_and_weights(tiny):
+    torch.set_num_threads(1)
+    runs = {}
+    for workers in (0, 2):
+        kaviz.seed_everything(7)
+        method = Recording(small_net())
+        fit(method, tiny, TinyImages(n=24, seed=1), epochs=2, batch_size=16, lr=0.05, seed=4, num_workers=workers)
+        runs[workers] = method
+    assert len(runs[0].seen) == len(runs[2].seen) == 12
+    for (x0, y0), (x2, y2) in zip(runs[0].seen, runs[2].seen):
+        assert torch.equal(x0, x2) and torch.equal(y0, y2)
+    assert models.weights_hash(runs[0].model) == models.weights_hash(runs[2].model)
+
+
+def test_train_teacher_passes_gpu_options_and_keys_them(tmp_path, tiny):
+    torch.set_num_threads(1)
+    kw = dict(num_classes=3, epochs=1, batch_size=16, arch_kwargs={"width": 4}, cache=tmp_path, progress=False)
+    plain, _ = train_teacher("cifar_resnet8", tiny, **kw)
+    amp, hist = train_teacher("cifar_resnet8", tiny, amp=True, **kw)
+    assert hist.attrs["cached"] is False  # trained under bf16 autocast, not the float32 teacher reused
+    assert models.weights_hash(plain) != models.weights_hash(amp)
+    assert len(list(tmp_path.glob("cifar_resnet8-*.pt"))) == 2
+    again, hist2 = train_teacher("cifar_resnet8", tiny, amp=True, **kw)  # the amp entry is reused
+    assert hist2.attrs["cached"] is True and models.weights_hash(again) == models.weights_hash(amp)

@@ -539,13 +539,18 @@ def _fraction(v, name):
     return float(v)
 
 
-def split(dataset, val=0.15, test=0.15, seed=0, stratify=True) -> Splits:
+def split(dataset, val=0.15, test=0.15, seed=0, stratify=True, min_per_class=0) -> Splits:
     """Deterministic train/val/test split (disjoint, together covering every sample once).
 
     Stratified by class when the targets are class ids (each class split in the same proportions,
     rounded per class); otherwise a seeded random split. The parts are ``dataset.subset(...)``
     (indices in increasing order), or ``torch.utils.data.Subset`` for datasets without ``subset``.
     Select models on ``val``; keep ``test`` for the final numbers.
+
+    ``min_per_class`` (stratified splits only): a class whose rounded share would give ``val`` (or
+    ``test``, when its fraction is > 0) fewer than this many samples gets this many, as long as one
+    sample of the class stays in the training split. With 4 images per class and ``val=0.1`` the
+    rounded share is 0: ``min_per_class=1`` keeps one validation image of every class.
     """
     val, test = _fraction(val, "val"), _fraction(test, "test")
     if val + test >= 1:
@@ -557,16 +562,25 @@ def split(dataset, val=0.15, test=0.15, seed=0, stratify=True) -> Splits:
         raise ValueError("cannot split an empty dataset")
     rng = np.random.default_rng(int(seed))
     targets = getattr(dataset, "targets", None)
-    if stratify and _is_class_ids(targets):
+    stratified = bool(stratify and _is_class_ids(targets))
+    if stratified:
         y = targets.numpy()
         groups = [np.flatnonzero(y == c) for c in np.unique(y)]
     else:
         groups = [np.arange(n)]
+    if isinstance(min_per_class, bool) or not isinstance(min_per_class, (int, np.integer)) or min_per_class < 0:
+        raise ValueError(f"min_per_class must be an int >= 0, got {min_per_class!r}")
+    floor = int(min_per_class) if stratified else 0
     parts = ([], [], [])
     for g in groups:
         g = rng.permutation(g)
         n_test = int(round(test * len(g)))
         n_val = int(round(val * len(g)))
+        if floor:  # raise the small shares, never taking a class's last training sample
+            if test > 0 and n_test < floor:
+                n_test = max(n_test, min(floor, len(g) - n_val - 1))
+            if val > 0 and n_val < floor:
+                n_val = max(n_val, min(floor, len(g) - n_test - 1))
         parts[2].append(g[:n_test])
         parts[1].append(g[n_test:n_test + n_val])
         parts[0].append(g[n_test + n_val:])
@@ -577,6 +591,40 @@ def split(dataset, val=0.15, test=0.15, seed=0, stratify=True) -> Splits:
     if hasattr(dataset, "subset"):
         return Splits(*(dataset.subset(i) for i in idx))
     return Splits(*(torch.utils.data.Subset(dataset, i.tolist()) for i in idx))
+
+
+def limit(dataset, n=None, seed=0):
+    """At most ``n`` samples of ``dataset``, deterministic (``n=None``: the dataset itself).
+
+    With class-id targets the choice is class-balanced: every class's samples in a seeded order
+    (``numpy.random.default_rng(seed)``), then the first of each class, the second of each class, ...
+    until ``n`` are taken, so every class is represented while ``n`` ≥ the number of classes. Other
+    targets (masks, multi-hot labels): the first ``n`` of a seeded permutation. The result is
+    ``dataset.subset(indices)`` (indices in increasing order), or a ``torch.utils.data.Subset``.
+    Used for smoke runs of the real-data paths (``max_per_split=`` of the methods' ``load_data``).
+    """
+    if n is None:
+        return dataset
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"max_per_split / n must be a positive int or None (everything), got {n!r}")
+    total = len(dataset)
+    if total <= n:
+        return dataset
+    rng = np.random.default_rng(int(seed))
+    targets = getattr(dataset, "targets", None)
+    if _is_class_ids(targets) and len(targets) == total:
+        y = targets.numpy()
+        ranked = []  # (rank within its class, class position, index)
+        for ci, c in enumerate(np.unique(y)):
+            for rank, i in enumerate(rng.permutation(np.flatnonzero(y == c))):
+                ranked.append((rank, ci, int(i)))
+        ranked.sort()
+        idx = np.sort(np.array([i for _, _, i in ranked[:int(n)]], dtype=np.int64))
+    else:
+        idx = np.sort(rng.permutation(total)[:int(n)]).astype(np.int64)
+    if hasattr(dataset, "subset"):
+        return dataset.subset(idx)
+    return torch.utils.data.Subset(dataset, idx.tolist())
 
 
 # --- loaders -------------------------------------------------------------------------------------

@@ -18,14 +18,17 @@ class PairData(tuple):
 
 
 def load_data(kind: str = "embedded", *, cub_root=None, dogs_root=None, image_size: int = 32,
-              n_shapes: int = 2000, val: float = 0.15, test: float = 0.15, seed: int = 0) -> PairData:
+              n_shapes: int = 2000, val: float = 0.15, test: float = 0.15, seed: int = 0,
+              max_per_split: int | None = None) -> PairData:
     """Two datasets with disjoint label sets, split per dataset and united per split.
 
     ``"embedded"``: synthetic shapes (``n_shapes`` images) and scikit-learn's digits, both
     ``image_size``² RGB, each split train/val/test with :func:`kaviz.data.split`.
     ``"cub_dogs"``: CUB-200-2011 (``cub_root``) and Stanford Dogs (``dogs_root``) via
     :mod:`kaviz.data.real`; their official test splits are the test splits, and ``val`` of each
-    training split (without augmentation) is held out for model selection.
+    training split (without augmentation) is held out for model selection. ``max_per_split``
+    (real data): at most that many images of each dataset's train, val and test split, class-balanced
+    and seeded (:func:`kaviz.data.limit`); ``None`` keeps everything.
     """
     from ...data import digits, shapes, split, union
 
@@ -33,7 +36,7 @@ def load_data(kind: str = "embedded", *, cub_root=None, dogs_root=None, image_si
         sources = {"shapes": split(shapes(n=n_shapes, seed=seed, size=image_size), val=val, test=test, seed=seed),
                    "digits": split(digits(size=image_size, seed=seed), val=val, test=test, seed=seed)}
     elif kind == "cub_dogs":
-        from ...data import Splits, real
+        from ...data import Splits, limit, real
 
         sources = {}
         for name, loader, root in (("cub", real.cub200, cub_root), ("dogs", real.stanford_dogs, dogs_root)):
@@ -42,7 +45,8 @@ def load_data(kind: str = "embedded", *, cub_root=None, dogs_root=None, image_si
             # same seed and targets: the same indices go to val in both copies
             tr, _, _ = split(aug, val=val, test=0.0, seed=seed)
             _, va, _ = split(plain, val=val, test=0.0, seed=seed)
-            sources[name] = Splits(tr, va, loader(root, "test", image_size=image_size))
+            te = loader(root, "test", image_size=image_size)
+            sources[name] = Splits(*(limit(part, max_per_split, seed=seed) for part in (tr, va, te)))
     else:
         raise ValueError(f"unknown data kind {kind!r}; use 'embedded' (shapes + digits) or 'cub_dogs' "
                          "(CUB-200-2011 + Stanford Dogs, with cub_root=... and dogs_root=...)")

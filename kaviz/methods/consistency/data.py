@@ -17,12 +17,20 @@ class Relabelled(Dataset):
         self.dataset = dataset
         self.mapping = torch.as_tensor(np.asarray(mapping), dtype=torch.int64)
         self.classes = list(classes)
+        if self.mapping.numel() == 0 or not self.classes:
+            raise ValueError("Relabelled needs a mapping with one coarse class per fine class and at least one "
+                             "coarse class; got an empty mapping or class list")
         if int(self.mapping.min()) < 0 or int(self.mapping.max()) >= len(self.classes):
             raise ValueError(f"mapping values must lie in 0..{len(self.classes) - 1}")
         base = getattr(dataset, "targets", None)
         if base is None:
             raise ValueError("Relabelled needs a dataset with a `targets` tensor of class ids")
         self._fine = torch.as_tensor(base)
+        if self._fine.numel() == 0:
+            raise ValueError(f"Relabelled got an empty dataset ({getattr(dataset, 'name', type(dataset).__name__)}, "
+                             "0 images): the split it comes from holds no image. Carve the split from more data "
+                             "(e.g. load_data(..., max_per_split=None)) or keep at least one image per class in it "
+                             "(kaviz.data.split(..., min_per_class=1)).")
         if int(self._fine.max()) >= len(self.mapping):
             raise ValueError(f"the dataset has class ids up to {int(self._fine.max())} but the mapping covers "
                              f"{len(self.mapping)} classes")
@@ -107,10 +115,15 @@ class NotebookData(NamedTuple):
 
 
 def load_data(source: str = "embedded", *, root=None, n: int = 3000, seed: int = 0, size: int = 32,
-              image_size: int = 224, val: float = 0.15, test: float = 0.15) -> NotebookData:
+              image_size: int = 224, val: float = 0.15, test: float = 0.15,
+              max_per_split: int | None = None) -> NotebookData:
     """``"embedded"``: ``kaviz.data.shapes(n, seed, size)`` split train/val/test (stratified).
     ``"cub200"``: CUB-200-2011 from ``root`` (the official train split, 10 % of it held out for
-    validation, the official test split); ``root=None`` raises the loader's layout error."""
+    validation, stratified by class with at least one validation image of every class that has two or
+    more training images — a warning says when that rounds a share up; the official test split);
+    ``root=None`` raises the loader's layout error.
+    ``max_per_split`` (real data): keep at most that many images of each split (train, val, test),
+    class-balanced and seeded (:func:`kaviz.data.limit`); ``None`` keeps everything."""
     from ... import data as kdata
 
     if source == "embedded":
@@ -121,10 +134,20 @@ def load_data(source: str = "embedded", *, root=None, n: int = 3000, seed: int =
         from ...data import real
 
         plain = real.cub200(root, split="train", image_size=image_size, augment=False)
-        sp = kdata.split(plain, val=0.1, test=0.0, seed=seed)
-        train = sp.train.with_transform(real.default_transform(image_size, train=True))
-        test_ds = real.cub200(root, split="test", image_size=image_size, augment=False)
-        return NotebookData(train, sp.train, sp.val, test_ds, plain.num_classes, "cub200")
+        sp = kdata.split(plain, val=0.1, test=0.0, seed=seed, min_per_class=1)
+        rounded = sum(int(round(0.1 * int(c))) for c in torch.bincount(plain.targets) if c)
+        if len(sp.val) > rounded:
+            import warnings
+
+            warnings.warn(f"consistency.load_data('cub200'): 10 % of the training split of {root} rounds to no "
+                          f"validation image for some classes; kept one of each such class ({len(sp.val)} "
+                          f"validation images instead of {rounded})", stacklevel=2)
+        tr_plain = kdata.limit(sp.train, max_per_split, seed=seed)
+        va = kdata.limit(sp.val, max_per_split, seed=seed)
+        train = tr_plain.with_transform(real.default_transform(image_size, train=True))
+        test_ds = kdata.limit(real.cub200(root, split="test", image_size=image_size, augment=False),
+                              max_per_split, seed=seed)
+        return NotebookData(train, tr_plain, va, test_ds, plain.num_classes, "cub200")
     raise ValueError(f"source must be 'embedded' or 'cub200', got {source!r}")
 
 

@@ -9,7 +9,7 @@ DATA_SOURCES = ("embedded", "voc2007", "coco2014")
 
 
 def load_data(source: str = "embedded", *, root=None, n: int = 2500, image_size: int = 32, max_objects: int = 2,
-              val: float = 0.2, test: float = 0.2, seed: int = 0):
+              val: float = 0.2, test: float = 0.2, seed: int = 0, max_per_split: int | None = None):
     """Train / validation / test splits for the LSHFM notebook (``kaviz.data.Splits``).
 
     - ``"embedded"``: ``kaviz.data.scenes(n, seed, image_size, max_objects)`` (multi-hot labels,
@@ -19,9 +19,10 @@ def load_data(source: str = "embedded", *, root=None, n: int = 2500, image_size:
     - ``"coco2014"``: ``train`` (``val`` share held out) and COCO's ``val`` as the test split.
 
     ``root=None`` for a real source raises the loader's error that shows the expected folder
-    layout (no silent fallback to the embedded data).
+    layout (no silent fallback to the embedded data). ``max_per_split`` (real data): at most that
+    many images of each split, a seeded choice (:func:`kaviz.data.limit`); ``None`` keeps everything.
     """
-    from ...data import Splits, scenes, split
+    from ...data import Splits, limit, scenes, split
 
     if source not in DATA_SOURCES:
         raise ValueError(f"source must be one of {DATA_SOURCES}, got {source!r}")
@@ -36,7 +37,7 @@ def load_data(source: str = "embedded", *, root=None, n: int = 2500, image_size:
         full = real.coco2014_multilabel(root, split="train", image_size=image_size)
         test_ds = real.coco2014_multilabel(root, split="val", image_size=image_size)
     tr, va, _ = split(full, val=val, test=0.0, seed=seed)
-    return Splits(tr, va.with_transform(None), test_ds)
+    return Splits(*(limit(part, max_per_split, seed=seed) for part in (tr, va.with_transform(None), test_ds)))
 
 
 def label_summary(splits: Mapping[str, object], *, target_key: str = "labels"):

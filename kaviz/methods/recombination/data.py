@@ -5,7 +5,7 @@ from .tasks import IGNORE_INDEX
 
 
 def load_splits(data: str = "embedded", *, root=None, n: int = 1200, size=32, seed: int = 0,
-                val: float = 0.15, test: float = 0.15) -> dict:
+                val: float = 0.15, test: float = 0.15, max_per_split: int | None = None) -> dict:
     """Train/val/test splits for the recombination notebook, and what the metrics need.
 
     ``data="embedded"``: :func:`kaviz.data.scenes` (``n`` images of ``size``² px, 11 mask classes:
@@ -13,9 +13,11 @@ def load_splits(data: str = "embedded", *, root=None, n: int = 1200, size=32, se
     ``root`` (SegNet layout, 11 classes, void → 255) with its own train/val/test splits, images
     resized to ``size`` (an int or (H, W); both divisible by 8) and **not** ImageNet-normalised
     (the autoencoder reconstructs pixels in [0, 1]); random crop + flip on ``train`` only.
+    ``max_per_split`` (real data): at most that many images of each split, a seeded choice
+    (:func:`kaviz.data.limit`); ``None`` keeps everything.
     Returns ``{"train", "val", "test", "num_classes", "class_names", "ignore_index"}``.
     """
-    from ...data import scenes, split
+    from ...data import limit, scenes, split
 
     if data == "embedded":
         if not isinstance(size, int):
@@ -31,7 +33,9 @@ def load_splits(data: str = "embedded", *, root=None, n: int = 1200, size=32, se
         hw = (size, size) if isinstance(size, int) else tuple(size)
         if len(hw) != 2 or any(s % 8 for s in hw):
             raise ValueError(f"size must be divisible by 8 (three ×½ stages), got {size!r}")
-        out = {s: camvid(root, s, image_size=hw, transform=JointTransform(hw, train=s == "train", normalize=False))
+        out = {s: limit(camvid(root, s, image_size=hw, transform=JointTransform(hw, train=s == "train",
+                                                                                normalize=False)),
+                        max_per_split, seed=seed)
                for s in ("train", "val", "test")}
         return {**out, "num_classes": len(CAMVID_CLASSES), "class_names": list(CAMVID_CLASSES),
                 "ignore_index": IGNORE_INDEX}

@@ -11,7 +11,8 @@ from .tasks import check_kind
 
 
 def scene_splits(data: str = "embedded", *, root=None, image_size=32, n: int = 1500, max_objects: int = 4,
-                 seed: int = 0, val: float = 0.15, test: float = 0.15, augment: bool = False):
+                 seed: int = 0, val: float = 0.15, test: float = 0.15, augment: bool = False,
+                 max_per_split: int | None = None):
     """Train / validation / test data and what the notebook needs to know about it.
 
     ``data="embedded"``: :func:`kaviz.data.scenes` (``n`` square images of side ``image_size``,
@@ -20,10 +21,11 @@ def scene_splits(data: str = "embedded", *, root=None, image_size=32, n: int = 1
     ``image_size`` (an int or ``(height, width)``, e.g. ``(288, 384)``): validation = a ``val``
     fraction of the train split (never augmented), test = the test split; ``augment=True`` keeps
     the random crops and flips on the training part (the teachers' predictions are then computed
-    on the fly). Returns ``(Splits(train, val, test), info)`` with ``info = {"num_classes",
-    "class_names", "size", "source"}``.
+    on the fly). ``max_per_split`` (real data): at most that many images of each split, a seeded
+    choice (:func:`kaviz.data.limit`); ``None`` keeps everything. Returns ``(Splits(train, val,
+    test), info)`` with ``info = {"num_classes", "class_names", "size", "source"}``.
     """
-    from ...data import Splits, split
+    from ...data import Splits, limit, split
 
     if data == "embedded":
         from ...data import scenes
@@ -44,8 +46,9 @@ def scene_splits(data: str = "embedded", *, root=None, image_size=32, n: int = 1
         n_val = max(1, int(round(val * len(fixed))))
         val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
         train_src = nyuv2(root, "train", image_size=image_size, augment=augment)
-        parts = Splits(train_src.subset(train_idx), fixed.subset(val_idx),
-                       nyuv2(root, "test", image_size=image_size, augment=False))
+        parts = Splits(*(limit(part, max_per_split, seed=seed) for part in (
+            train_src.subset(train_idx), fixed.subset(val_idx), nyuv2(root, "test", image_size=image_size,
+                                                                      augment=False))))
         names = list(fixed.classes)
         return parts, {"num_classes": len(names), "class_names": names, "size": tuple(fixed.image_size),
                        "source": "nyuv2"}
