@@ -59,6 +59,7 @@ from .loss import (
     BIAS_MODES,
     LSHLoss,
     binary_kd,
+    softmax_kd,
     teacher_correct,
 )
 from .loss import (
@@ -68,6 +69,8 @@ from .method import (
     MIMIC_VARIANTS as MIMIC_VARIANTS,
 )
 from .method import (
+    KD_LOSSES,
+    REFERENCE_SOFTMAX_KD,
     VARIANTS,
     FeatureMimic,
 )
@@ -92,6 +95,9 @@ __all__ = [
     "classifier_std",
     "teacher_correct",
     "binary_kd",
+    "softmax_kd",
+    "KD_LOSSES",
+    "REFERENCE_SOFTMAX_KD",
     "TeacherOutputs",
     "teacher_outputs",
     "FeatureMimic",

@@ -1,5 +1,5 @@
 """LSH feature mimicking losses (SPEC §2): LSHLoss (hash-code BCE on random hyperplanes), the L2 mimic
-term, binary KD."""
+term, binary (per-class sigmoid) KD and softmax KD."""
 from __future__ import annotations
 
 import math
@@ -162,3 +162,19 @@ def binary_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: flo
     if T <= 0:
         raise ValueError(f"temperature T must be positive, got {T}")
     return F.binary_cross_entropy_with_logits(student_logits / T, torch.sigmoid(teacher_logits.detach() / T)) * T * T
+
+
+def softmax_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 4.0) -> torch.Tensor:
+    """Logit KD as the LSHFM reference code runs its "KD" baseline, also for multi-label teachers: a
+    softmax over the classes at temperature ``T`` and
+    ``KL(softmax(t/T) ‖ softmax(s/T))`` averaged over the batch, times ``T²`` (its gradient equals
+    that of :func:`kaviz.losses.soft_cross_entropy`; the value is the KL, 0 when the student
+    matches). The reference recipe: ``T = 4``, weight 0.001 (:data:`REFERENCE_SOFTMAX_KD`)."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} must have the same shape")
+    if T <= 0:
+        raise ValueError(f"temperature T must be positive, got {T}")
+    log_p_t = F.log_softmax(teacher_logits.detach() / T, dim=-1)
+    log_p_s = F.log_softmax(student_logits / T, dim=-1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * T * T
