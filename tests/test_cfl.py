@@ -557,3 +557,21 @@ def test_post_relu_tap_reads_densenet_features_after_the_inplace_relu():
     after.train()
     sum(after(x).values()).backward()
     assert student.features.conv0.weight.grad is not None
+
+
+def test_step_schedule_decays_at_the_given_epoch():
+    def lrs(schedule, epochs=4):
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched, unit = schedule(opt, epochs, 3)
+        assert unit == "epoch"
+        out = []
+        for _ in range(epochs):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    assert lrs(cfl.runs.step_schedule(2)) == pytest.approx([1.0, 1.0, 0.1, 0.1])  # as schedule="step" at 4 epochs
+    assert lrs(cfl.runs.step_schedule(1)) == pytest.approx([1.0, 0.1, 0.1, 0.1])  # one epoch earlier
+    with pytest.raises(ValueError, match="decay_epoch"):
+        cfl.runs.step_schedule(-1)

@@ -129,6 +129,20 @@ def lr_for(lr: float | Mapping[str, float], arch: str | None) -> float:
     return float(lr[arch])
 
 
+def step_schedule(decay_epoch: int, factor: float = 0.1):
+    """A ``schedule=`` for :func:`run_students` / :func:`kaviz.train.fit`: every group's lr times
+    ``factor`` from epoch ``decay_epoch`` on (0-based: ``decay_epoch=14`` of 30 decays one epoch before
+    ``schedule="step"``, which decays from epoch ``epochs // 2``; the CFL reference code decays one
+    epoch earlier than kaviz's default)."""
+    if isinstance(decay_epoch, bool) or not isinstance(decay_epoch, int) or decay_epoch < 0:
+        raise ValueError(f"decay_epoch must be an int >= 0 (0-based epoch of the decay), got {decay_epoch!r}")
+
+    def make(optimizer, epochs, steps_per_epoch):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: factor if e >= decay_epoch else 1.0), "epoch"
+
+    return make
+
+
 def per_seed_table(runs: Sequence[Run]):
     """One row per run: method, student, seed, best epoch (on validation), validation and test
     accuracies (task-agnostic and task-aware)."""

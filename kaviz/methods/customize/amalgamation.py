@@ -112,8 +112,8 @@ class ComponentAmalgamation(nn.Module):
         if self.shared_projection:
             self.proj_c = nn.ModuleList([_conv1x1(s[0], w) for s, w in zip(comp_shapes, widths)])
         else:  # one component-side projection per source
-            self.proj_c = nn.ModuleList([nn.ModuleList([_conv1x1(s[0], w, bias=True) for s, w in zip(comp_shapes, widths)])
-                                         for _ in sources])
+            self.proj_c = nn.ModuleList([
+                nn.ModuleList([_conv1x1(s[0], w, bias=True) for s, w in zip(comp_shapes, widths)]) for _ in sources])
         proj_t = []
         for s in sources:
             shapes = block_shapes(s, blocks, image_shape)

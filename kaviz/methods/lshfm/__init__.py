@@ -66,13 +66,13 @@ from .loss import (
     l2_loss as l2_loss,
 )
 from .method import (
-    MIMIC_VARIANTS as MIMIC_VARIANTS,
-)
-from .method import (
     KD_LOSSES,
     REFERENCE_SOFTMAX_KD,
     VARIANTS,
     FeatureMimic,
+)
+from .method import (
+    MIMIC_VARIANTS as MIMIC_VARIANTS,
 )
 from .runs import (
     RunResult,

@@ -87,7 +87,8 @@ class FeatureMimic(nn.Module):
         if kd not in KD_LOSSES:
             raise ValueError(f"kd must be one of {KD_LOSSES} (the 'kd' variant's loss), got {kd!r}")
         if kd_stage1 not in (None, "l2"):
-            raise ValueError(f"kd_stage1 must be None (no stage 1) or 'l2' (the L2 variant's stage 1), got {kd_stage1!r}")
+            raise ValueError(f"kd_stage1 must be None (no stage 1) or 'l2' (the L2 variant's stage 1), "
+                             f"got {kd_stage1!r}")
         if kd_stage1 is not None and variant != "kd":
             raise ValueError(f"kd_stage1 is for the 'kd' variant; variant {variant!r} has its own stage 1")
         if not adaptation and variant != "bce":
