@@ -493,7 +493,7 @@ def test_kd_variant_softmax_option_and_reference_recipe(data):
         z_s, z_t = soft.student(x), teacher(x)
     assert float(soft(batch)["kd"].detach()) == pytest.approx(float(lshfm.softmax_kd(z_s, z_t, 4.0)), rel=1e-5)
     assert float(sig(batch)["kd"].detach()) == pytest.approx(float(lshfm.binary_kd(z_s, z_t, 1.0)), rel=1e-5)
-    # kd_stage1="l2" gives the kd variant the L2 variant's stage 1
+    # stage1="l2" gives the kd variant the L2 variant's stage 1
     assert soft.stage1_terms == ("l2",) and sig.stage1_terms == ()
     soft.stage = 1
     assert set(soft(batch)) == {"l2"}
@@ -501,8 +501,8 @@ def test_kd_variant_softmax_option_and_reference_recipe(data):
         sig.stage = 1
     with pytest.raises(ValueError, match="kd must be one of"):
         lshfm.FeatureMimic(TinyNet(4), teacher, "kd", kd="hinge")
-    with pytest.raises(ValueError, match="kd_stage1 is for the 'kd' variant"):
-        lshfm.FeatureMimic(TinyNet(4), teacher, "l2", kd_stage1="l2")
+    with pytest.raises(ValueError, match="the 'bce' baseline has no stage 1"):
+        lshfm.FeatureMimic(TinyNet(4), teacher, "bce", stage1="l2")
 
 
 def test_run_kd_from_the_l2_stage1_follows_the_l2_runs_stage1(data):
@@ -519,10 +519,19 @@ def test_run_kd_from_the_l2_stage1_follows_the_l2_runs_stage1(data):
     assert h1["val/loss"].tolist() == h2["val/loss"].tolist()
     s2 = kd.history[kd.history["stage"] == 2]
     assert "train/kd" in s2.columns and "train/l2" not in s2.dropna(axis=1, how="all").columns
-    # control: without kd_stage1 the kd variant has no stage 1
+    # control: without stage1 the kd variant has no stage 1
     torch.manual_seed(5)
     plain = lshfm.run("kd", TinyNet(4), teacher, train, val, **kw, kd="softmax")
     assert plain.history["stage"].tolist() == [2]
+    # the shared stage 1: an LSH variant with stage1="l2" starts stage 2 from the same L2 stage 1
+    torch.manual_seed(5)
+    lsh = lshfm.run("lshl2", TinyNet(4), teacher, train, val, **kw, stage1="l2", n_hashes=8)
+    h3 = lsh.history[lsh.history["stage"] == 1]
+    assert h3["train/l2"].tolist() == h1["train/l2"].tolist() and "train/lsh" not in h3.dropna(axis=1).columns
+    assert lsh.history[lsh.history["stage"] == 2]["train/lsh"].notna().all()
+    torch.manual_seed(5)
+    own = lshfm.run("lshl2", TinyNet(4), teacher, train, val, **kw, n_hashes=8)  # control: its own stage 1
+    assert own.history[own.history["stage"] == 1]["train/lsh"].notna().all()
 
 
 def test_l2_weight_separates_the_l2_term_from_beta(data):

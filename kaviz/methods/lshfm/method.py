@@ -36,9 +36,9 @@ MIMIC_VARIANTS = tuple(v for v, terms in VARIANTS.items() if set(terms) & {"l2",
 #: ``"softmax"`` (KL over the classes, the LSHFM reference code's baseline).
 KD_LOSSES = ("sigmoid", "softmax")
 #: The ``"kd"`` variant as the LSHFM reference code runs it (issue 15; SPEC §2): softmax KL at T = 4,
-#: weight 0.001, started from the L2 variant's stage-1 result (``kd_stage1="l2"``; give ``run`` the
-#: same ``stage1_epochs`` as the L2 run). ``run("kd", ..., **REFERENCE_SOFTMAX_KD)``.
-REFERENCE_SOFTMAX_KD = {"kd": "softmax", "T": 4.0, "kd_weight": 0.001, "kd_stage1": "l2"}
+#: weight 0.001, started from the L2 variant's stage-1 result (``stage1="l2"``; give ``run`` the
+#: same ``stage1_epochs`` and seed as the L2 run). ``run("kd", ..., **REFERENCE_SOFTMAX_KD)``.
+REFERENCE_SOFTMAX_KD = {"kd": "softmax", "T": 4.0, "kd_weight": 0.001, "stage1": "l2"}
 
 
 class FeatureMimic(nn.Module):
@@ -57,8 +57,9 @@ class FeatureMimic(nn.Module):
 
     Recipe options (defaults unchanged; docs/decisions.md, "Recipes"): ``kd="softmax"`` makes the
     ``"kd"`` variant a softmax KL (:func:`softmax_kd`) instead of the per-class sigmoid KD;
-    ``kd_stage1="l2"`` gives the ``"kd"`` variant the L2 variant's stage 1 (``feat_fc`` aligned by
-    L2, so stage 2 starts from what the L2 run's stage 1 ends with);
+    ``stage1="l2"`` gives any variant with an adaptation layer (``"kd"`` included) the L2
+    variant's stage 1 (``feat_fc`` aligned by L2 alone, so with the same seed every variant's stage 2
+    starts from the one checkpoint the L2 run's stage 1 ends with: the reference code's shared stage 1);
     ``l2_weight`` weighs the L2 term in stage 2 apart from the LSH term (default ``beta``; the
     reference uses 1 for its L2 baseline); ``adaptation=False`` (``"bce"`` only) keeps the student
     as it is, without the adaptation layer (the reference BCE baseline; ``cos`` is then measured on
@@ -77,7 +78,7 @@ class FeatureMimic(nn.Module):
                  beta1: float = 1.0, n_hashes: int | None = None, std: float | None = None, bias: str = "median",
                  kd_weight: float = 1.0, T: float = 1.0, loss: str = "bce", target_key: str | None = "labels",
                  teacher_layer: str | None = None, lsh_seed: int = 0, stage: int = 2, kd: str = "sigmoid",
-                 kd_stage1: str | None = None, l2_weight: float | None = None, adaptation: bool = True,
+                 stage1: str | None = None, l2_weight: float | None = None, adaptation: bool = True,
                  ap: str = "all_point"):
         super().__init__()
         if variant not in VARIANTS:
@@ -86,11 +87,11 @@ class FeatureMimic(nn.Module):
             raise ValueError(f"loss must be 'bce' (multi-label) or 'ce' (single-label), got {loss!r}")
         if kd not in KD_LOSSES:
             raise ValueError(f"kd must be one of {KD_LOSSES} (the 'kd' variant's loss), got {kd!r}")
-        if kd_stage1 not in (None, "l2"):
-            raise ValueError(f"kd_stage1 must be None (no stage 1) or 'l2' (the L2 variant's stage 1), "
-                             f"got {kd_stage1!r}")
-        if kd_stage1 is not None and variant != "kd":
-            raise ValueError(f"kd_stage1 is for the 'kd' variant; variant {variant!r} has its own stage 1")
+        if stage1 not in (None, "l2"):
+            raise ValueError(f"stage1 must be None (the variant's own stage 1) or 'l2' (the L2 variant's stage 1), "
+                             f"got {stage1!r}")
+        if stage1 is not None and variant == "bce":
+            raise ValueError("stage1='l2' needs the adaptation layer to align; the 'bce' baseline has no stage 1")
         if not adaptation and variant != "bce":
             raise ValueError(f"adaptation=False is for the 'bce' baseline only: variant {variant!r} compares the "
                              "adapted feature with the teacher's")
@@ -126,7 +127,7 @@ class FeatureMimic(nn.Module):
         self.terms = VARIANTS[variant]
         self.beta, self.beta1, self.kd_weight, self.T = float(beta), float(beta1), float(kd_weight), float(T)
         self.l2_weight = None if l2_weight is None else float(l2_weight)
-        self.kd, self.kd_stage1 = kd, kd_stage1
+        self.kd, self.stage1 = kd, stage1
         from ...metrics import AP_DEFINITIONS
 
         if ap not in AP_DEFINITIONS:
@@ -152,14 +153,15 @@ class FeatureMimic(nn.Module):
             raise ValueError(f"stage must be 1 (align feat_fc) or 2 (train everything), got {value!r}")
         if value == 1 and not self.stage1_terms:
             raise ValueError(f"variant {self.variant!r} has no feature-mimicking term: stage 1 is for "
-                             f"{list(MIMIC_VARIANTS)} (and for 'kd' with kd_stage1='l2')")
+                             f"{list(MIMIC_VARIANTS)} (and for 'kd' with stage1='l2')")
         self._stage = value
 
     @property
     def stage1_terms(self) -> tuple:
-        """The mimicking terms stage 1 optimises: the variant's own, or L2 for ``"kd"`` with ``kd_stage1="l2"``."""
-        own = tuple(t for t in self.terms if t in ("l2", "lsh"))
-        return ("l2",) if (not own and self.kd_stage1 == "l2") else own
+        """The mimicking terms stage 1 optimises: the variant's own, or L2 alone with ``stage1="l2"``."""
+        if self.stage1 == "l2":
+            return ("l2",)
+        return tuple(t for t in self.terms if t in ("l2", "lsh"))
 
     @property
     def feat_fc(self) -> nn.Linear:
@@ -236,9 +238,9 @@ class FeatureMimic(nn.Module):
         return out
 
     def _mimic(self, f_s, f_t, mask, terms) -> dict:
-        if self.lsh is not None:
+        if "lsh" in terms:
             return self.lsh(f_s, f_t, mask)
-        if "l2" in terms:
+        if "l2" in terms:  # the L2 variant, or any variant's stage1="l2"
             return {"l2": l2_loss(f_s, f_t, mask)}
         return {}
 
