@@ -572,3 +572,25 @@ def test_evaluate_adds_the_non_interpolated_map_when_asked(data):
     assert "mAP_non_interpolated" not in lshfm.FeatureMimic(TinyNet(4), teacher, "bce").evaluate(val)
     with pytest.raises(ValueError, match="ap must be one of"):
         lshfm.FeatureMimic(TinyNet(4), teacher, "bce", ap="coco")
+
+
+def test_hash_std_gives_the_teachers_centred_logits_the_asked_spread():
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    f = 3.0 + 0.05 * torch.randn(400, 32, generator=g)  # a small spread around a large mean
+    std = lshfm.hash_std(f)
+    lsh = lshfm.LSHLoss(32, 512, std, seed=0).fit_bias(f)
+    assert lsh.hash(f).std().item() == pytest.approx(1.0, rel=0.1)
+    assert lshfm.hash_std(f, logit_std=3.0) == pytest.approx(3 * std)
+    # the signal it restores: the gap between a shuffled and a perfect mimic grows with the scale
+    perm = torch.randperm(400, generator=g)
+
+    def gap(s):
+        m = lshfm.LSHLoss(32, 512, s, seed=0, with_l2=False).fit_bias(f)
+        return (m(f[perm], f)["lsh"] - m(f, f)["lsh"]).item()
+
+    assert gap(std) > 5 * gap(0.05 * std)  # control: a scale 20× too small leaves the term near ln 2
+    with pytest.raises(ValueError, match="all equal"):
+        lshfm.hash_std(torch.ones(5, 3))
+    with pytest.raises(ValueError, match="logit_std"):
+        lshfm.hash_std(f, logit_std=0)

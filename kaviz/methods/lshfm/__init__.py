@@ -59,6 +59,7 @@ from .loss import (
     BIAS_MODES,
     LSHLoss,
     binary_kd,
+    hash_std,
     softmax_kd,
     teacher_correct,
 )
@@ -96,6 +97,7 @@ __all__ = [
     "teacher_correct",
     "binary_kd",
     "softmax_kd",
+    "hash_std",
     "KD_LOSSES",
     "REFERENCE_SOFTMAX_KD",
     "TeacherOutputs",

@@ -130,6 +130,24 @@ class LSHLoss(nn.Module):
         return {k: _masked_mean(v, mask) for k, v in per_sample.items()}
 
 
+def hash_std(teacher_features, logit_std: float = 1.0) -> float:
+    """A hyperplane ``std`` for :class:`LSHLoss` that gives the teacher's centred hash logits the
+    standard deviation ``logit_std``: with entries of W ~ N(0, σ²), ``w·(f − f̄)`` has variance
+    σ²·‖f − f̄‖², so ``σ = logit_std / √mean_i ‖f_t,i − f̄_t‖²`` over the teacher's training features
+    (N, D). The bits do not depend on σ; the loss does: with SPEC's default (the std of the teacher
+    classifier's weights) a small teacher's logits can sit so close to 0 that the term stays near
+    ln 2 for any student (docs/decisions.md, "Recipes"). An option, not the default."""
+    f = as_features(teacher_features, "teacher_features").double()
+    if f.shape[0] < 2:
+        raise ValueError("hash_std needs at least two teacher feature vectors (their spread sets the scale)")
+    if not (isinstance(logit_std, (int, float)) and math.isfinite(logit_std) and logit_std > 0):
+        raise ValueError(f"logit_std must be a positive number, got {logit_std!r}")
+    spread = float((f - f.mean(0)).pow(2).sum(1).mean().sqrt())
+    if not spread > 0:
+        raise ValueError("the teacher features are all equal: no scale gives the hash a spread")
+    return logit_std / spread
+
+
 def _masked_mean(v: torch.Tensor, mask) -> torch.Tensor:
     if mask is None:
         return v.mean()
