@@ -505,3 +505,23 @@ def test_coverage_and_majority():
     assert base["bright"] == pytest.approx(max(p, 1 - p)) and 0.5 <= base["red"] <= 1
     with pytest.raises(KeyError, match="not in the data"):
         cz.majority_baseline(ds, ["blue"])
+
+
+def test_run_passes_component_options_to_every_component(monkeypatch):
+    from kaviz.methods.customize import amalgamation
+
+    seen = []
+
+    class Recording(amalgamation.ComponentAmalgamation):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append((self.shared_projection, self.selective, self.reduction))
+
+    monkeypatch.setattr(amalgamation, "ComponentAmalgamation", Recording)
+    ds = tiny_attributes(n=36)
+    task = cz.AttributeTask(ds.subset(range(24)), ds.subset(range(24, 30)), ds.subset(range(30, 36)),
+                            ["red", "bright"], SOURCES, {})
+    res = cz.run(task, tiny_sources(), seeds=(0,), component_kwargs={"width": 4}, target_kwargs={"width": 8},
+                 widths=(3, 3, 4, 5), component_epochs=1, target_epochs=1, batch_size=12,
+                 component_options={"shared_projection": False, "selective": False, "reduction": "sum_of_means"})
+    assert seen == [(False, False, "sum_of_means")] * 2 and len(res.table[res.table.model == "component"]) == 2
