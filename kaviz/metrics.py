@@ -237,7 +237,7 @@ class SegmentationMeter:
 
 
 #: The depth metrics of :func:`depth_scores` / :class:`DepthMeter`: the three reported by default and the
-#: full set of the SBM paper's tables (Eigen et al. 2014): with p the prediction and t the target over
+#: standard full set of NYUv2 depth tables (Eigen et al. 2014): with p the prediction and t the target over
 #: valid pixels, ``abs_rel = mean |p−t|/t``, ``sq_rel = mean (p−t)²/t``, ``rmse = √mean (p−t)²``,
 #: ``log_rmse = √mean (ln p − ln t)²``, ``delta{k} = share of max(p/t, t/p) < 1.25^k``.
 DEPTH_METRICS = ("rmse", "abs_rel", "delta1")

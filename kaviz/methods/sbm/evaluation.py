@@ -70,8 +70,9 @@ def score(model, data, *, kinds: Mapping[str, str], task: str | None = None,
     e.g. the teachers), or one model solving ``task``. ``kinds``: ``{task: "segmentation" | "depth"}``.
     Keys ``"<task>/<metric>"`` (``prefix=False``: ``"<metric>"``, one task only); with
     ``all_branches`` an SBMStudent is scored at every candidate branch: ``"<task>@<point>/<metric>"``.
-    ``full_depth``: depth tasks get the paper's full metric set (:data:`kaviz.metrics.DEPTH_METRICS_FULL`:
-    abs-rel, sq-rel, RMSE, log-RMSE, δ<1.25, δ<1.25², δ<1.25³) instead of RMSE, abs-rel and δ<1.25.
+    ``full_depth``: depth tasks get the standard full depth set (Eigen et al. 2014;
+    :data:`kaviz.metrics.DEPTH_METRICS_FULL`: abs-rel, sq-rel, RMSE, log-RMSE, δ<1.25, δ<1.25², δ<1.25³)
+    instead of RMSE, abs-rel and δ<1.25.
     """
     from ...features import eval_mode
     from ...train import to_device
