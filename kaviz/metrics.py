@@ -22,6 +22,8 @@ __all__ = [
     "iou_scores",
     "SegmentationMeter",
     "depth_scores",
+    "DEPTH_METRICS",
+    "DEPTH_METRICS_FULL",
     "depth_valid",
     "DepthMeter",
     "dense_meter",
@@ -30,6 +32,10 @@ __all__ = [
     "ssim_index",
     "ssim",
     "ssim_loss",
+    "MS_SSIM_WEIGHTS",
+    "ms_ssim_index",
+    "ms_ssim",
+    "ms_ssim_loss",
 ]
 
 
@@ -230,10 +236,39 @@ class SegmentationMeter:
         return out
 
 
-def depth_scores(predictions, targets, valid=None, min_depth: float = 1e-3) -> dict:
+#: The depth metrics of :func:`depth_scores` / :class:`DepthMeter`: the three reported by default and the
+#: standard full set of NYUv2 depth tables (Eigen et al. 2014): with p the prediction and t the target over
+#: valid pixels, ``abs_rel = mean |p−t|/t``, ``sq_rel = mean (p−t)²/t``, ``rmse = √mean (p−t)²``,
+#: ``log_rmse = √mean (ln p − ln t)²``, ``delta{k} = share of max(p/t, t/p) < 1.25^k``.
+DEPTH_METRICS = ("rmse", "abs_rel", "delta1")
+DEPTH_METRICS_FULL = ("abs_rel", "sq_rel", "rmse", "log_rmse", "delta1", "delta2", "delta3")
+
+
+def _depth_sums(p, t, lib) -> dict:
+    """Sums over valid pixels (p, t already selected and clamped) of every per-pixel term."""
+    ratio = lib.maximum(p / t, t / p)
+    d2 = (p - t) ** 2
+    return {"sq": float(d2.sum()), "rel": float((abs(p - t) / t).sum()), "sq_rel": float((d2 / t).sum()),
+            "log_sq": float(((lib.log(p) - lib.log(t)) ** 2).sum()),
+            "delta": float((ratio < 1.25).sum()), "delta2": float((ratio < 1.25 ** 2).sum()),
+            "delta3": float((ratio < 1.25 ** 3).sum()), "n": int(p.numel() if lib is torch else p.size)}
+
+
+def _depth_result(sums: dict, full: bool) -> dict:
+    n = sums["n"]
+    out = {"rmse": float(np.sqrt(sums["sq"] / n)), "abs_rel": sums["rel"] / n, "delta1": sums["delta"] / n}
+    if not full:
+        return out
+    out.update({"sq_rel": sums["sq_rel"] / n, "log_rmse": float(np.sqrt(sums["log_sq"] / n)),
+                "delta2": sums["delta2"] / n, "delta3": sums["delta3"] / n})
+    return {k: out[k] for k in DEPTH_METRICS_FULL}
+
+
+def depth_scores(predictions, targets, valid=None, min_depth: float = 1e-3, full: bool = False) -> dict:
     """RMSE, absolute relative error and δ<1.25 (share of pixels with max(p/t, t/p) < 1.25) over
     valid pixels (targets > ``min_depth`` and finite, and ``valid`` if given); predictions are clamped
-    below at ``min_depth``. For data that does not fit in memory use :class:`DepthMeter`."""
+    below at ``min_depth``. ``full=True``: the full set :data:`DEPTH_METRICS_FULL` (adds sq-rel,
+    log-RMSE, δ<1.25², δ<1.25³). For data that does not fit in memory use :class:`DepthMeter`."""
     p = _np(predictions).astype(np.float64)
     t = _np(targets).astype(np.float64)
     if p.shape != t.shape:
@@ -246,9 +281,11 @@ def depth_scores(predictions, targets, valid=None, min_depth: float = 1e-3) -> d
     if not m.any():
         raise ValueError("no valid depth pixels to score")
     p, t = np.maximum(p[m], min_depth), t[m]
-    ratio = np.maximum(p / t, t / p)
-    return {"rmse": float(np.sqrt(np.mean((p - t) ** 2))), "abs_rel": float(np.mean(np.abs(p - t) / t)),
-            "delta1": float(np.mean(ratio < 1.25))}
+    if not full:
+        ratio = np.maximum(p / t, t / p)
+        return {"rmse": float(np.sqrt(np.mean((p - t) ** 2))), "abs_rel": float(np.mean(np.abs(p - t) / t)),
+                "delta1": float(np.mean(ratio < 1.25))}
+    return _depth_result(_depth_sums(p, t, np), full=True)
 
 
 def depth_valid(targets: torch.Tensor, min_depth: float = 1e-3) -> torch.Tensor:
@@ -259,11 +296,14 @@ def depth_valid(targets: torch.Tensor, min_depth: float = 1e-3) -> torch.Tensor:
 class DepthMeter:
     """Streaming depth scores: sums over valid pixels (:func:`depth_valid`), predictions clamped below at
     ``min_depth``, in float64, batch by batch; ``result()`` gives ``rmse``, ``abs_rel`` and ``delta1``
-    as :func:`depth_scores`."""
+    as :func:`depth_scores` (``full=True``: the full set :data:`DEPTH_METRICS_FULL`)."""
 
-    def __init__(self, min_depth: float = 1e-3):
+    def __init__(self, min_depth: float = 1e-3, full: bool = False):
         self.min_depth = min_depth
+        self.full = bool(full)
         self.sums = {"sq": 0.0, "rel": 0.0, "delta": 0.0, "n": 0}
+        if self.full:
+            self.sums.update({"sq_rel": 0.0, "log_sq": 0.0, "delta2": 0.0, "delta3": 0.0})
 
     def update(self, predictions: torch.Tensor, targets: torch.Tensor) -> None:
         """``predictions``: depth (B, 1, H, W) or (B, H, W); ``targets``: (B, H, W)."""
@@ -275,6 +315,10 @@ class DepthMeter:
         t = t.double()
         m = depth_valid(t, self.min_depth)
         p, t = pred.double()[m].clamp_min(self.min_depth), t[m]
+        if self.full:
+            for k, v in _depth_sums(p, t, torch).items():
+                self.sums[k] += v
+            return
         ratio = torch.maximum(p / t, t / p)
         self.sums["sq"] += float(((p - t) ** 2).sum())
         self.sums["rel"] += float(((p - t).abs() / t).sum())
@@ -285,16 +329,20 @@ class DepthMeter:
         n = self.sums["n"]
         if n == 0:
             raise ValueError("no valid depth pixels were scored")
+        if self.full:
+            return _depth_result(self.sums, full=True)
         return {"rmse": float(np.sqrt(self.sums["sq"] / n)), "abs_rel": self.sums["rel"] / n,
                 "delta1": self.sums["delta"] / n}
 
 
-def dense_meter(kind: str, num_classes: int | None = None, ignore_index: int = 255, min_depth: float = 1e-3):
-    """A :class:`SegmentationMeter` (``kind="segmentation"``) or a :class:`DepthMeter` (``kind="depth"``)."""
+def dense_meter(kind: str, num_classes: int | None = None, ignore_index: int = 255, min_depth: float = 1e-3,
+                full_depth: bool = False):
+    """A :class:`SegmentationMeter` (``kind="segmentation"``) or a :class:`DepthMeter` (``kind="depth"``;
+    ``full_depth``: the full metric set :data:`DEPTH_METRICS_FULL`)."""
     if kind == "segmentation":
         return SegmentationMeter(num_classes, ignore_index)
     if kind == "depth":
-        return DepthMeter(min_depth)
+        return DepthMeter(min_depth, full=full_depth)
     raise ValueError(f"dense_meter: kind must be 'segmentation' or 'depth', got {kind!r}")
 
 
@@ -321,12 +369,10 @@ def _ssim_kernel(channels: int, window: int, sigma: float, dtype, device) -> tor
     return (g[:, None] * g[None, :]).expand(channels, 1, window, window).contiguous()
 
 
-def ssim_index(images: torch.Tensor, references: torch.Tensor, data_range: float = 1.0, window: int = SSIM_WINDOW,
-               sigma: float = 1.5) -> torch.Tensor:
-    """Structural similarity (Wang et al. 2004) as a differentiable scalar tensor in the inputs' dtype:
-    a Gaussian window (``window``×``window``, σ = ``sigma``; 11×11 by default, as the paper and scikit-image),
-    c1 = (0.01·L)², c2 = (0.03·L)², averaged over channels, valid positions and images.
-    Images (N, C, H, W) in [0, data_range]."""
+def _ssim_maps(images: torch.Tensor, references: torch.Tensor, data_range: float, window: int, sigma: float,
+               with_cs: bool = False):
+    """The SSIM map (and, with ``with_cs``, the contrast–structure map ``(2σ_ab + c2)/(σ_a² + σ_b² + c2)``
+    that MS-SSIM uses at its finer scales) over valid window positions."""
     import torch.nn.functional as F
 
     if images.shape != references.shape or images.dim() != 4:
@@ -347,7 +393,69 @@ def ssim_index(images: torch.Tensor, references: torch.Tensor, data_range: float
     var_b = blur(references * references) - mu_b ** 2
     cov = blur(images * references) - mu_a * mu_b
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
-    return s.mean()
+    if not with_cs:
+        return s, None
+    return s, (2 * cov + c2) / (var_a + var_b + c2)
+
+
+def ssim_index(images: torch.Tensor, references: torch.Tensor, data_range: float = 1.0, window: int = SSIM_WINDOW,
+               sigma: float = 1.5) -> torch.Tensor:
+    """Structural similarity (Wang et al. 2004) as a differentiable scalar tensor in the inputs' dtype:
+    a Gaussian window (``window``×``window``, σ = ``sigma``; 11×11 by default, as the paper and scikit-image),
+    c1 = (0.01·L)², c2 = (0.03·L)², averaged over channels, valid positions and images.
+    Images (N, C, H, W) in [0, data_range]."""
+    return _ssim_maps(images, references, data_range, window, sigma)[0].mean()
+
+
+#: The standard MS-SSIM scale weights (Wang, Simoncelli & Bovik 2003), finest scale first.
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+
+def ms_ssim_index(images: torch.Tensor, references: torch.Tensor, data_range: float = 1.0,
+                  window: int = SSIM_WINDOW, sigma: float = 1.5, weights=MS_SSIM_WEIGHTS) -> torch.Tensor:
+    """Multi-scale SSIM (Wang, Simoncelli & Bovik 2003) as a differentiable scalar tensor, on the same
+    SSIM maps as :func:`ssim_index`: with M = ``len(weights)`` scales (2×2 average pooling between
+    them), ``MS-SSIM = Π_{j<M} cs_j^{w_j} · ssim_M^{w_M}``, where ``cs_j`` is the mean
+    contrast–structure term at scale j and ``ssim_M`` the mean SSIM at the coarsest scale; the means
+    are taken per image (clamped below at 1e-6 before the power, as common implementations clamp at
+    0, so that a negative correlation cannot give NaN), and the result is averaged over images. The coarsest scale
+    must still hold the window: images need ``window · 2^(M−1)`` pixels a side; for small images pass
+    fewer ``weights`` (e.g. ``MS_SSIM_WEIGHTS[:3]``, renormalised here to sum to 1)."""
+    import torch.nn.functional as F
+
+    w = torch.as_tensor(list(weights), dtype=images.dtype, device=images.device)
+    if w.dim() != 1 or len(w) == 0 or bool((w < 0).any()):
+        raise ValueError(f"weights must be a non-empty list of non-negative scale weights, got {weights!r}")
+    w = w / w.sum()
+    m = len(w)
+    need = window * 2 ** (m - 1)
+    if min(images.shape[-2:]) < need:
+        raise ValueError(f"MS-SSIM with {m} scales and a {window}×{window} window needs images of at least "
+                         f"{need}×{need} pixels, got {tuple(images.shape[-2:])}; pass fewer scales "
+                         f"(weights=MS_SSIM_WEIGHTS[:k]) or a smaller window=")
+    a, b = images, references
+    factors = []
+    for j in range(m):
+        s, cs = _ssim_maps(a, b, data_range, window, sigma, with_cs=j < m - 1)
+        v = (cs if j < m - 1 else s).flatten(1).mean(1)  # per image
+        factors.append(v.clamp_min(1e-6) ** w[j])  # a finite gradient also at the clamp
+        if j < m - 1:
+            a, b = F.avg_pool2d(a, 2), F.avg_pool2d(b, 2)
+    return torch.stack(factors).prod(0).mean()
+
+
+def ms_ssim(images, references, data_range: float = 1.0, window: int = SSIM_WINDOW, sigma: float = 1.5,
+            weights=MS_SSIM_WEIGHTS) -> float:
+    """:func:`ms_ssim_index` in float64 as a number."""
+    a = torch.as_tensor(_np(images), dtype=torch.float64)
+    b = torch.as_tensor(_np(references), dtype=torch.float64)
+    return float(ms_ssim_index(a, b, data_range, window, sigma, weights))
+
+
+def ms_ssim_loss(images: torch.Tensor, references: torch.Tensor, data_range: float = 1.0, window: int = SSIM_WINDOW,
+                 sigma: float = 1.5, weights=MS_SSIM_WEIGHTS) -> torch.Tensor:
+    """``1 − ms_ssim_index(images, references)``: a differentiable training loss."""
+    return 1.0 - ms_ssim_index(images, references, data_range, window, sigma, weights)
 
 
 def ssim(images, references, data_range: float = 1.0, window: int = SSIM_WINDOW, sigma: float = 1.5) -> float:
@@ -370,7 +478,7 @@ def ssim_loss(images: torch.Tensor, references: torch.Tensor, data_range: float 
 # bool (optional). Tied scores form one threshold (a block of the ranking), so AP never depends on
 # the order of the input rows.
 
-__all__ += ["average_precision", "multilabel_map", "multilabel_prf", "multilabel_report",
+__all__ += ["AP_DEFINITIONS", "average_precision", "multilabel_map", "multilabel_prf", "multilabel_report",
             "MissingPositivesWarning"]
 
 
@@ -438,20 +546,56 @@ def _ap_one(s: np.ndarray, t: np.ndarray) -> float:
     return float(np.sum((mrec[step + 1] - mrec[step]) * mpre[step + 1]))
 
 
-def average_precision(scores, targets, difficult=None) -> np.ndarray:
-    """Per-class VOC average precision (all-point interpolation), an array (K,) in [0, 1].
+def _ap_non_interpolated(s: np.ndarray, t: np.ndarray) -> float:
+    """Non-interpolated AP of one class: the mean, over the true positives, of the precision at each
+    one's rank, ``Σ_i (r_i − r_{i−1}) · p(r_i)`` with no envelope; tied scores form one threshold
+    (each positive of a block of ties gets the block's precision), as scikit-learn's
+    ``average_precision_score``."""
+    npos = int(t.sum())
+    if npos == 0:
+        return float("nan")
+    order = np.argsort(-s, kind="stable")
+    s, t = s[order], t[order]
+    tp = np.cumsum(t)
+    fp = np.cumsum(~t)
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]
+    rec = np.r_[0.0, tp[last] / npos]
+    prec = tp[last] / (tp[last] + fp[last])
+    return float(np.sum(np.diff(rec) * prec))
+
+
+#: The average-precision definitions :func:`average_precision` offers, by what they compute.
+#: ``"all_point"``: VOC2010+ area under the precision envelope (the default, SPEC §2);
+#: ``"non_interpolated"``: the mean of the precision at each true positive's rank (the LSHFM reference
+#: code's "COCO mAP"; not COCO detection's 101-point AP).
+AP_DEFINITIONS = {"all_point": _ap_one, "non_interpolated": _ap_non_interpolated}
+
+
+def _ap_function(ap: str):
+    if ap not in AP_DEFINITIONS:
+        raise ValueError(f"ap must be one of {list(AP_DEFINITIONS)} ('all_point': VOC area under the precision "
+                         f"envelope; 'non_interpolated': mean precision at each true positive's rank), got {ap!r}")
+    return AP_DEFINITIONS[ap]
+
+
+def average_precision(scores, targets, difficult=None, ap: str = "all_point") -> np.ndarray:
+    """Per-class average precision, an array (K,) in [0, 1]; by default VOC all-point interpolation.
 
     For class k, the images are ranked by score; ``difficult`` image–class pairs are removed
     from the ranking (neither true nor false positives: VOC's "0" label); precision p and recall r
     are taken at every distinct score (tied scores form one threshold), and
-    ``AP_k = Σ_i (r_{i+1} − r_i) · max_{r >= r_{i+1}} p(r)``.
-    A class without any non-difficult positive gets NaN (its AP is undefined).
+    ``AP_k = Σ_i (r_{i+1} − r_i) · max_{r >= r_{i+1}} p(r)`` (``ap="all_point"``), or
+    ``AP_k = Σ_i (r_{i+1} − r_i) · p(r_{i+1})`` — the mean of the precision at each true positive's
+    rank, no interpolation (``ap="non_interpolated"``, the LSHFM reference code's COCO metric;
+    never above the all-point value). A class without any non-difficult positive gets NaN (its AP
+    is undefined).
     """
+    fn = _ap_function(ap)
     s, t, d = _multilabel_inputs(scores, targets, difficult)
     out = np.empty(s.shape[1], dtype=np.float64)
     for k in range(s.shape[1]):
         keep = ~d[:, k]
-        out[k] = _ap_one(s[keep, k], t[keep, k])
+        out[k] = fn(s[keep, k], t[keep, k])
     return out
 
 
@@ -462,14 +606,15 @@ def _no_positive_message(missing, class_names=None) -> str:
             "Use a larger evaluation split to cover every class.")
 
 
-def multilabel_map(scores, targets, difficult=None) -> float:
+def multilabel_map(scores, targets, difficult=None, ap: str = "all_point") -> float:
     """Mean over classes of :func:`average_precision` (VOC all-point AP, difficult pairs ignored),
-    a float in [0, 1].
+    a float in [0, 1]. ``ap="non_interpolated"``: the mean of the precision at each true positive's
+    rank instead (see :data:`AP_DEFINITIONS`).
 
     Classes without a positive are left out of the mean and reported with a
     :class:`MissingPositivesWarning` naming them; if no class has a positive, ``ValueError``.
     """
-    ap = average_precision(scores, targets, difficult)
+    ap = average_precision(scores, targets, difficult, ap=ap)
     missing = np.flatnonzero(np.isnan(ap))
     if len(missing) == len(ap):
         raise ValueError("no class has a positive (non-difficult) example: mAP is undefined")

@@ -494,3 +494,84 @@ def test_load_data_cub_dogs_on_fixture_trees(tmp_path):
     assert set(cub.val.files).isdisjoint(cub.train.files)
     with pytest.raises(TypeError, match="root=None"):
         cfl.load_data("cub_dogs", cub_root=None, dogs_root=tmp_path / "dogs")
+
+
+# ------------------------------------------------------------ reference-recipe options (issue 15)
+def test_per_architecture_learning_rates():
+    assert cfl.runs.lr_for(1e-3, "resnet50") == 1e-3
+    assert cfl.runs.lr_for({"resnet50": 2e-5, "densenet121": 2e-4}, "densenet121") == 2e-4
+    with pytest.raises(ValueError, match="no entry for the student architecture 'resnet34'"):
+        cfl.runs.lr_for({"resnet50": 2e-5}, "resnet34")
+    with pytest.raises(ValueError, match="not an architecture name"):
+        cfl.runs.lr_for({"resnet50": 2e-5}, None)
+    torch.manual_seed(0)
+    u = tiny_union(n_a=12, n_b=8)
+    teachers = [conv_net(3, 4), conv_net(2, 4, stride=2)]
+    kw = dict(seeds=[0], methods=["KD"], epochs=1, batch_size=8, arch_kwargs={"width": 4})
+    run = lambda lr: cfl.run_students("cifar_resnet8", teachers, "layer3", ["relu", "relu"], u, u, u, lr=lr,  # noqa: E731
+                                      **kw)[0].student.state_dict()
+    by_dict, by_number = run({"cifar_resnet8": 1e-2, "resnet50": 0.0}), run(1e-2)
+    assert all(torch.equal(p, q) for p, q in zip(by_dict.values(), by_number.values()))
+    other = run({"cifar_resnet8": 1e-3})  # control: the dict's value is the one used
+    assert not all(torch.equal(p, q) for p, q in zip(other.values(), by_number.values()))
+    with pytest.raises(ValueError, match="student is a callable"):
+        cfl.run_students(lambda: conv_net(5, 4), teachers, "relu", ["relu", "relu"], u, u, u, lr={"x": 1.0},
+                         seeds=[0], epochs=1)
+
+
+def test_post_relu_tap_reads_densenet_features_after_the_inplace_relu():
+    import torchvision
+
+    torch.set_num_threads(1)
+
+    def tiny_densenet(k):
+        return torchvision.models.DenseNet(growth_rate=4, block_config=(1, 1), num_init_features=8, bn_size=2,
+                                           num_classes=k).eval()
+
+    torch.manual_seed(0)
+    teachers = [tiny_densenet(3), tiny_densenet(2)]
+    student = tiny_densenet(5)
+    x = torch.rand(4, 3, 32, 32)
+    after = cfl.CommonFeatureLearning(student, teachers, "features:relu", ["features:relu", "features:relu"],
+                                      example=x[:2], hidden=4)
+    before = cfl.CommonFeatureLearning(student, teachers, "features", ["features", "features"], example=x[:2], hidden=4)
+    with torch.no_grad():
+        e_after, e_before = after.encode(x), before.encode(x)
+    # control: the plain tap reads norm5's output, before DenseNet's functional in-place ReLU
+    assert (e_before["f_s"] < 0).float().mean() > 0.2
+    assert (e_after["f_s"] >= 0).all() and all((f >= 0).all() for f in e_after["f_t"])
+    torch.testing.assert_close(e_after["f_s"], torch.relu(e_before["f_s"]))
+    # exactly what the network pools: the mean of the post-ReLU map is the classifier's input
+    from kaviz.features import FeatureTap
+
+    with torch.no_grad(), FeatureTap(student, "classifier:in") as tap:
+        student(x)
+    torch.testing.assert_close(e_after["f_s"].mean((2, 3)), tap["classifier:in"])
+    # the cached teacher path reads the same post-ReLU maps
+    cached = cfl.precompute_teachers(teachers, ["features:relu", "features:relu"], [(xi, 0) for xi in x])
+    batch = next(iter(torch.utils.data.DataLoader(cached, batch_size=4)))
+    _, f_ts = after.cached_outputs(batch)
+    for f, g in zip(f_ts, e_after["f_t"]):
+        torch.testing.assert_close(f, g)
+    # gradients reach the student through the ReLU
+    after.train()
+    sum(after(x).values()).backward()
+    assert student.features.conv0.weight.grad is not None
+
+
+def test_step_schedule_decays_at_the_given_epoch():
+    def lrs(schedule, epochs=4):
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched, unit = schedule(opt, epochs, 3)
+        assert unit == "epoch"
+        out = []
+        for _ in range(epochs):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    assert lrs(cfl.runs.step_schedule(2)) == pytest.approx([1.0, 1.0, 0.1, 0.1])  # as schedule="step" at 4 epochs
+    assert lrs(cfl.runs.step_schedule(1)) == pytest.approx([1.0, 0.1, 0.1, 0.1])  # one epoch earlier
+    with pytest.raises(ValueError, match="decay_epoch"):
+        cfl.runs.step_schedule(-1)

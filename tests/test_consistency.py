@@ -433,3 +433,44 @@ def test_load_data_embedded_and_cub200(tmp_path):
         kc.load_data("cub200", root=tmp_path)
     with pytest.raises(ValueError, match="'embedded' or 'cub200'"):
         kc.load_data("imagenet")
+
+
+# ------------------------------------------------------------ reference-recipe options (issue 15)
+def test_transnet_kaiming_init_is_fan_out_normal_and_keeps_the_decomposition():
+    torch.set_num_threads(1)
+    C = 32
+    torch.manual_seed(0)
+    default = kc.TransNet(C)
+    torch.manual_seed(0)
+    kaiming = kc.TransNet(C, init="kaiming")
+    std = (2.0 / (C * 9)) ** 0.5  # kaiming-normal, fan_out = C·3·3, ReLU gain √2
+    for conv in kaiming.convs:
+        assert conv.weight.std().item() == pytest.approx(std, rel=0.05)
+        assert abs(conv.weight.mean().item()) < 0.1 * std
+    # PyTorch's default (kaiming-uniform, a=√5: std 1/√(3·fan_in)) is ~6× smaller in variance
+    ratio = kaiming.convs[0].weight.var().item() / default.convs[0].weight.var().item()
+    assert 5.0 < ratio < 7.0
+    x = torch.randn(2, C, 5, 5)
+    torch.testing.assert_close(kaiming.decompose(x).sum(0), kaiming(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="init must be one of"):
+        kc.TransNet(C, init="xavier")
+
+
+def test_fit_transnet_passes_init_and_trans_classification_weight_decay(tiny_pair, monkeypatch):
+    a, b, sp = tiny_pair
+    res = kc.fit_transnet(a, b, sp.train, sp.val, layer_a="layer3.0.merge", epochs=1, lr=1e-2, batch_size=16,
+                          init="kaiming")
+    assert res.transnet.init == "kaiming"
+    import kaviz.train
+
+    seen = []
+    real_fit = kaviz.train.fit
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("weight_decay"))
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(kaviz.train, "fit", spy)
+    kc.trans_classification(res, masks=[(1, 0, 0)], epochs=1, batch_size=16, control=False, max_train=8,
+                            weight_decay=1e-4)
+    assert seen == [1e-4]

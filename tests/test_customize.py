@@ -185,6 +185,50 @@ def test_component_weights_the_sources_by_their_share_of_the_batch():
         assert float(both[k]) == pytest.approx(0.5 * float(first[k]) + 0.5 * float(second[k]), rel=1e-5)
 
 
+def test_component_recipe_options_per_source_projections_no_selection_sum_of_means():
+    torch.manual_seed(0)
+    sources = tiny_sources()
+    covering = [m for m in sources.values() if "red" in m.attributes]
+
+    def make(**kw):
+        torch.manual_seed(0)
+        return cz.ComponentAmalgamation(head(["red"]), covering, "red", image_shape=(3, 8, 8), widths=(3, 3, 4, 5),
+                                        **kw).eval()
+
+    x = torch.rand(4, 3, 8, 8)
+    index = torch.tensor([0, 0, 1, 1])
+    # per-source projections: one component-side set per source, every projection with a bias
+    per = make(shared_projection=False)
+    assert len(per.proj_c) == len(covering) and all(len(g) == 4 for g in per.proj_c)
+    assert all(p.bias is not None for g in per.proj_c for p in g) and all(p.bias is not None for p in per.proj_t[0])
+    assert make().proj_c[0].bias is None  # control: the shared default has no bias
+    with torch.no_grad():
+        both, first, second = per((x, index)), per((x[:2], index[:2])), per((x[2:], index[2:]))
+    assert float(both["feat"]) == pytest.approx(0.5 * float(first["feat"]) + 0.5 * float(second["feat"]), rel=1e-5)
+    per.train()
+    terms = per((x, torch.tensor([0, 0, 0, 0])))
+    sum(terms.values()).backward()
+    assert all(p.weight.grad is not None for p in per.proj_c[0])
+    assert all(p.weight.grad is None for p in per.proj_c[1])  # source 2 saw no image: its projections idle
+    # sum of means: the per-source means are added, not weighted by batch share
+    summed = make(reduction="sum_of_means")
+    with torch.no_grad():
+        b, f, s = summed((x, index)), summed((x[:2], index[:2])), summed((x[2:], index[2:]))
+    for k in ("feat", "logit"):
+        assert float(b[k]) == pytest.approx(float(f[k]) + float(s[k]), rel=1e-5)
+    # without selective learning every source supervises every image; the assignment is ignored
+    plain = make(selective=False)
+    with torch.no_grad():
+        a1 = plain((x, index))
+        a2 = plain((x, torch.tensor([1, 1, 1, 1])))
+        only = [make()((x, torch.full((4,), t))) for t in range(len(covering))]
+    for k in ("feat", "logit"):
+        assert float(a1[k]) == pytest.approx(float(a2[k]), rel=1e-6)
+        assert float(a1[k]) == pytest.approx(np.mean([float(o[k]) for o in only]), rel=1e-5)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        make(reduction="mean")
+
+
 class Strided(nn.Module):
     """A net with blocks named like a ResNet's whose first block halves the resolution."""
 
@@ -461,3 +505,23 @@ def test_coverage_and_majority():
     assert base["bright"] == pytest.approx(max(p, 1 - p)) and 0.5 <= base["red"] <= 1
     with pytest.raises(KeyError, match="not in the data"):
         cz.majority_baseline(ds, ["blue"])
+
+
+def test_run_passes_component_options_to_every_component(monkeypatch):
+    from kaviz.methods.customize import amalgamation
+
+    seen = []
+
+    class Recording(amalgamation.ComponentAmalgamation):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append((self.shared_projection, self.selective, self.reduction))
+
+    monkeypatch.setattr(amalgamation, "ComponentAmalgamation", Recording)
+    ds = tiny_attributes(n=36)
+    task = cz.AttributeTask(ds.subset(range(24)), ds.subset(range(24, 30)), ds.subset(range(30, 36)),
+                            ["red", "bright"], SOURCES, {})
+    res = cz.run(task, tiny_sources(), seeds=(0,), component_kwargs={"width": 4}, target_kwargs={"width": 8},
+                 widths=(3, 3, 4, 5), component_epochs=1, target_epochs=1, batch_size=12,
+                 component_options={"shared_projection": False, "selective": False, "reduction": "sum_of_means"})
+    assert seen == [(False, False, "sum_of_means")] * 2 and len(res.table[res.table.model == "component"]) == 2

@@ -461,3 +461,136 @@ def test_mean_feature_cosine_and_feature_sets(data):
     students = {"a": lshfm.adapt(TinyNet(4), 6)}
     feats = lshfm.feature_sets(students, teacher, test)
     assert list(feats) == ["teacher", "a"] and feats["a"].shape == (len(test), 6) == feats["teacher"].shape
+
+
+# ------------------------------------------------------------ reference recipes (issue 15, options)
+def test_softmax_kd_is_the_kl_at_temperature_times_t_squared():
+    torch.set_num_threads(1)
+    s = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]])
+    t = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    T = 4.0
+    p_t, p_s = torch.softmax(t / T, 1), torch.softmax(s / T, 1)
+    hand = (p_t * (p_t.log() - p_s.log())).sum(1).mean() * T * T
+    assert float(lshfm.softmax_kd(s, t, T)) == pytest.approx(float(hand), rel=1e-6)
+    assert float(lshfm.softmax_kd(t, t, T)) == pytest.approx(0.0, abs=1e-7)
+    # the per-class sigmoid KD is a different loss on the same logits
+    assert float(lshfm.binary_kd(s, t, T)) != pytest.approx(float(hand), rel=1e-2)
+    with pytest.raises(ValueError, match="temperature"):
+        lshfm.softmax_kd(s, t, 0)
+
+
+def test_kd_variant_softmax_option_and_reference_recipe(data):
+    train, _, _ = data
+    teacher = _teacher()
+    batch = next(iter(torch.utils.data.DataLoader(train, batch_size=8)))
+    torch.manual_seed(0)
+    sig = lshfm.FeatureMimic(TinyNet(4), teacher, "kd")
+    torch.manual_seed(0)
+    soft = lshfm.FeatureMimic(TinyNet(4), teacher, "kd", **lshfm.REFERENCE_SOFTMAX_KD)
+    assert soft.loss_weights["kd"] == 0.001 and soft.T == 4.0
+    x = batch[0]
+    with torch.no_grad():
+        z_s, z_t = soft.student(x), teacher(x)
+    assert float(soft(batch)["kd"].detach()) == pytest.approx(float(lshfm.softmax_kd(z_s, z_t, 4.0)), rel=1e-5)
+    assert float(sig(batch)["kd"].detach()) == pytest.approx(float(lshfm.binary_kd(z_s, z_t, 1.0)), rel=1e-5)
+    # stage1="l2" gives the kd variant the L2 variant's stage 1
+    assert soft.stage1_terms == ("l2",) and sig.stage1_terms == ()
+    soft.stage = 1
+    assert set(soft(batch)) == {"l2"}
+    with pytest.raises(ValueError, match="stage 1 is for"):
+        sig.stage = 1
+    with pytest.raises(ValueError, match="kd must be one of"):
+        lshfm.FeatureMimic(TinyNet(4), teacher, "kd", kd="hinge")
+    with pytest.raises(ValueError, match="the 'bce' baseline has no stage 1"):
+        lshfm.FeatureMimic(TinyNet(4), teacher, "bce", stage1="l2")
+
+
+def test_run_kd_from_the_l2_stage1_follows_the_l2_runs_stage1(data):
+    torch.set_num_threads(1)
+    train, val, _ = data
+    teacher = _teacher()
+    kw = dict(epochs=1, stage1_epochs=1, batch_size=8, lr=1e-2, seed=0)
+    torch.manual_seed(5)
+    l2 = lshfm.run("l2", TinyNet(4), teacher, train, val, **kw)
+    torch.manual_seed(5)
+    kd = lshfm.run("kd", TinyNet(4), teacher, train, val, **kw, **lshfm.REFERENCE_SOFTMAX_KD)
+    h1, h2 = (r.history[r.history["stage"] == 1] for r in (l2, kd))
+    assert len(h1) == 1 and h1["train/l2"].tolist() == h2["train/l2"].tolist()
+    assert h1["val/loss"].tolist() == h2["val/loss"].tolist()
+    s2 = kd.history[kd.history["stage"] == 2]
+    assert "train/kd" in s2.columns and "train/l2" not in s2.dropna(axis=1, how="all").columns
+    # control: without stage1 the kd variant has no stage 1
+    torch.manual_seed(5)
+    plain = lshfm.run("kd", TinyNet(4), teacher, train, val, **kw, kd="softmax")
+    assert plain.history["stage"].tolist() == [2]
+    # the shared stage 1: an LSH variant with stage1="l2" starts stage 2 from the same L2 stage 1
+    torch.manual_seed(5)
+    lsh = lshfm.run("lshl2", TinyNet(4), teacher, train, val, **kw, stage1="l2", n_hashes=8)
+    h3 = lsh.history[lsh.history["stage"] == 1]
+    assert h3["train/l2"].tolist() == h1["train/l2"].tolist() and "train/lsh" not in h3.dropna(axis=1).columns
+    assert lsh.history[lsh.history["stage"] == 2]["train/lsh"].notna().all()
+    torch.manual_seed(5)
+    own = lshfm.run("lshl2", TinyNet(4), teacher, train, val, **kw, n_hashes=8)  # control: its own stage 1
+    assert own.history[own.history["stage"] == 1]["train/lsh"].notna().all()
+
+
+def test_l2_weight_separates_the_l2_term_from_beta(data):
+    teacher = _teacher()
+    m = lshfm.FeatureMimic(TinyNet(4), teacher, "lshl2", n_hashes=8, l2_weight=1.0)
+    assert m.loss_weights["l2"] == 1.0 and m.loss_weights["lsh"] == 0.5
+    assert lshfm.FeatureMimic(TinyNet(4), teacher, "l2").loss_weights["l2"] == 0.5  # default: beta
+    with pytest.raises(ValueError, match="l2_weight"):
+        lshfm.FeatureMimic(TinyNet(4), teacher, "l2", l2_weight=-1)
+
+
+def test_bce_baseline_without_adaptation_layer(data):
+    train, val, _ = data
+    teacher = _teacher(width=4)  # the student's width: cos is measured on the classifier input
+    student = TinyNet(4)
+    m = lshfm.FeatureMimic(student, teacher, "bce", adaptation=False)
+    assert lshfm.heads.head_name(student) is None and isinstance(student.fc, nn.Linear)
+    batch = next(iter(torch.utils.data.DataLoader(train, batch_size=8)))
+    assert set(m(batch)) == {"bce"}
+    ev = m.evaluate(val)
+    assert 0 <= ev["mAP"] <= 1 and -1 <= ev["cos"] <= 1
+    other = lshfm.FeatureMimic(TinyNet(4), _teacher(width=6), "bce", adaptation=False)
+    assert math.isnan(other.evaluate(val)["cos"])  # widths differ: no feature to compare
+    # control: the default keeps adapting the baseline
+    assert lshfm.heads.head_name(lshfm.FeatureMimic(TinyNet(4), teacher, "bce").student) == "fc"
+    with pytest.raises(ValueError, match="'bce' baseline only"):
+        lshfm.FeatureMimic(TinyNet(4), teacher, "l2", adaptation=False)
+
+
+def test_evaluate_adds_the_non_interpolated_map_when_asked(data):
+    _, val, _ = data
+    teacher = _teacher()
+    torch.manual_seed(0)
+    m = lshfm.FeatureMimic(TinyNet(4), teacher, "bce", ap="non_interpolated")
+    ev = m.evaluate(val)
+    assert set(ev) == {"mAP", "mAP_non_interpolated", "cos"}
+    assert ev["mAP_non_interpolated"] <= ev["mAP"] + 1e-12  # no envelope: never above all-point
+    assert "mAP_non_interpolated" not in lshfm.FeatureMimic(TinyNet(4), teacher, "bce").evaluate(val)
+    with pytest.raises(ValueError, match="ap must be one of"):
+        lshfm.FeatureMimic(TinyNet(4), teacher, "bce", ap="coco")
+
+
+def test_hash_std_gives_the_teachers_centred_logits_the_asked_spread():
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    f = 3.0 + 0.05 * torch.randn(400, 32, generator=g)  # a small spread around a large mean
+    std = lshfm.hash_std(f)
+    lsh = lshfm.LSHLoss(32, 512, std, seed=0).fit_bias(f)
+    assert lsh.hash(f).std().item() == pytest.approx(1.0, rel=0.1)
+    assert lshfm.hash_std(f, logit_std=3.0) == pytest.approx(3 * std)
+    # the signal it restores: the gap between a shuffled and a perfect mimic grows with the scale
+    perm = torch.randperm(400, generator=g)
+
+    def gap(s):
+        m = lshfm.LSHLoss(32, 512, s, seed=0, with_l2=False).fit_bias(f)
+        return (m(f[perm], f)["lsh"] - m(f, f)["lsh"]).item()
+
+    assert gap(std) > 5 * gap(0.05 * std)  # control: a scale 20× too small leaves the term near ln 2
+    with pytest.raises(ValueError, match="all equal"):
+        lshfm.hash_std(torch.ones(5, 3))
+    with pytest.raises(ValueError, match="logit_std"):
+        lshfm.hash_std(f, logit_std=0)

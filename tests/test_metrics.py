@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -67,3 +69,77 @@ def test_knn_accuracy_separated_vs_shuffled_and_hand_example():
         metrics.knn_accuracy(x, y, k=60)
     with pytest.raises(ValueError, match="metric"):
         metrics.knn_accuracy(x, y, metric="l1")
+
+
+# ------------------------------------------------------------ reference-recipe metrics (issue 15)
+def test_non_interpolated_ap_is_the_mean_precision_at_each_true_positive():
+    # ranking: negative, positive, positive -> precisions at the positives 1/2 and 2/3
+    s = np.array([[0.9], [0.8], [0.7]])
+    t = np.array([[0], [1], [1]])
+    assert metrics.average_precision(s, t, ap="non_interpolated")[0] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    # VOC all-point takes the envelope: precision 2/3 over the whole recall range
+    assert metrics.average_precision(s, t)[0] == pytest.approx(2 / 3)
+    # two classes, the second with a difficult pair removed from its ranking
+    s2 = np.array([[0.9, 0.1], [0.8, 0.9], [0.7, 0.8], [0.1, 0.7]])
+    t2 = np.array([[1, 0], [0, 0], [1, 1], [0, 1]])
+    d2 = np.array([[0, 0], [0, 1], [0, 0], [0, 0]])
+    ap = metrics.average_precision(s2, t2, difficult=d2, ap="non_interpolated")
+    assert ap[0] == pytest.approx((1 + 2 / 3) / 2) and ap[1] == pytest.approx(1.0)
+    mean = metrics.multilabel_map(s2, t2, difficult=d2, ap="non_interpolated")
+    assert mean == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
+    # ties form one threshold: both positives of the tied block get its precision 2/3
+    tie = metrics.average_precision(np.array([[0.5], [0.5], [0.5]]), np.array([[1], [1], [0]]),
+                                    ap="non_interpolated")
+    assert tie[0] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="non_interpolated"):
+        metrics.multilabel_map(s, t, ap="coco")
+
+
+def test_depth_full_metric_set_against_hand_values():
+    p = np.array([1.0, 1.5, 1.9, 3.0])
+    t = np.ones(4)
+    full = metrics.depth_scores(p, t, full=True)
+    assert list(full) == list(metrics.DEPTH_METRICS_FULL)
+    assert full["abs_rel"] == pytest.approx((0 + 0.5 + 0.9 + 2.0) / 4)
+    assert full["sq_rel"] == pytest.approx((0 + 0.25 + 0.81 + 4.0) / 4)
+    assert full["rmse"] == pytest.approx(math.sqrt((0 + 0.25 + 0.81 + 4.0) / 4))
+    logs = math.log(1.5) ** 2 + math.log(1.9) ** 2 + math.log(3.0) ** 2
+    assert full["log_rmse"] == pytest.approx(math.sqrt(logs / 4))
+    assert (full["delta1"], full["delta2"], full["delta3"]) == (0.25, 0.5, 0.75)  # 1.25, 1.5625, 1.953125
+    # sq-rel divides by the target: same errors at a larger depth give a smaller sq-rel
+    assert metrics.depth_scores(2 * p, 2 * t, full=True)["sq_rel"] == pytest.approx(2 * full["sq_rel"])
+    # the default keys are unchanged
+    assert list(metrics.depth_scores(p, t)) == ["rmse", "abs_rel", "delta1"]
+    # the streaming meter gives the same numbers batch by batch (invalid pixels left out)
+    meter = metrics.dense_meter("depth", full_depth=True)
+    pt, tt = torch.tensor(p).reshape(1, 1, 2, 2), torch.tensor(t).reshape(1, 2, 2)
+    meter.update(pt[:, :, :1], tt[:, :1])
+    meter.update(pt[:, :, 1:], tt[:, 1:])
+    meter.update(torch.ones(1, 1, 1, 2), torch.zeros(1, 1, 2))  # no valid pixel
+    for k, v in meter.result().items():
+        assert v == pytest.approx(full[k]), k
+
+
+def test_ms_ssim_on_the_same_ssim_code():
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 1, 48, 48, generator=g, dtype=torch.float64)
+    b = (a + 0.2 * torch.randn(a.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    # one scale is SSIM itself
+    assert metrics.ms_ssim(a, b, window=7, weights=(1.0,)) == pytest.approx(metrics.ssim(a, b, window=7), rel=1e-6)
+    assert metrics.ms_ssim(a, a, window=7, weights=metrics.MS_SSIM_WEIGHTS[:3]) == pytest.approx(1.0)
+    # constant images: contrast-structure is 1 at every scale, so MS-SSIM = luminance^(w_M / Σw)
+    ca, cb = torch.full((1, 1, 176, 176), 0.5, dtype=torch.float64), torch.full((1, 1, 176, 176), 0.25,
+                                                                                  dtype=torch.float64)
+    c1 = 0.01 ** 2
+    lum = (2 * 0.5 * 0.25 + c1) / (0.5 ** 2 + 0.25 ** 2 + c1)
+    w = metrics.MS_SSIM_WEIGHTS
+    assert metrics.ms_ssim(ca, cb) == pytest.approx(lum ** (w[-1] / sum(w)), rel=1e-9)
+    # noisier references score lower; the loss is differentiable
+    worse = (a + 0.5 * torch.randn(a.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    assert metrics.ms_ssim(a, worse, window=7, weights=w[:3]) < metrics.ms_ssim(a, b, window=7, weights=w[:3])
+    x = b.clone().requires_grad_(True)
+    metrics.ms_ssim_loss(x, a, window=7, weights=w[:3]).backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="at least 112×112"):
+        metrics.ms_ssim(a, b, window=7)

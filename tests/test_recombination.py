@@ -392,6 +392,48 @@ def test_recombination_loss_terms_and_frozen_teacher():
         R.Segmentation(T["segmentation"], 5)((data.x, torch.zeros(4)))
 
 
+def test_ms_ssim_reconstruction_loss_option():
+    torch.set_num_threads(1)
+    T = teachers()
+    net = R.combine(T)
+    w = metrics.MS_SSIM_WEIGHTS[:2]  # 16-pixel images: two scales of the 7×7 window
+    method = R.RecombinationLoss(net, T, reconstruction="ms_ssim", ms_ssim_weights=w)
+    data = _Pairs(n=4, classes=5)
+    batch = (data.x, {"mask": data.mask})
+    terms = method(batch)
+    assert set(terms) == {"ms_ssim_loss", "kd"} and method.loss_weights == {"ms_ssim_loss": 1.0, "kd": 1.0}
+    with torch.no_grad():
+        expected = metrics.ms_ssim_loss(net(data.x)["reconstruction"], data.x, window=7, weights=w)
+    assert terms["ms_ssim_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    sum(terms.values()).backward()
+    assert net.enc1.conv1.weight.grad is not None
+    ev = method.evaluate(_Pairs(n=4, classes=5))
+    assert 0 < ev["ms_ssim"] <= 1 and "ssim" in ev and "psnr" in ev
+    # the default keeps L1 + (1 − SSIM) and reports no MS-SSIM
+    assert "ms_ssim" not in R.RecombinationLoss(net, T).evaluate(_Pairs(n=4, classes=5))
+    with pytest.raises(ValueError, match="reconstruction must be one of"):
+        R.RecombinationLoss(net, T, reconstruction="ssim")
+
+
+def test_constant_baseline_is_the_mean_image_and_the_majority_class():
+    train, test = _Pairs(n=6, classes=4, seed=0), _Pairs(n=5, classes=4, seed=1)
+    train.mask[:, 1:4] = 2  # class 2 is the most frequent training class
+    res = R.constant_baseline(train, test, num_classes=4, batch_size=4)
+    assert res["majority"] == 2
+    mean = train.x.double().mean(0).float()
+    assert res["psnr"] == pytest.approx(metrics.psnr(mean.expand_as(test.x), test.x), rel=1e-6)
+    assert res["ssim"] == pytest.approx(metrics.ssim(mean.expand_as(test.x), test.x, window=7), rel=1e-6)
+    ref = metrics.segmentation_scores(torch.full_like(test.mask, 2), test.mask, num_classes=4)
+    assert res["mIoU"] == pytest.approx(ref["mIoU"]) and res["pixel_accuracy"] == pytest.approx(ref["pixel_accuracy"])
+    # the mean image beats a constant grey of the wrong level (a control for the "mean" part)
+    grey = metrics.psnr(torch.zeros_like(test.x), test.x)
+    assert res["psnr"] > grey
+    only = R.constant_baseline(train, test)  # reconstruction only without num_classes
+    assert "mIoU" not in only and only["majority"] is None
+    with pytest.raises(ValueError, match="num_classes"):
+        R.constant_baseline(train, test, kinds={"seg": "segmentation"})
+
+
 # ------------------------------------------------------------------------------------------------
 # end to end on tiny data
 # ------------------------------------------------------------------------------------------------

@@ -403,6 +403,26 @@ def test_constant_predictor_is_the_majority_class_and_mean_depth():
     assert res["seg/pixel_accuracy"] == pytest.approx(112 / (192 - 8))
 
 
+def test_score_full_depth_metric_set_matches_the_hand_checked_metric():
+    from kaviz import metrics
+
+    x = torch.zeros(2, 3, 4, 4)
+    mask = torch.zeros(2, 4, 4, dtype=torch.int64)
+    depth = torch.linspace(0.5, 4.0, 32).reshape(2, 4, 4)
+    depth[1, 0, 0] = 0.0  # not measured
+    data = [(x[i], {"mask": mask[i], "depth": depth[i]}) for i in range(2)]
+    c = sbm.ConstantPredictor(KINDS, 4, 0, 1.7)
+    full = sbm.score(c, data, kinds=KINDS, batch_size=1, full_depth=True)
+    expected = metrics.depth_scores(torch.full_like(depth, 1.7), depth, full=True)
+    assert [k for k in full if k.startswith("depth/")] == [f"depth/{k}" for k in metrics.DEPTH_METRICS_FULL]
+    for k, v in expected.items():
+        assert full[f"depth/{k}"] == pytest.approx(v), k
+    assert expected["delta1"] < expected["delta2"] < expected["delta3"] < 1  # three distinct thresholds
+    # the default keeps its three depth metrics
+    assert [k for k in sbm.score(c, data, kinds=KINDS) if k.startswith("depth/")] == [
+        "depth/rmse", "depth/abs_rel", "depth/delta1"]
+
+
 def test_embedded_scene_splits():
     parts, info = sbm.scene_splits(n=20, image_size=16, seed=1)
     assert sum(map(len, parts)) == 20 and info["num_classes"] == 11 and info["class_names"][0] == "background"

@@ -40,13 +40,16 @@ from .data import (
 )
 from .method import (
     LOSS_WEIGHTS,
+    POST_RELU,
     CommonFeatureLearning,
 )
 from .runs import (
     Run,
+    lr_for,
     per_seed_table,
     results_table,
     run_students,
+    step_schedule,
     term_gradients,
 )
 from .spaces import (
@@ -78,6 +81,9 @@ __all__ = [
     "results_table",
     "per_seed_table",
     "term_gradients",
+    "POST_RELU",
+    "lr_for",
+    "step_schedule",
     "Spaces",
     "paired_distance_ratio",
     "pick_per_class",

@@ -41,6 +41,24 @@ def split_student_params(student, head, lr, head_lr_mult):
 
 
 
+#: Suffix of a layer name read after the ReLU that follows it: ``"features:relu"`` taps ``features`` and
+#: applies the ReLU the network applies next. For torchvision's DenseNet the last map ``features`` (after
+#: ``norm5``) goes through a functional in-place ReLU before pooling; tapping ``features`` reads it
+#: before that ReLU (about half the values negative), the reference code reads it after.
+POST_RELU = ":relu"
+
+
+def tap_name(layer: str) -> str:
+    """The module name to hook for ``layer`` (without a :data:`POST_RELU` suffix)."""
+    return layer[: -len(POST_RELU)] if layer.endswith(POST_RELU) else layer
+
+
+def read_layer(layer: str, f: torch.Tensor) -> torch.Tensor:
+    """The feature of ``layer`` from the tapped tensor ``f``: ``relu(f)`` for a :data:`POST_RELU` name,
+    exactly the value the network's own (in-place) ReLU computes."""
+    return F.relu(f) if layer.endswith(POST_RELU) else f
+
+
 def teacher_name(k: int) -> str:
     """The name of teacher ``k`` (0-based) in CFL's cached teacher outputs."""
     return f"t{k}"
@@ -55,7 +73,8 @@ def cached_logits_and_features(batch, teacher_layers):
     if cached is None:
         return None
     per = [cached[teacher_name(k)] for k in range(len(teacher_layers))]
-    return torch.cat([o[OUTPUT] for o in per], 1), [o[layer] for o, layer in zip(per, teacher_layers)]
+    return torch.cat([o[OUTPUT] for o in per], 1), [read_layer(layer, o[tap_name(layer)])
+                                                    for o, layer in zip(per, teacher_layers)]
 
 class CommonFeatureLearning(nn.Module):
     """CFL as a kaviz method: ``forward(batch) -> {"kd", "mmd", "recon"}`` (SPEC §1).
@@ -65,7 +84,9 @@ class CommonFeatureLearning(nn.Module):
     student : the network to train, with ΣK_t outputs (the comprehensive label space).
     teachers : frozen on entry (:func:`kaviz.train.freeze`: eval mode, no gradients, ``no_grad``).
     student_layer, teacher_layers : dotted names from ``named_modules()`` (one per teacher); conv
-        maps select :class:`CFLBlock`, vectors (e.g. ``"fc:in"``) :class:`CFLBlockFC`.
+        maps select :class:`CFLBlock`, vectors (e.g. ``"fc:in"``) :class:`CFLBlockFC`. A name ending
+        in :data:`POST_RELU` (``"features:relu"``) reads the map after the ReLU that follows it (the
+        reference code's DenseNet-121 feature).
     example : one batch of images, used once to read the layers' channel counts (not needed when
         ``block`` is given).
     hidden : width h of the common space (128 in the paper for 512-channel features).
@@ -129,9 +150,10 @@ class CommonFeatureLearning(nn.Module):
         x = x[:2].to(next((p.device for p in self.student.parameters()), torch.device("cpu")))
         with torch.no_grad(), eval_mode(self.student):
             logits_t, f_ts = self._teacher_outputs(x)
-            with FeatureTap(self.student, self.student_layer, clone=True) as tap:
+            name = tap_name(self.student_layer)
+            with FeatureTap(self.student, name, clone=True) as tap:
                 logits_s = self.student(x)
-            f_s = tap[self.student_layer]
+            f_s = read_layer(self.student_layer, tap[name])
         if logits_s.shape[1] != logits_t.shape[1]:
             raise ValueError(f"the student has {logits_s.shape[1]} outputs but the teachers have "
                              f"{logits_t.shape[1]} classes together; build the student with "
@@ -151,9 +173,9 @@ class CommonFeatureLearning(nn.Module):
     def _teacher_outputs(self, x):
         logits, feats = [], []
         for t, layer in zip(self.teachers, self.teacher_layers):
-            with FeatureTap(unfrozen(t), layer, clone=True) as tap:
+            with FeatureTap(unfrozen(t), tap_name(layer), clone=True) as tap:
                 logits.append(t(x))  # Frozen: eval mode and no_grad
-            feats.append(tap[layer])
+            feats.append(read_layer(layer, tap[tap_name(layer)]))
         return torch.cat(logits, 1), feats
 
     def cached_outputs(self, batch):
@@ -169,9 +191,10 @@ class CommonFeatureLearning(nn.Module):
 
     def _encode(self, x, cached):
         logits_t, f_ts = cached if cached is not None else self._teacher_outputs(x)
-        with FeatureTap(self.student, self.student_layer, detach=False, clone=True) as tap:
+        name = tap_name(self.student_layer)
+        with FeatureTap(self.student, name, detach=False, clone=True) as tap:
             logits_s = self.student(x)
-        f_s = tap[self.student_layer]
+        f_s = read_layer(self.student_layer, tap[name])
         f_s, *f_ts = match_spatial([f_s, *f_ts])
         h_s, h_ts, rec = self.block(f_s, f_ts)
         return {"logits_s": logits_s, "logits_t": logits_t, "f_s": f_s, "f_t": f_ts, "h_s": h_s,

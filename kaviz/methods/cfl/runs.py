@@ -37,7 +37,8 @@ class Run:
 
 def run_students(student: str | Callable[[], nn.Module], teachers: Sequence[nn.Module], student_layer: str,
                  teacher_layers: Sequence[str], train_data, val_data, test_data, *, seeds: Sequence[int] = (0, 1),
-                 methods: Sequence[str] = ("KD", "CFL"), epochs: int = 30, lr: float = 1e-4, batch_size: int = 64,
+                 methods: Sequence[str] = ("KD", "CFL"), epochs: int = 30, lr: float | Mapping[str, float] = 1e-4,
+                 batch_size: int = 64,
                  hidden: int = 128, T: float = 1.0, weights: Mapping[str, float] | None = None,
                  head_lr_mult: float = 10.0, block_lr_mult: float = 5.0, optimizer: str = "adam",
                  weight_decay: float = 1e-4, schedule="step", arch_kwargs: Mapping | None = None,
@@ -51,7 +52,9 @@ def run_students(student: str | Callable[[], nn.Module], teachers: Sequence[nn.M
     (:func:`kaviz.data.has_random_transform`); True forces it (warning on augmented data), False
     runs the teachers on every batch. ``tag`` is appended to the
     method's name in the runs (e.g. ``" (mmd weight 1)"`` for an ablation). KD and CFL students of
-    one seed start from the same weights. Returns a list of :class:`Run`.
+    one seed start from the same weights. ``lr`` (the backbone's; head ×``head_lr_mult``, block
+    ×``block_lr_mult``) may be a dict ``{architecture: lr}`` (:func:`lr_for`), as the reference code uses
+    per-architecture rates (ResNet-50 2e-5, DenseNet-121 2e-4, each head 10×). Returns a list of :class:`Run`.
     """
     from ... import seed_everything
     from ...data import Unlabeled
@@ -74,6 +77,7 @@ def run_students(student: str | Callable[[], nn.Module], teachers: Sequence[nn.M
         make, arch = student, None
     else:
         raise TypeError(f"student must be an architecture name or a callable returning a model, got {student!r}")
+    lr = lr_for(lr, arch)
     for what, d in (("val_data", val_data), ("test_data", test_data)):
         check_teachers(teachers, d, method=f"run_students ({what})")
     if cache_teachers not in (True, False, "auto"):
@@ -109,6 +113,34 @@ def run_students(student: str | Callable[[], nn.Module], teachers: Sequence[nn.M
                             method if m == "CFL" else None, history, scores,
                             initial=(lambda m=m, seed=seed: initial(m, seed))))
     return runs
+
+
+def lr_for(lr: float | Mapping[str, float], arch: str | None) -> float:
+    """The learning rate of architecture ``arch``: ``lr`` itself, or ``lr[arch]`` for a dict
+    ``{architecture: lr}`` (per-architecture rates, as the CFL reference code)."""
+    if not isinstance(lr, Mapping):
+        return lr
+    if arch is None:
+        raise ValueError("lr is a dict {architecture: lr} but the student is a callable, not an architecture name; "
+                         "pass lr as a number (or the student as a name)")
+    if arch not in lr:
+        raise ValueError(f"lr has no entry for the student architecture {arch!r}; its keys are {sorted(lr)}. Add "
+                         f"{arch!r}: <lr> to the dict")
+    return float(lr[arch])
+
+
+def step_schedule(decay_epoch: int, factor: float = 0.1):
+    """A ``schedule=`` for :func:`run_students` / :func:`kaviz.train.fit`: every group's lr times
+    ``factor`` from epoch ``decay_epoch`` on (0-based: ``decay_epoch=14`` of 30 decays one epoch before
+    ``schedule="step"``, which decays from epoch ``epochs // 2``; the CFL reference code decays one
+    epoch earlier than kaviz's default)."""
+    if isinstance(decay_epoch, bool) or not isinstance(decay_epoch, int) or decay_epoch < 0:
+        raise ValueError(f"decay_epoch must be an int >= 0 (0-based epoch of the decay), got {decay_epoch!r}")
+
+    def make(optimizer, epochs, steps_per_epoch):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: factor if e >= decay_epoch else 1.0), "epoch"
+
+    return make
 
 
 def per_seed_table(runs: Sequence[Run]):

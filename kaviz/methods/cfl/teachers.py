@@ -16,6 +16,7 @@ from .method import (
     CommonFeatureLearning,
     split_student_params,
     student_head_params,
+    tap_name,
     teacher_name,
 )
 
@@ -38,7 +39,7 @@ def precompute_teachers(teachers: Sequence[nn.Module], teacher_layers: Sequence[
                       "the teachers' outputs of one augmented view are reused every epoch. Use "
                       "cache_teachers='auto' (or False) for augmented data.", stacklevel=2)
     teachers = {teacher_name(k): t for k, t in enumerate(teachers)}
-    layers = {teacher_name(k): [OUTPUT, layer] for k, layer in enumerate(teacher_layers)}
+    layers = {teacher_name(k): [OUTPUT, tap_name(layer)] for k, layer in enumerate(teacher_layers)}
     return TeacherOutputs.compute(Unlabeled(data), teachers, layers, keep=(), batch_size=batch_size, device=device)
 
 

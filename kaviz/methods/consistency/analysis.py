@@ -82,7 +82,7 @@ def fit_transnet(model_a: nn.Module, model_b: nn.Module, train_data, val_data=No
                  layer_b: str | None = None, orders: int = 3, alpha=0.1, epochs: int = 100, lr: float = 1e-4,
                  batch_size: int = 64, weight_decay: float = 1e-4, schedule="loglinear", max_train: int | None = None,
                  seed: int = 0, names=("A", "B"), store_layers=None, device=None,
-                 progress: bool | None = None) -> Consistency:
+                 progress: bool | None = None, init: str = "default") -> Consistency:
     """Explain B's ``layer_b`` feature from A's ``layer_a`` feature (SPEC §3).
 
     1. Features of both networks are extracted once (``pool="none"``) into on-disk stores for the
@@ -92,6 +92,7 @@ def fit_transnet(model_a: nn.Module, model_b: nn.Module, train_data, val_data=No
        ``seed`` when given) with :class:`TransNetLoss` — ``MSE(g(x_A), x_B) + Σ α p²`` — by
        :func:`kaviz.train.fit`: Adam, weight decay 1e-4, batch 64, lr decaying log-linearly by 100×
        over the epochs (the paper: 1e-4 → 1e-6 over hundreds of epochs), last epoch kept.
+    ``init``: the Trans-Net's initialisation (:class:`TransNet`; ``"kaiming"`` as the reference code).
     ``store_layers``: the layers each network's store holds (default: just the one used), so that
     Trans-Nets at several layers share one extraction pass per network and split.
     Returns a :class:`Consistency`; ``.variance()`` is the variance table on the validation split.
@@ -119,7 +120,7 @@ def fit_transnet(model_a: nn.Module, model_b: nn.Module, train_data, val_data=No
     train_pairs = PairedFeatures(a, b, indices)
     val_pairs = PairedFeatures(stores["val"][0][layer_a], stores["val"][1][layer_b]) if "val" in stores else None
     seed_everything(seed)
-    transnet = TransNet(shape[0], orders)
+    transnet = TransNet(shape[0], orders, init=init)
     method = TransNetLoss(transnet, alpha)
     history = fit(method, train_pairs, val_pairs, epochs=epochs, lr=lr, batch_size=batch_size, optimizer="adam",
                   weight_decay=weight_decay, schedule=schedule, restore="last", seed=seed, device=device,

@@ -55,9 +55,16 @@ class TransNet(nn.Module):
 
     ``n`` makes ``g`` (almost exactly: up to ``eps``) invariant to a positive rescaling of its input.
     Inputs are feature maps (B, C, H, W) or FC features (B, C), treated as C×1×1.
+
+    ``init``: ``"default"`` (PyTorch's conv initialisation, kaviz's default) or ``"kaiming"``
+    (kaiming-normal with ``mode="fan_out"`` and the ReLU gain, as the reference code; std
+    √(2 / (C·k²)), so with the same gates the components start larger).
     """
 
-    def __init__(self, channels: int, orders: int = 3, *, kernel_size: int = 3, eps: float = 1e-5):
+    INITS = ("default", "kaiming")
+
+    def __init__(self, channels: int, orders: int = 3, *, kernel_size: int = 3, eps: float = 1e-5,
+                 init: str = "default"):
         super().__init__()
         for name, v, lo in (("channels", channels, 1), ("orders", orders, 1), ("kernel_size", kernel_size, 1)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
@@ -71,6 +78,13 @@ class TransNet(nn.Module):
             nn.Conv2d(self.channels, self.channels, kernel_size, padding=kernel_size // 2, bias=False)
             for _ in range(self.orders))
         self.theta = nn.Parameter(torch.zeros(self.orders - 1))
+        if init not in self.INITS:
+            raise ValueError(f"TransNet: init must be one of {self.INITS} ('kaiming': kaiming-normal, fan_out, as "
+                             f"the reference code), got {init!r}")
+        self.init = init
+        if init == "kaiming":
+            for conv in self.convs:
+                nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
 
     # --- gates -----------------------------------------------------------------------------------
     @property

@@ -37,8 +37,14 @@ def block_shapes(model: nn.Module, blocks: Sequence[str], image_shape: Sequence[
     return shapes
 
 
-def _conv1x1(cin, cout):
-    return nn.Conv2d(cin, cout, 1, bias=False)
+def _conv1x1(cin, cout, bias=False):
+    return nn.Conv2d(cin, cout, 1, bias=bias)
+
+
+#: How :class:`ComponentAmalgamation` combines the per-source losses: ``"batch_share"`` weighs source t's
+#: mean loss by the share of the batch assigned to it (every image counts once; kaviz's default);
+#: ``"sum_of_means"`` adds the per-source means unweighted (the reference code).
+REDUCTIONS = ("batch_share", "sum_of_means")
 
 
 def _tap(model, blocks, detach):
@@ -65,10 +71,18 @@ class ComponentAmalgamation(nn.Module):
     every image counts once), and the unit-norm regulariser of all source-side projections.
     Trainable: the component, ``proj_c`` (component side, shared), ``proj_t`` (per source) and
     ``scale`` (m_t, one per source, initialised to 1). Sources are frozen.
+
+    Recipe options (defaults unchanged; docs/decisions.md, "Recipes"):
+    ``shared_projection=False`` gives every source its own component-side projections
+    (``proj_c[t]``, as the reference code), and all projections then carry biases;
+    ``selective=False`` is the ablation without selective learning: every source supervises every
+    image of the batch (the assignment is ignored); ``reduction`` (:data:`REDUCTIONS`) combines the
+    per-source losses by batch share (default) or as the sum of the per-source means (reference).
     """
 
     def __init__(self, component: MultiHead, sources: Sequence[MultiHead], attribute: str, *,
-                 image_shape: Sequence[int], blocks: Sequence[str] | None = None, widths: Sequence[int] | None = None):
+                 image_shape: Sequence[int], blocks: Sequence[str] | None = None, widths: Sequence[int] | None = None,
+                 shared_projection: bool = True, selective: bool = True, reduction: str = "batch_share"):
         super().__init__()
         if not isinstance(component, MultiHead) or component.attributes != [attribute]:
             got = component.attributes if isinstance(component, MultiHead) else type(component).__name__
@@ -84,6 +98,10 @@ class ComponentAmalgamation(nn.Module):
         blocks, widths = list(blocks), list(widths) if widths is not None else None
         if widths is None or len(widths) != len(blocks):
             raise ValueError(f"give one common width per hooked block: {len(blocks)} blocks {blocks}, widths {widths}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.shared_projection, self.selective, self.reduction = bool(shared_projection), bool(selective), reduction
+        bias = not self.shared_projection
         self.attribute = attribute
         self.blocks = blocks
         self.widths = widths
@@ -91,12 +109,16 @@ class ComponentAmalgamation(nn.Module):
         self.sources = nn.ModuleList([freeze(s) for s in sources])
         self.heads = [unfrozen(s).head_index(attribute) for s in sources]
         comp_shapes = block_shapes(component, blocks, image_shape)
-        self.proj_c = nn.ModuleList([_conv1x1(s[0], w) for s, w in zip(comp_shapes, widths)])
+        if self.shared_projection:
+            self.proj_c = nn.ModuleList([_conv1x1(s[0], w) for s, w in zip(comp_shapes, widths)])
+        else:  # one component-side projection per source
+            self.proj_c = nn.ModuleList([
+                nn.ModuleList([_conv1x1(s[0], w, bias=True) for s, w in zip(comp_shapes, widths)]) for _ in sources])
         proj_t = []
         for s in sources:
             shapes = block_shapes(s, blocks, image_shape)
             _check_same_grid(blocks, comp_shapes, shapes, ("component", "source"))
-            proj_t.append(nn.ModuleList([_conv1x1(sh[0], w) for sh, w in zip(shapes, widths)]))
+            proj_t.append(nn.ModuleList([_conv1x1(sh[0], w, bias=bias) for sh, w in zip(shapes, widths)]))
         self.proj_t = nn.ModuleList(proj_t)
         self.scale = nn.Parameter(torch.ones(len(sources)))
 
@@ -119,16 +141,20 @@ class ComponentAmalgamation(nn.Module):
         feat = x.new_zeros(())
         logit = x.new_zeros(())
         for t, src in enumerate(self.sources):
-            mask = index == t
+            mask = index == t if self.selective else torch.ones_like(index, dtype=torch.bool)
             n = int(mask.sum())
             if n == 0:
                 continue
             with _tap(src, self.blocks, detach=True) as stap:
                 zs = src(x[mask])[:, self.heads[t]]
                 fs = [stap[b] for b in self.blocks]
-            w = n / B
+            if self.reduction == "sum_of_means":
+                w = 1.0
+            else:  # without selection every source sees the whole batch: each gets an equal share
+                w = n / B if self.selective else 1.0 / len(self.sources)
+            proj_c = self.proj_c if self.shared_projection else self.proj_c[t]
             feat = feat + w * sum(F.mse_loss(pc(f[mask]), pt(g))
-                                  for pc, pt, f, g in zip(self.proj_c, self.proj_t[t], fc, fs))
+                                  for pc, pt, f, g in zip(proj_c, self.proj_t[t], fc, fs))
             logit = logit + w * F.mse_loss(self.scale[t] * z[mask], zs)
         return {"feat": feat, "logit": logit, "reg": self.regulariser()}
 
@@ -215,11 +241,13 @@ def amalgamate_component(attribute: str, sources: Mapping[str, MultiHead], train
                          blocks: Sequence[str] | None = None, widths: Sequence[int] | None = None,
                          assignment: Assignment | None = None, component: MultiHead | None = None,
                          epochs: int = 4, lr: float = 1e-3, batch_size: int = 64, schedule="step", seed: int = 0,
+                         shared_projection: bool = True, selective: bool = True, reduction: str = "batch_share",
                          **fit_kwargs):
     """Select sources by entropy on ``train_data`` (unless ``assignment`` is given), then train a
     component for ``attribute`` with :class:`ComponentAmalgamation` and :func:`kaviz.train.fit`
     (``schedule="step"``: ×0.1 at half the epochs, stepped per epoch). The best epoch on
-    ``val_data`` (component accuracy) is restored. Returns ``(component, history, assignment)``."""
+    ``val_data`` (component accuracy) is restored. ``shared_projection``, ``selective`` and ``reduction``:
+    the recipe options of :class:`ComponentAmalgamation`. Returns ``(component, history, assignment)``."""
     from ... import seed_everything
     from ...train import fit
 
@@ -232,7 +260,8 @@ def amalgamate_component(attribute: str, sources: Mapping[str, MultiHead], train
         seed_everything(seed)
         component = MultiHead(arch, [attribute], **dict(arch_kwargs or {}))
     method = ComponentAmalgamation(component, [sources[s] for s in assignment.sources], attribute,
-                                   image_shape=_image_shape(train_data), blocks=blocks, widths=widths)
+                                   image_shape=_image_shape(train_data), blocks=blocks, widths=widths,
+                                   shared_projection=shared_projection, selective=selective, reduction=reduction)
     fit_kwargs.setdefault("val_losses", False)
     history = fit(method, AssignedImages(train_data, assignment.index), val_data, epochs=epochs, lr=lr,
                   batch_size=batch_size, schedule=schedule, seed=seed, **fit_kwargs)

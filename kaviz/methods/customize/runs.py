@@ -132,9 +132,11 @@ def run(task: AttributeTask, sources: Mapping[str, MultiHead], *, seeds: Sequenc
         target_arch: str = "cifar_resnet8", target_kwargs: Mapping | None = None,
         blocks: Sequence[str] | None = None, widths: Sequence[int] | None = None,
         component_epochs: int = 4, target_epochs: int = 4, lr: float = 1e-3, batch_size: int = 64,
-        device=None, progress: bool | None = None) -> CustomizeResult:
+        device=None, progress: bool | None = None, component_options: Mapping | None = None) -> CustomizeResult:
     """Selective learning once (the sources are fixed), then components and the target for every
-    seed; per-attribute test accuracy of sources, components and target in ``result.table``."""
+    seed; per-attribute test accuracy of sources, components and target in ``result.table``.
+    ``component_options``: recipe options of the components (``shared_projection``, ``selective``,
+    ``reduction``: :class:`ComponentAmalgamation`)."""
     import pandas as pd
 
     if assignments is None:
@@ -148,7 +150,8 @@ def run(task: AttributeTask, sources: Mapping[str, MultiHead], *, seeds: Sequenc
         comps, hists, _ = amalgamate_components(sources, task.group, task.train, task.val, assignments=assignments,
                                                 arch=component_arch, arch_kwargs=component_kwargs, blocks=blocks,
                                                 widths=widths, epochs=component_epochs, lr=lr,
-                                                batch_size=batch_size, seed=seed, device=device, progress=progress)
+                                                batch_size=batch_size, seed=seed, device=device, progress=progress,
+                                                **dict(component_options or {}))
         target, th = amalgamate_target(comps, task.train, task.val, arch=target_arch, arch_kwargs=target_kwargs,
                                        blocks=blocks, epochs=target_epochs, lr=lr, batch_size=batch_size, seed=seed,
                                        device=device, progress=progress)

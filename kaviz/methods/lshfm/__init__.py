@@ -59,17 +59,21 @@ from .loss import (
     BIAS_MODES,
     LSHLoss,
     binary_kd,
+    hash_std,
+    softmax_kd,
     teacher_correct,
 )
 from .loss import (
     l2_loss as l2_loss,
 )
 from .method import (
-    MIMIC_VARIANTS as MIMIC_VARIANTS,
-)
-from .method import (
+    KD_LOSSES,
+    REFERENCE_SOFTMAX_KD,
     VARIANTS,
     FeatureMimic,
+)
+from .method import (
+    MIMIC_VARIANTS as MIMIC_VARIANTS,
 )
 from .runs import (
     RunResult,
@@ -92,6 +96,10 @@ __all__ = [
     "classifier_std",
     "teacher_correct",
     "binary_kd",
+    "softmax_kd",
+    "hash_std",
+    "KD_LOSSES",
+    "REFERENCE_SOFTMAX_KD",
     "TeacherOutputs",
     "teacher_outputs",
     "FeatureMimic",

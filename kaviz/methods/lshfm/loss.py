@@ -1,5 +1,5 @@
 """LSH feature mimicking losses (SPEC §2): LSHLoss (hash-code BCE on random hyperplanes), the L2 mimic
-term, binary KD."""
+term, binary (per-class sigmoid) KD and softmax KD."""
 from __future__ import annotations
 
 import math
@@ -130,6 +130,24 @@ class LSHLoss(nn.Module):
         return {k: _masked_mean(v, mask) for k, v in per_sample.items()}
 
 
+def hash_std(teacher_features, logit_std: float = 1.0) -> float:
+    """A hyperplane ``std`` for :class:`LSHLoss` that gives the teacher's centred hash logits the
+    standard deviation ``logit_std``: with entries of W ~ N(0, σ²), ``w·(f − f̄)`` has variance
+    σ²·‖f − f̄‖², so ``σ = logit_std / √mean_i ‖f_t,i − f̄_t‖²`` over the teacher's training features
+    (N, D). The bits do not depend on σ; the loss does: with SPEC's default (the std of the teacher
+    classifier's weights) a small teacher's logits can sit so close to 0 that the term stays near
+    ln 2 for any student (docs/decisions.md, "Recipes"). An option, not the default."""
+    f = as_features(teacher_features, "teacher_features").double()
+    if f.shape[0] < 2:
+        raise ValueError("hash_std needs at least two teacher feature vectors (their spread sets the scale)")
+    if not (isinstance(logit_std, (int, float)) and math.isfinite(logit_std) and logit_std > 0):
+        raise ValueError(f"logit_std must be a positive number, got {logit_std!r}")
+    spread = float((f - f.mean(0)).pow(2).sum(1).mean().sqrt())
+    if not spread > 0:
+        raise ValueError("the teacher features are all equal: no scale gives the hash a spread")
+    return logit_std / spread
+
+
 def _masked_mean(v: torch.Tensor, mask) -> torch.Tensor:
     if mask is None:
         return v.mean()
@@ -162,3 +180,19 @@ def binary_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: flo
     if T <= 0:
         raise ValueError(f"temperature T must be positive, got {T}")
     return F.binary_cross_entropy_with_logits(student_logits / T, torch.sigmoid(teacher_logits.detach() / T)) * T * T
+
+
+def softmax_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 4.0) -> torch.Tensor:
+    """Logit KD as the LSHFM reference code runs its "KD" baseline, also for multi-label teachers: a
+    softmax over the classes at temperature ``T`` and
+    ``KL(softmax(t/T) ‖ softmax(s/T))`` averaged over the batch, times ``T²`` (its gradient equals
+    that of :func:`kaviz.losses.soft_cross_entropy`; the value is the KL, 0 when the student
+    matches). The reference recipe: ``T = 4``, weight 0.001 (:data:`REFERENCE_SOFTMAX_KD`)."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} must have the same shape")
+    if T <= 0:
+        raise ValueError(f"temperature T must be positive, got {T}")
+    log_p_t = F.log_softmax(teacher_logits.detach() / T, dim=-1)
+    log_p_s = F.log_softmax(student_logits / T, dim=-1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * T * T

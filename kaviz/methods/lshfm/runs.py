@@ -25,7 +25,9 @@ def run(variant: str, student: nn.Module | str, teacher: nn.Module, train_data, 
         seed: int = 0, beta: float = 0.5, beta1: float = 1.0, n_hashes: int | None = None, std: float | None = None,
         bias: str = "median", kd_weight: float = 1.0, T: float = 1.0, loss: str = "bce",
         target_key: str | None = "labels", lr: float = 1e-3, stage1_lr: float | None = None,
-        cache_teacher: bool | str = "auto", monitor: str | None = None, **fit_kwargs) -> RunResult:
+        cache_teacher: bool | str = "auto", monitor: str | None = None, kd: str = "sigmoid",
+        stage1: str | None = None, l2_weight: float | None = None, adaptation: bool = True,
+        ap: str = "all_point", **fit_kwargs) -> RunResult:
     """Train one student variant: stage 1 (mimicking variants, ``stage1_epochs`` > 0) then stage 2.
 
     ``student``: a model, or an architecture name built (after ``kaviz.seed_everything(seed)``) with
@@ -38,6 +40,11 @@ def run(variant: str, student: nn.Module | str, teacher: nn.Module, train_data, 
     augmentation (:func:`kaviz.data.has_random_transform`); True forces the cache (with a warning
     on augmented data), False never caches. Other keywords go to :func:`kaviz.train.fit` (``batch_size``,
     ``optimizer="sgd"``, ``schedule="cosine"``, ``weight_decay``, ``device``...).
+
+    Recipe options (``kd``, ``stage1``, ``l2_weight``, ``adaptation``, ``ap``) go to
+    :class:`FeatureMimic`; the reference code's KD baseline is ``run("kd", ..., stage1_epochs=<the L2
+    run's>, **REFERENCE_SOFTMAX_KD)``: its stage 1 is then the L2 variant's stage 1 of the same seed
+    (same student initialisation, same data order), so stage 2 starts from that checkpoint.
 
     Epoch numbers: stage 1 is epochs ``1..stage1_epochs``, stage 2 starts at
     ``stage1_epochs + 1`` for *every* variant (also the baselines, which have no stage 1), so the
@@ -65,12 +72,13 @@ def run(variant: str, student: nn.Module | str, teacher: nn.Module, train_data, 
     elif cache_teacher:
         train_data, val_data = forced_cache(train_data, teacher), forced_cache(val_data, teacher)
     method = FeatureMimic(student, teacher, variant, beta=beta, beta1=beta1, n_hashes=n_hashes, std=std,
-                          bias=bias, kd_weight=kd_weight, T=T, loss=loss, target_key=target_key, lsh_seed=seed)
+                          bias=bias, kd_weight=kd_weight, T=T, loss=loss, target_key=target_key, lsh_seed=seed,
+                          kd=kd, stage1=stage1, l2_weight=l2_weight, adaptation=adaptation, ap=ap)
     t_train = (teacher_pooled_features(method.teacher.module, train_data, method.teacher_layer)
                if method.lsh is not None else None)
     parts = []
     offset = stage1_epochs
-    if stage1_epochs and variant in MIMIC_VARIANTS:
+    if stage1_epochs and method.stage1_terms:
         method.stage = 1
         method.fit_bias(t_train)
         h1 = fit(method, train_data, val_data, epochs=stage1_epochs, lr=stage1_lr or lr, seed=seed,

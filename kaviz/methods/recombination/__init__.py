@@ -46,10 +46,13 @@ from .data import (
     load_splits,
 )
 from .evaluation import (
+    ConstantDense,
+    constant_baseline,
     evaluate_dense,
     teacher_scores,
 )
 from .method import (
+    RECONSTRUCTION_LOSSES,
     RecombinationLoss,
 )
 from .network import (
@@ -107,6 +110,9 @@ __all__ = [
     "RecombinationLoss",
     "evaluate_dense",
     "teacher_scores",
+    "constant_baseline",
+    "ConstantDense",
+    "RECONSTRUCTION_LOSSES",
     "recombine",
     "RecombinationResult",
     "compare_criteria",

@@ -112,7 +112,8 @@ def recombine(teachers: Mapping[str, nn.Module], train_data, val_data, test_data
               quant_step: float | None = 0.05, bottleneck: int | None = None, T: float = 1.0,
               weights: Mapping[str, float] | None = None, lr: float = 1e-3, batch_size: int = 32,
               num_classes: int | None = None, ignore_index: int = IGNORE_INDEX, seed: int = 0, device=None,
-              progress: bool | None = None, eval_batch_size: int = 128) -> RecombinationResult:
+              progress: bool | None = None, eval_batch_size: int = 128, reconstruction: str = "l1+ssim",
+              ms_ssim_weights=None) -> RecombinationResult:
     """Combine the teachers, fine-tune, then ``rounds`` times prune ``fraction`` of the filters and
     retrain ``epochs`` epochs (SPEC §4.3). Returns a :class:`RecombinationResult`.
 
@@ -121,6 +122,8 @@ def recombine(teachers: Mapping[str, nn.Module], train_data, val_data, test_data
     ``finetune_epochs`` (default ``epochs``) so that it adapts to the quantiser. Each (re)training is
     :func:`kaviz.train.fit` on :class:`RecombinationLoss` with the best epoch chosen on the
     validation loss (no labels); every stage is scored on ``val_data`` and ``test_data``.
+    ``reconstruction`` / ``ms_ssim_weights``: the reconstruction loss (:class:`RecombinationLoss`;
+    ``"ms_ssim"`` is the paper's MS-SSIM).
     """
     import pandas as pd
 
@@ -149,7 +152,7 @@ def recombine(teachers: Mapping[str, nn.Module], train_data, val_data, test_data
 
     def train(rnd, n_epochs):
         method = RecombinationLoss(net, teachers, T=T, num_classes=num_classes, ignore_index=ignore_index,
-                                   weights=weights)
+                                   weights=weights, reconstruction=reconstruction, ms_ssim_weights=ms_ssim_weights)
         hist = fit(method, train_data, val_data, epochs=n_epochs, lr=lr, batch_size=batch_size, seed=seed + rnd,
                    device=device, progress=progress, monitor="val/loss")
         result.histories[rnd] = hist

@@ -62,7 +62,7 @@ def constant_predictor(train_data, tasks: Mapping[str, str], num_classes: int, *
 def score(model, data, *, kinds: Mapping[str, str], task: str | None = None,
           target_keys: Mapping[str, str] | None = None,
           all_branches: bool = False, prefix: bool = True, batch_size: int = 64, ignore_index: int = IGNORE_INDEX,
-          device=None) -> dict:
+          device=None, full_depth: bool = False) -> dict:
     """Dense metrics of ``model`` against the ground truth of ``data`` (streamed:
     :class:`kaviz.metrics.SegmentationMeter`, :class:`kaviz.metrics.DepthMeter`).
 
@@ -70,6 +70,9 @@ def score(model, data, *, kinds: Mapping[str, str], task: str | None = None,
     e.g. the teachers), or one model solving ``task``. ``kinds``: ``{task: "segmentation" | "depth"}``.
     Keys ``"<task>/<metric>"`` (``prefix=False``: ``"<metric>"``, one task only); with
     ``all_branches`` an SBMStudent is scored at every candidate branch: ``"<task>@<point>/<metric>"``.
+    ``full_depth``: depth tasks get the standard full depth set (Eigen et al. 2014;
+    :data:`kaviz.metrics.DEPTH_METRICS_FULL`: abs-rel, sq-rel, RMSE, log-RMSE, δ<1.25, δ<1.25², δ<1.25³)
+    instead of RMSE, abs-rel and δ<1.25.
     """
     from ...features import eval_mode
     from ...train import to_device
@@ -90,7 +93,7 @@ def score(model, data, *, kinds: Mapping[str, str], task: str | None = None,
         if name not in meters:
             k = kinds[t]
             meters[name] = metrics.dense_meter(k, num_classes=out.shape[1] if k == "segmentation" else None,
-                                               ignore_index=ignore_index)
+                                               ignore_index=ignore_index, full_depth=full_depth)
         return meters[name]
 
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
