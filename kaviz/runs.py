@@ -36,9 +36,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-__all__ = ["register", "register_checkpoint", "ensure", "build_from_record", "list", "load", "info", "remove", "exists",
-           "RunNotFoundError",
-           "ADAPTERS"]
+__all__ = ["register", "register_checkpoint", "ensure", "run_key", "build_from_record", "list", "load", "info",
+           "remove", "exists", "RunNotFoundError", "ADAPTERS"]
 
 WEIGHTS = "weights.pt"
 RECORD = "run.json"
@@ -282,6 +281,16 @@ def load(name: str, *, device=None, eval: bool = True) -> nn.Module:
     return model
 
 
+def run_key(name: str, recipe=None, *, device=None) -> str:
+    """The key :func:`ensure` stores for run ``name`` made by ``recipe`` (anything JSON-able that
+    determines the weights) on this floating-point path (:func:`kaviz.cache.environment_key` of
+    ``device``): register a network trained elsewhere with ``key=run_key(name, recipe)`` and
+    ``ensure(name, ..., key=recipe)`` loads it instead of training it."""
+    from .cache import key as cache_key
+
+    return cache_key("run", device=device, name=_check_name(name), recipe=recipe)
+
+
 def ensure(name: str, train_fn, *, key=None, device=None, **fields) -> nn.Module:
     """The run ``name``, trained first when needed: returns :func:`load` ``(name)``.
 
@@ -295,13 +304,11 @@ def ensure(name: str, train_fn, *, key=None, device=None, **fields) -> nn.Module
     train through the library (its trainers cache teachers), so a second ``ensure`` with an empty
     registry but a warm teacher cache is fast.
     """
-    from .cache import key as cache_key
-
     _check_name(name)
     if not callable(train_fn):
         raise TypeError(f"ensure({name!r}, train_fn): train_fn must be a function that trains and returns the model "
                         f"(or (model, metrics)), got {type(train_fn).__name__}")
-    full = cache_key("run", device=device, name=name, recipe=key)
+    full = run_key(name, key, device=device)
     if exists(name) and info(name).get("key") == full:
         try:
             return load(name, device=device)
@@ -329,13 +336,18 @@ def remove(name: str) -> None:
     shutil.rmtree(folder)
 
 
-def list(paper: str | None = None, method: str | None = None):  # noqa: A001 (kaviz.runs.list() is the API)
+def list(paper: str | None = None, method: str | None = None, *,  # noqa: A001 (kaviz.runs.list() is the API)
+         names=None):
     """Every registered run as a DataFrame: name, paper, method, arch, seed, data, metrics (a dict),
-    and when it was registered; ``paper=`` / ``method=`` filter."""
+    when it was registered and its number of parameters (``params``); ``paper=`` / ``method=`` /
+    ``names=`` (a list of run names) filter."""
     import pandas as pd
 
     rows = []
+    wanted = None if names is None else {_check_name(n) for n in names}
     for n in _names():
+        if wanted is not None and n not in wanted:
+            continue
         try:
             r = info(n)
         except (json.JSONDecodeError, OSError):
@@ -344,5 +356,5 @@ def list(paper: str | None = None, method: str | None = None):  # noqa: A001 (ka
             continue
         if method is not None and r.get("method") != method:
             continue
-        rows.append({**{c: r.get(c) for c in COLUMNS}, "registered": r.get("registered")})
-    return pd.DataFrame(rows, columns=COLUMNS + ["registered"])
+        rows.append({**{c: r.get(c) for c in COLUMNS}, "registered": r.get("registered"), "params": r.get("params")})
+    return pd.DataFrame(rows, columns=COLUMNS + ["registered", "params"])
