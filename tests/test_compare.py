@@ -237,3 +237,22 @@ def test_born_again_students_are_the_knowledge_consistency_notebooks_chains():
     p = compare.PAPERS["born_again"]
     # seed s is the chain the KC notebook seeds BA_SEED + 100 * s (BA_SEED = 100)
     assert [p["first_seed"] + p["chain_step"] * s for s in range(3)] == [100, 200, 300]
+
+
+def test_make_runs_every_notebook_once_with_the_comparison_notebook_last():
+    """`make notebooks`/`portability`/`test` run the paper notebooks first: they register the networks the
+    comparison notebook then loads instead of training them."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        pytest.skip("no make on this machine")
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["make", "-n", "notebooks", "portability", "VENV=/nonexistent"], cwd=repo,
+                         capture_output=True, text=True, timeout=30).stdout
+    every = sorted(p.relative_to(repo).as_posix() for p in (repo / "notebooks").glob("*.ipynb"))
+    passes = [[w for w in line.split() if w.endswith(".ipynb")] for line in out.splitlines() if "--nbval" in line]
+    assert len(passes) == 2
+    for listed in passes:
+        assert sorted(listed) == every and listed[-1] == "notebooks/compare_networks.ipynb"
