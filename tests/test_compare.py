@@ -256,3 +256,45 @@ def test_make_runs_every_notebook_once_with_the_comparison_notebook_last():
     assert len(passes) == 2
     for listed in passes:
         assert sorted(listed) == every and listed[-1] == "notebooks/compare_networks.ipynb"
+
+
+class _Pictures(Images):
+    def image_array(self, i):
+        return (self.x[i].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+
+
+def test_joint_maps_drive_the_embedding_explorer_select_switch_recompute_and_static_figures():
+    """The comparison notebook's explorer: two panels (student, teacher) of the same images, linked by image."""
+    from kaviz.widgets import EmbeddingExplorer
+
+    torch.manual_seed(0)
+    a, b = models.build("cifar_resnet8", 4, width=4).eval(), models.build("vgg8_small", 4, width=4).eval()
+    data = {"P": _Pictures(n=40), "Q": _Pictures(n=32, seed=1)}
+    labels = {p: np.asarray(d.targets) for p, d in data.items()}
+    # P: layers of different widths (one map each); Q: the same network twice at one layer (one joint map)
+    maps = compare.JointMaps({"P": (a, b, [("layer3", "features.20"), ("layer2", "features.14")]),
+                              "Q": (a, a, [("layer3", "layer3")])}, data, labels)
+    assert maps.layers() == {"P": ["layer3 | features.20", "layer2 | features.14"], "Q": ["layer3 | layer3"]}
+    ex = EmbeddingExplorer(maps, models=["P", "Q"], layers=maps.layers(), images=maps.image, methods=("pca", "tsne"),
+                           titles=("student", "teacher"))
+    assert not ex.status.value.startswith("⚠") and len(ex.results) == 2
+    assert [len(r) for r in ex.results] == [40, 40] and maps.current == "P"
+    ex.select([3, 5])
+    assert ex.selection == [3, 5]
+    first = [f.data for f in ex.static_figures()]
+    ex.layer_dd.value = "layer2 | features.14"  # another layer pair: recomputed, the selection kept
+    assert not ex.status.value.startswith("⚠") and ex.selection == [3, 5]
+    assert len(ex.static_figures()) == 2 and ex.static_figures()[0].data != first[0]
+    ex.model_dd.value = "Q"  # another pair: its own images; one joint map of both networks
+    assert maps.current == "Q" and [len(r) for r in ex.results] == [32, 32] and not ex.status.value.startswith("⚠")
+    assert maps.image(0).shape == (16, 16, 3)
+    s, t = ex.results
+    np.testing.assert_allclose(s[["x", "y"]].to_numpy(), t[["x", "y"]].to_numpy(), atol=1e-6)  # a with itself
+    assert ex.recompute() and all(isinstance(f, go.Figure) for f in ex.static_figures())
+
+
+def test_network_picker_switches_a_network_and_recomputes():
+    p, calls = _picker(max_layers=2)
+    p.sides["b"]["name"].value = "a-net"  # side B becomes the other network: its layers, then the button
+    assert p.models["b"] is p.models["a"] and p.layers("b") == list(models.stages(p.models["a"]))[-2:]
+    assert p.run() and calls[-1] == (p.layers("a"), p.layers("b")) and "a-net" in p.figure().layout.title.text
