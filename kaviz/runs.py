@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 __all__ = ["register", "register_checkpoint", "ensure", "run_key", "build_from_record", "list", "load", "info",
-           "remove", "exists", "RunNotFoundError", "ADAPTERS"]
+           "remove", "exists", "RunNotFoundError", "ADAPTERS", "BUILDERS"]
 
 WEIGHTS = "weights.pt"
 RECORD = "run.json"
@@ -57,6 +57,20 @@ def _lshfm_adaptation(model: nn.Module, value) -> None:
 #: Changes a method makes to a built architecture, re-applied by :func:`load`: the key in the model's
 #: ``kaviz_spec`` → ``function(model, value)`` (the value as stored in the spec).
 ADAPTERS = {"adaptation": _lshfm_adaptation}
+
+
+def _multihead(arch: str, num_classes: int, arch_kwargs: Mapping) -> nn.Module:
+    from .methods.customize import MultiHead  # lazily: only a run of this kind needs the method
+
+    kw = dict(arch_kwargs)
+    heads, n_way = kw.pop("heads"), kw.pop("n_way", num_classes)
+    return MultiHead(arch.partition(":")[2], heads, n_way=n_way, **kw)
+
+
+#: Networks a method builds around a kaviz architecture (their ``kaviz_spec`` name is ``"<kind>:<arch>"``),
+#: rebuilt by :func:`load`: ``kind`` → ``function(arch, num_classes, arch_kwargs)`` (e.g. the multi-head
+#: networks of :mod:`kaviz.methods.customize`, ``"multihead:resnet18"``).
+BUILDERS = {"multihead": _multihead}
 
 
 class RunNotFoundError(KeyError, FileNotFoundError):
@@ -139,6 +153,9 @@ def _adapt(model: nn.Module, adaptations: Mapping) -> nn.Module:
 def _build(arch: str, num_classes: int, arch_kwargs: Mapping, adaptations: Mapping) -> nn.Module:
     from .models import build
 
+    kind, sep, _ = arch.partition(":")
+    if sep and kind in BUILDERS:
+        return _adapt(BUILDERS[kind](arch, num_classes, arch_kwargs), adaptations)
     return _adapt(build(arch, num_classes, **arch_kwargs), adaptations)
 
 
@@ -177,6 +194,9 @@ def register(name: str, model: nn.Module, *, arch: str | None = None, arch_kwarg
         raise TypeError(f"register() takes an nn.Module, got {type(model).__name__}; for a checkpoint file use "
                         "kaviz.runs.register_checkpoint(name, path, arch=...)")
     own = spec(model)
+    built_by = own.get("name", "").partition(":")[0] if ":" in str(own.get("name", "")) else None
+    if built_by in BUILDERS and "num_classes" not in own:  # a method's network: its outputs per head
+        own = {**own, "num_classes": int(own.get("n_way", 0))}
     if arch is None:
         if "num_classes" not in own:
             raise ValueError(f"register({name!r}): say which architecture this {type(model).__name__} is, e.g. "
