@@ -225,13 +225,30 @@ def _map(model, data):
     return float(lshfm.evaluate_model(model, data)["mAP"])
 
 
+_OUTPUTS: dict = {}
+
+
+def _lshfm_teacher_outputs(teacher):
+    """The teacher's outputs on the training and validation splits, computed once per teacher weights
+    (every student seed trained in this process reuses them)."""
+    from .methods import lshfm
+    from .models import weights_hash
+
+    key = weights_hash(teacher)
+    if key not in _OUTPUTS:
+        tr, va, _ = _lshfm_data()
+        _OUTPUTS.clear()
+        _OUTPUTS[key] = (lshfm.teacher_outputs(tr, teacher), lshfm.teacher_outputs(va, teacher))
+    return _OUTPUTS[key]
+
+
 def _lshfm_student(seed, variant="lshl2"):
     from .methods import lshfm
 
     tr, va, _ = _lshfm_data()
     p = PAPERS["lshfm"]
     teacher = _teacher("lshfm-teacher")
-    train_c, val_c = lshfm.teacher_outputs(tr, teacher), lshfm.teacher_outputs(va, teacher)
+    train_c, val_c = _lshfm_teacher_outputs(teacher)
     r = lshfm.run(variant, p["student"]["arch"], teacher, train_c, val_c, seed=seed, num_classes=len(tr.classes),
                   arch_kwargs=p["student"]["arch_kwargs"], progress=False, **p["settings"])
     return r.student, _lshfm_metrics(r.student)
