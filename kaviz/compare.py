@@ -36,6 +36,8 @@ __all__ = [
     "recipe",
     "paper_data",
     "obtain",
+    "register_paper",
+    "STABLE_COLUMNS",
     "network",
     "random_like",
     "TEACHERS",
@@ -78,7 +80,9 @@ PAPERS = {
         data=dict(n=3000, seed=0),
         teacher=dict(arch="vgg8_small", arch_kwargs={"width": 8}, epochs=5, lr=3e-3, batch_size=64, seed=0),
         settings=dict(lam=0.5, tau=1.0, epochs=5, lr=3e-3, batch_size=64, weight_decay=5e-4, schedule="cosine"),
-        first_seed=100,  # generation 1 of student seed s has seed first_seed + 1 + s (the KC notebook: s = 0)
+        # student seed s is generation 1 of the chain seeded first_seed + chain_step * s (its own seed is that + 1):
+        # the Knowledge Consistency notebook's chains BA_SEED, BA_SEED + 100, ... are seeds 0, 1, ...
+        first_seed=100, chain_step=100,
     ),
 }
 
@@ -86,7 +90,8 @@ PAPERS = {
 @dataclass(frozen=True)
 class Recipe:
     """How a named network is made: its paper, its role (``teacher``/``student``), the method, the
-    seed, and ``train()`` -> ``(model, metrics)``; ``key`` is what determines it."""
+    seed, and ``train()`` -> ``(model, metrics)``; ``key`` is what determines it; ``evaluate(model)``
+    -> the same metrics for a network of this recipe trained elsewhere (a paper notebook)."""
 
     name: str
     paper: str
@@ -96,6 +101,7 @@ class Recipe:
     train: Callable = field(repr=False)
     key: object = None
     arch: str | None = None
+    evaluate: Callable | None = field(default=None, repr=False)
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -172,11 +178,20 @@ def _cfl_teachers():
 
 
 def _cfl_teacher(source):
+    t = _cfl_teachers()[source]
+    return t, _cfl_teacher_metrics(source, t)
+
+
+def _cfl_teacher_metrics(source, model):
     from .train import Supervised
 
-    d = _cfl_data()
-    t = _cfl_teachers()[source]
-    return t, {"test accuracy": Supervised(t).evaluate(d.sources[source].test)["accuracy"]}
+    return {"test accuracy": Supervised(model).evaluate(_cfl_data().sources[source].test)["accuracy"]}
+
+
+def _cfl_student_metrics(model):
+    from .methods.kd import union_accuracy
+
+    return {f"test {k}": v for k, v in union_accuracy(model, _cfl_data().test).items()}
 
 
 def _cfl_student(seed):
@@ -194,10 +209,14 @@ def _cfl_student(seed):
 def _lshfm_teacher():
     from .train import train_teacher
 
-    tr, va, te = _lshfm_data()
+    tr, va, _ = _lshfm_data()
     t = dict(PAPERS["lshfm"]["teacher"])
     teacher, _ = train_teacher(t.pop("arch"), tr, va, num_classes=len(tr.classes), progress=False, **t)
-    return teacher, {"test mAP": _map(teacher, te)}
+    return teacher, _lshfm_metrics(teacher)
+
+
+def _lshfm_metrics(model):
+    return {"test mAP": _map(model, _lshfm_data()[2])}
 
 
 def _map(model, data):
@@ -206,38 +225,60 @@ def _map(model, data):
     return float(lshfm.evaluate_model(model, data)["mAP"])
 
 
+_OUTPUTS: dict = {}
+
+
+def _lshfm_teacher_outputs(teacher):
+    """The teacher's outputs on the training and validation splits, computed once per teacher weights
+    (every student seed trained in this process reuses them)."""
+    from .methods import lshfm
+    from .models import weights_hash
+
+    key = weights_hash(teacher)
+    if key not in _OUTPUTS:
+        tr, va, _ = _lshfm_data()
+        _OUTPUTS.clear()
+        _OUTPUTS[key] = (lshfm.teacher_outputs(tr, teacher), lshfm.teacher_outputs(va, teacher))
+    return _OUTPUTS[key]
+
+
 def _lshfm_student(seed, variant="lshl2"):
     from .methods import lshfm
 
-    tr, va, te = _lshfm_data()
+    tr, va, _ = _lshfm_data()
     p = PAPERS["lshfm"]
     teacher = _teacher("lshfm-teacher")
-    train_c, val_c = lshfm.teacher_outputs(tr, teacher), lshfm.teacher_outputs(va, teacher)
+    train_c, val_c = _lshfm_teacher_outputs(teacher)
     r = lshfm.run(variant, p["student"]["arch"], teacher, train_c, val_c, seed=seed, num_classes=len(tr.classes),
                   arch_kwargs=p["student"]["arch_kwargs"], progress=False, **p["settings"])
-    return r.student, {"test mAP": _map(r.student, te)}
+    return r.student, _lshfm_metrics(r.student)
 
 
 def _ba_teacher():
-    from .train import Supervised, train_teacher
+    from .train import train_teacher
 
     d = _ba_data()
     t = dict(PAPERS["born_again"]["teacher"])
     model, _ = train_teacher(t.pop("arch"), d.train, d.val, progress=False, **t)
-    return model, {"test accuracy": Supervised(model).evaluate(d.test)["accuracy"]}
+    return model, _ba_metrics(model)
+
+
+def _ba_metrics(model):
+    from .train import Supervised
+
+    return {"test accuracy": Supervised(model).evaluate(_ba_data().test)["accuracy"]}
 
 
 def _ba_student(seed):
     from .methods import consistency
-    from .train import Supervised
 
     d, p = _ba_data(), PAPERS["born_again"]
     gen0 = _teacher("ba-gen0")
     t = p["teacher"]
     chain, _ = consistency.born_again_chain(gen0, d.train, d.val, arch=t["arch"], arch_kwargs=t["arch_kwargs"],
-                                            generations=2, seed=p["first_seed"] + seed, progress=False,
-                                            **p["settings"])
-    return chain[1], {"test accuracy": Supervised(chain[1]).evaluate(d.test)["accuracy"]}
+                                            generations=2, seed=p["first_seed"] + p["chain_step"] * seed,
+                                            progress=False, **p["settings"])
+    return chain[1], _ba_metrics(chain[1])
 
 
 _NAME = re.compile(r"^(?P<base>.+)-seed(?P<seed>\d+)$")
@@ -250,30 +291,32 @@ def recipe(name: str) -> Recipe:
     p = PAPERS
     fixed = {
         "cfl-teacher-shapes": ("cfl", "teacher", "supervised (shapes)", None, lambda: _cfl_teacher("shapes"),
-                               [p["cfl"]["data"], p["cfl"]["teachers"]], "mobilenet_small"),
+                               [p["cfl"]["data"], p["cfl"]["teachers"]], "mobilenet_small",
+                               functools.partial(_cfl_teacher_metrics, "shapes")),
         "cfl-teacher-digits": ("cfl", "teacher", "supervised (digits)", None, lambda: _cfl_teacher("digits"),
-                               [p["cfl"]["data"], p["cfl"]["teachers"]], "cifar_resnet8"),
+                               [p["cfl"]["data"], p["cfl"]["teachers"]], "cifar_resnet8",
+                               functools.partial(_cfl_teacher_metrics, "digits")),
         "lshfm-teacher": ("lshfm", "teacher", "supervised (BCE)", 0, _lshfm_teacher,
-                          [p["lshfm"]["data"], p["lshfm"]["teacher"]], p["lshfm"]["teacher"]["arch"]),
+                          [p["lshfm"]["data"], p["lshfm"]["teacher"]], p["lshfm"]["teacher"]["arch"], _lshfm_metrics),
         "ba-gen0": ("born_again", "teacher", "supervised (generation 0)", p["born_again"]["teacher"]["seed"],
                     _ba_teacher, [p["born_again"]["data"], p["born_again"]["teacher"]],
-                    p["born_again"]["teacher"]["arch"]),
+                    p["born_again"]["teacher"]["arch"], _ba_metrics),
     }
     if name in fixed:
-        paper, role, method, seed, fn, key, arch = fixed[name]
-        return Recipe(name, paper, role, method, seed, fn, key, arch)
+        return Recipe(name, *fixed[name])
     m = _NAME.match(name)
     if m:
         base, seed = m["base"], int(m["seed"])
         if base == "cfl-student":
             return Recipe(name, "cfl", "student", "CFL", seed, lambda: _cfl_student(seed),
-                          [p["cfl"], seed], p["cfl"]["student"]["arch"])
+                          [p["cfl"], seed], p["cfl"]["student"]["arch"], _cfl_student_metrics)
         if base == "lshfm-student":
             return Recipe(name, "lshfm", "student", "LSH+L2 (lshl2)", seed, lambda: _lshfm_student(seed),
-                          [p["lshfm"], seed], p["lshfm"]["student"]["arch"])
+                          [p["lshfm"], seed], p["lshfm"]["student"]["arch"], _lshfm_metrics)
         if base == "ba-gen1":
             return Recipe(name, "born_again", "student", "Born-Again (generation 1)", seed,
-                          lambda: _ba_student(seed), [p["born_again"], seed], p["born_again"]["teacher"]["arch"])
+                          lambda: _ba_student(seed), [p["born_again"], seed], p["born_again"]["teacher"]["arch"],
+                          _ba_metrics)
     raise KeyError(f"no recipe for {name!r}: kaviz.compare.RECIPES lists the default networks "
                    f"({', '.join(RECIPES)}; students take any -seed<S>); kaviz.runs.list() shows the registry")
 
@@ -297,10 +340,90 @@ def obtain(name: str, *, device=None) -> nn.Module:
     from . import runs
 
     r = recipe(name)
-    data = paper_data(r.paper)
-    return runs.ensure(name, r.train, key=r.key, device=device, paper=r.paper, method=r.method, seed=r.seed,
-                       data=f"{r.paper} embedded default ({len(data.train)} training images)",
-                       notes=f"{r.role}; kaviz.compare.recipe({name!r})")
+    return runs.ensure(name, r.train, key=r.key, device=device, **_fields(r))
+
+
+def _fields(r: Recipe) -> dict:
+    """The record fields of a recipe's run (the same whoever trained it)."""
+    return dict(paper=r.paper, method=r.method, seed=r.seed,
+                data=f"{r.paper} embedded default ({len(paper_data(r.paper).train)} training images)",
+                notes=f"{r.role}; kaviz.compare.recipe({r.name!r})")
+
+
+#: The columns of a run record that do not depend on the floating-point path (a notebook shows these).
+STABLE_COLUMNS = ["name", "paper", "method", "arch", "seed", "params"]
+
+
+def _canonical_settings(settings) -> str:
+    import json
+
+    return json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def register_paper(paper: str, networks: Mapping[str, Mapping], *, settings: Mapping | None = None,
+                   defaults: str | None = None, device=None):
+    """Register the networks a paper notebook trained (the cell at the end of each paper notebook),
+    so that any other notebook loads them by name (:func:`kaviz.runs.load`, :func:`obtain`) instead of
+    training them again. Returns their records' :data:`STABLE_COLUMNS` as a DataFrame (one row per
+    network, in the order given).
+
+    ``networks``: name → ``dict(model=..., method=..., seed=..., metrics={...})`` (any other key is a
+    field of :func:`kaviz.runs.register`, e.g. ``notes``). ``settings``: everything the notebook
+    trained them with (``source``, data, teachers, students, schedule), JSON-able; it is the key of
+    every run registered here.
+
+    ``defaults`` (default: ``paper`` when it is a key of :data:`PAPERS`) names the entry of
+    :data:`PAPERS` these settings are compared with, as ``{"source": "embedded", **PAPERS[defaults]}``:
+
+    - equal (the notebook ran its embedded default): names are kept, and a name that is a default
+      recipe (:func:`recipe`) is registered exactly as :func:`obtain` would register it — the
+      recipe's key on this floating-point path, its record fields, its metrics computed by the
+      recipe's own ``evaluate`` (``metrics`` given here are ignored for it) — so :func:`obtain`
+      loads it without training;
+    - different (other data, ``QUICK``/``SMOKE``, a changed schedule): every name gets the suffix
+      ``-<8 hex digits of the settings>``, so a network trained otherwise never passes for a default one.
+
+    A paper without an entry in :data:`PAPERS` (``defaults=None``): names are kept, the key is the settings.
+    """
+    import hashlib
+
+    from . import runs
+    if not isinstance(networks, Mapping) or not networks:
+        raise ValueError(f"register_paper({paper!r}): networks must be a non-empty dict name -> "
+                         "dict(model=..., method=..., seed=..., metrics=...)")
+    defaults = defaults if defaults is not None else (paper if paper in PAPERS else None)
+    if defaults is not None and defaults not in PAPERS:
+        raise ValueError(f"register_paper({paper!r}): defaults={defaults!r} is not a key of kaviz.compare.PAPERS "
+                         f"({list(PAPERS)})")
+    text = _canonical_settings(settings)
+    is_default = defaults is not None and text == _canonical_settings({"source": "embedded", **PAPERS[defaults]})
+    suffix = "" if defaults is None or is_default else "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    names = []
+    for name, entry in networks.items():
+        if not isinstance(entry, Mapping) or "model" not in entry:
+            raise ValueError(f"register_paper({paper!r}): networks[{name!r}] must be a dict with 'model' (and "
+                             "method=, seed=, metrics=), got " + type(entry).__name__)
+        fields = {k: v for k, v in entry.items() if k != "model"}
+        model = entry["model"]
+        try:
+            r = recipe(name) if is_default else None
+        except KeyError:
+            r = None
+        if r is not None:
+            fields = _fields(r)
+            metrics = r.evaluate(model)
+            full = runs.run_key(name, r.key, device=device)
+        else:
+            fields.setdefault("paper", paper)
+            metrics = fields.pop("metrics", None)
+            name = name + suffix
+            full = runs.run_key(name, settings, device=device)
+        metrics = {k: float(v) for k, v in (metrics or {}).items()}
+        runs.register(name, model, key=full, metrics=metrics, **fields)
+        names.append(name)
+    table = runs.list(names=names)
+    table = table.set_index("name").loc[names].reset_index()[STABLE_COLUMNS]
+    return table.astype({"seed": "Int64"}).set_index("name")
 
 
 def _teacher(name: str) -> nn.Module:

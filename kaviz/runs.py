@@ -36,9 +36,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-__all__ = ["register", "register_checkpoint", "ensure", "build_from_record", "list", "load", "info", "remove", "exists",
-           "RunNotFoundError",
-           "ADAPTERS"]
+__all__ = ["register", "register_checkpoint", "ensure", "run_key", "build_from_record", "list", "load", "info",
+           "remove", "exists", "RunNotFoundError", "ADAPTERS", "BUILDERS"]
 
 WEIGHTS = "weights.pt"
 RECORD = "run.json"
@@ -58,6 +57,20 @@ def _lshfm_adaptation(model: nn.Module, value) -> None:
 #: Changes a method makes to a built architecture, re-applied by :func:`load`: the key in the model's
 #: ``kaviz_spec`` → ``function(model, value)`` (the value as stored in the spec).
 ADAPTERS = {"adaptation": _lshfm_adaptation}
+
+
+def _multihead(arch: str, num_classes: int, arch_kwargs: Mapping) -> nn.Module:
+    from .methods.customize import MultiHead  # lazily: only a run of this kind needs the method
+
+    kw = dict(arch_kwargs)
+    heads, n_way = kw.pop("heads"), kw.pop("n_way", num_classes)
+    return MultiHead(arch.partition(":")[2], heads, n_way=n_way, **kw)
+
+
+#: Networks a method builds around a kaviz architecture (their ``kaviz_spec`` name is ``"<kind>:<arch>"``),
+#: rebuilt by :func:`load`: ``kind`` → ``function(arch, num_classes, arch_kwargs)`` (e.g. the multi-head
+#: networks of :mod:`kaviz.methods.customize`, ``"multihead:resnet18"``).
+BUILDERS = {"multihead": _multihead}
 
 
 class RunNotFoundError(KeyError, FileNotFoundError):
@@ -140,6 +153,9 @@ def _adapt(model: nn.Module, adaptations: Mapping) -> nn.Module:
 def _build(arch: str, num_classes: int, arch_kwargs: Mapping, adaptations: Mapping) -> nn.Module:
     from .models import build
 
+    kind, sep, _ = arch.partition(":")
+    if sep and kind in BUILDERS:
+        return _adapt(BUILDERS[kind](arch, num_classes, arch_kwargs), adaptations)
     return _adapt(build(arch, num_classes, **arch_kwargs), adaptations)
 
 
@@ -178,6 +194,9 @@ def register(name: str, model: nn.Module, *, arch: str | None = None, arch_kwarg
         raise TypeError(f"register() takes an nn.Module, got {type(model).__name__}; for a checkpoint file use "
                         "kaviz.runs.register_checkpoint(name, path, arch=...)")
     own = spec(model)
+    built_by = own.get("name", "").partition(":")[0] if ":" in str(own.get("name", "")) else None
+    if built_by in BUILDERS and "num_classes" not in own:  # a method's network: its outputs per head
+        own = {**own, "num_classes": int(own.get("n_way", 0))}
     if arch is None:
         if "num_classes" not in own:
             raise ValueError(f"register({name!r}): say which architecture this {type(model).__name__} is, e.g. "
@@ -282,6 +301,16 @@ def load(name: str, *, device=None, eval: bool = True) -> nn.Module:
     return model
 
 
+def run_key(name: str, recipe=None, *, device=None) -> str:
+    """The key :func:`ensure` stores for run ``name`` made by ``recipe`` (anything JSON-able that
+    determines the weights) on this floating-point path (:func:`kaviz.cache.environment_key` of
+    ``device``): register a network trained elsewhere with ``key=run_key(name, recipe)`` and
+    ``ensure(name, ..., key=recipe)`` loads it instead of training it."""
+    from .cache import key as cache_key
+
+    return cache_key("run", device=device, name=_check_name(name), recipe=recipe)
+
+
 def ensure(name: str, train_fn, *, key=None, device=None, **fields) -> nn.Module:
     """The run ``name``, trained first when needed: returns :func:`load` ``(name)``.
 
@@ -295,13 +324,11 @@ def ensure(name: str, train_fn, *, key=None, device=None, **fields) -> nn.Module
     train through the library (its trainers cache teachers), so a second ``ensure`` with an empty
     registry but a warm teacher cache is fast.
     """
-    from .cache import key as cache_key
-
     _check_name(name)
     if not callable(train_fn):
         raise TypeError(f"ensure({name!r}, train_fn): train_fn must be a function that trains and returns the model "
                         f"(or (model, metrics)), got {type(train_fn).__name__}")
-    full = cache_key("run", device=device, name=name, recipe=key)
+    full = run_key(name, key, device=device)
     if exists(name) and info(name).get("key") == full:
         try:
             return load(name, device=device)
@@ -329,13 +356,18 @@ def remove(name: str) -> None:
     shutil.rmtree(folder)
 
 
-def list(paper: str | None = None, method: str | None = None):  # noqa: A001 (kaviz.runs.list() is the API)
+def list(paper: str | None = None, method: str | None = None, *,  # noqa: A001 (kaviz.runs.list() is the API)
+         names=None):
     """Every registered run as a DataFrame: name, paper, method, arch, seed, data, metrics (a dict),
-    and when it was registered; ``paper=`` / ``method=`` filter."""
+    when it was registered and its number of parameters (``params``); ``paper=`` / ``method=`` /
+    ``names=`` (a list of run names) filter."""
     import pandas as pd
 
     rows = []
+    wanted = None if names is None else {_check_name(n) for n in names}
     for n in _names():
+        if wanted is not None and n not in wanted:
+            continue
         try:
             r = info(n)
         except (json.JSONDecodeError, OSError):
@@ -344,5 +376,5 @@ def list(paper: str | None = None, method: str | None = None):  # noqa: A001 (ka
             continue
         if method is not None and r.get("method") != method:
             continue
-        rows.append({**{c: r.get(c) for c in COLUMNS}, "registered": r.get("registered")})
-    return pd.DataFrame(rows, columns=COLUMNS + ["registered"])
+        rows.append({**{c: r.get(c) for c in COLUMNS}, "registered": r.get("registered"), "params": r.get("params")})
+    return pd.DataFrame(rows, columns=COLUMNS + ["registered", "params"])

@@ -373,3 +373,20 @@ def test_layer_view_pools_a_layer_and_lets_consistency_compare_grids(tmp_path, m
     table = analysis.teacher_consistency(student, {"t": teacher}, ds, "a", "a", epochs=1, batch_size=16, resize=True)
     assert table.loc["t", "teacher layer"] == "a" and table.loc["t", "pooled to"] == "(8, 8)"
     assert np.isfinite(table.loc["t", "share x^Δ"])
+
+
+def test_linear_probe_fits_a_layer_with_the_same_features_as_another_once(monkeypatch):
+    import sklearn.model_selection
+
+    calls = []
+    real = sklearn.model_selection.cross_val_score
+    monkeypatch.setattr(sklearn.model_selection, "cross_val_score",
+                        lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    r = np.random.default_rng(0)
+    y = np.arange(60) % 3
+    x = r.normal(size=(60, 4)) + np.eye(3, 4)[y]
+    t = analysis.linear_probe({"last stage": x, "fc:in": x.copy(), "other": x + 1e-3 * r.normal(size=x.shape)}, y,
+                              cv=3, control=True)
+    assert len(calls) == 4  # "fc:in" reuses "last stage" (probe and control); "other" differs by 1e-3: fitted
+    assert list(t.index) == ["last stage", "fc:in", "other"]
+    assert t.loc["fc:in"].equals(t.loc["last stage"]) and t.loc["other", "dim"] == 4

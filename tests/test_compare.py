@@ -1,4 +1,6 @@
 """kaviz.compare: recipes, networks by source, controls, figures and the NetworkPicker (headless)."""
+import re
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -165,3 +167,134 @@ def test_network_picker_default_compute_is_the_cka_matrix():
     diag = np.diag(p.result.loc[p.layers("a"), p.layers("b")].to_numpy())
     np.testing.assert_allclose(diag, 1.0, atol=1e-9)  # a network with itself: CKA 1 on the diagonal
     assert "N = 32" in p.status.value
+
+
+def _cfl_default_settings():
+    import copy
+
+    return copy.deepcopy({"source": "embedded", **compare.PAPERS["cfl"]})
+
+
+def test_a_network_registered_by_a_paper_notebook_is_obtained_without_training(monkeypatch):
+    """The registration cell of the CFL notebook: its student of seed 0 under the recipe's name and key
+    (settings equal to PAPERS) is what compare.obtain returns — the train function is never called."""
+    def never(*a, **k):
+        raise AssertionError("compare.obtain trained a network the notebook had registered")
+
+    torch.manual_seed(3)
+    s = compare.PAPERS["cfl"]["student"]
+    student = models.build(s["arch"], 20, **s["arch_kwargs"])
+    kd = models.build(s["arch"], 20, **s["arch_kwargs"])
+    table = compare.register_paper("cfl", {
+        "cfl-student-seed0": dict(model=student, method="CFL", seed=0, metrics={"ignored": 1.0}),
+        "cfl-kd-student-seed0": dict(model=kd, method="KD", seed=0, metrics={"test task_agnostic": 0.5}),
+    }, settings=_cfl_default_settings())
+    assert list(table.index) == ["cfl-student-seed0", "cfl-kd-student-seed0"]
+    assert list(table.columns) == compare.STABLE_COLUMNS[1:]
+    assert table.loc["cfl-student-seed0", "params"] == sum(v.numel() for v in student.state_dict().values())
+    monkeypatch.setattr(compare, "_cfl_student", never)
+    got = compare.obtain("cfl-student-seed0")
+    assert models.weights_hash(got) == models.weights_hash(student)
+    # the record is the one obtain itself would write: recipe fields, metrics by the recipe's evaluate
+    rec = got.kaviz_run
+    assert (rec["paper"], rec["method"], rec["seed"]) == ("cfl", "CFL", 0)
+    assert {"test task_agnostic", "test task_aware"} <= set(rec["metrics"]) and "ignored" not in rec["metrics"]
+    assert runs.info("cfl-kd-student-seed0")["metrics"] == {"test task_agnostic": 0.5}
+    # the other seed was not registered: obtain would train it (the train function is reached)
+    with pytest.raises(AssertionError, match="trained a network"):
+        compare.obtain("cfl-student-seed1")
+
+
+def test_a_notebook_run_with_other_settings_never_passes_for_the_default(monkeypatch):
+    torch.manual_seed(0)
+    s = compare.PAPERS["cfl"]["student"]
+    student = models.build(s["arch"], 20, **s["arch_kwargs"])
+    other = _cfl_default_settings()
+    other["settings"]["epochs"] = 1  # e.g. a QUICK run
+    table = compare.register_paper("cfl", {"cfl-student-seed0": dict(model=student, method="CFL", seed=0)},
+                                   settings=other)
+    (name,) = table.index
+    assert re.fullmatch(r"cfl-student-seed0-[0-9a-f]{8}", name) and not runs.exists("cfl-student-seed0")
+    again = compare.register_paper("cfl", {"cfl-student-seed0": dict(model=student)}, settings=other)
+    assert list(again.index) == [name]  # the same settings: the same name
+    calls = []
+    monkeypatch.setattr(compare, "_cfl_student", lambda seed: (calls.append(seed), student)[1])
+    compare.obtain("cfl-student-seed0")
+    assert calls == [0]
+    # a paper without defaults in PAPERS keeps its names; bad input is explained
+    t = compare.register_paper("layerwise", {"layerwise-teacher-0": dict(model=student, method="supervised")},
+                               settings={"epochs": 2})
+    assert list(t.index) == ["layerwise-teacher-0"] and runs.info("layerwise-teacher-0")["paper"] == "layerwise"
+    with pytest.raises(ValueError, match="non-empty dict"):
+        compare.register_paper("cfl", {}, settings=other)
+    with pytest.raises(ValueError, match="must be a dict with 'model'"):
+        compare.register_paper("cfl", {"x": student}, settings=other)
+    with pytest.raises(ValueError, match="not a key of kaviz.compare.PAPERS"):
+        compare.register_paper("kc", {"x": dict(model=student)}, settings=other, defaults="kc")
+
+
+def test_born_again_students_are_the_knowledge_consistency_notebooks_chains():
+    p = compare.PAPERS["born_again"]
+    # seed s is the chain the KC notebook seeds BA_SEED + 100 * s (BA_SEED = 100)
+    assert [p["first_seed"] + p["chain_step"] * s for s in range(3)] == [100, 200, 300]
+
+
+def test_make_runs_every_notebook_once_with_the_comparison_notebook_last():
+    """`make notebooks`/`portability`/`test` run the paper notebooks first: they register the networks the
+    comparison notebook then loads instead of training them."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        pytest.skip("no make on this machine")
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["make", "-n", "notebooks", "portability", "VENV=/nonexistent"], cwd=repo,
+                         capture_output=True, text=True, timeout=30).stdout
+    every = sorted(p.relative_to(repo).as_posix() for p in (repo / "notebooks").glob("*.ipynb"))
+    passes = [[w for w in line.split() if w.endswith(".ipynb")] for line in out.splitlines() if "--nbval" in line]
+    assert len(passes) == 2
+    for listed in passes:
+        assert sorted(listed) == every and listed[-1] == "notebooks/compare_networks.ipynb"
+
+
+class _Pictures(Images):
+    def image_array(self, i):
+        return (self.x[i].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+
+
+def test_joint_maps_drive_the_embedding_explorer_select_switch_recompute_and_static_figures():
+    """The comparison notebook's explorer: two panels (student, teacher) of the same images, linked by image."""
+    from kaviz.widgets import EmbeddingExplorer
+
+    torch.manual_seed(0)
+    a, b = models.build("cifar_resnet8", 4, width=4).eval(), models.build("vgg8_small", 4, width=4).eval()
+    data = {"P": _Pictures(n=40), "Q": _Pictures(n=32, seed=1)}
+    labels = {p: np.asarray(d.targets) for p, d in data.items()}
+    # P: layers of different widths (one map each); Q: the same network twice at one layer (one joint map)
+    maps = compare.JointMaps({"P": (a, b, [("layer3", "features.20"), ("layer2", "features.14")]),
+                              "Q": (a, a, [("layer3", "layer3")])}, data, labels)
+    assert maps.layers() == {"P": ["layer3 | features.20", "layer2 | features.14"], "Q": ["layer3 | layer3"]}
+    ex = EmbeddingExplorer(maps, models=["P", "Q"], layers=maps.layers(), images=maps.image, methods=("pca", "tsne"),
+                           titles=("student", "teacher"))
+    assert not ex.status.value.startswith("⚠") and len(ex.results) == 2
+    assert [len(r) for r in ex.results] == [40, 40] and maps.current == "P"
+    ex.select([3, 5])
+    assert ex.selection == [3, 5]
+    first = [f.data for f in ex.static_figures()]
+    ex.layer_dd.value = "layer2 | features.14"  # another layer pair: recomputed, the selection kept
+    assert not ex.status.value.startswith("⚠") and ex.selection == [3, 5]
+    assert len(ex.static_figures()) == 2 and ex.static_figures()[0].data != first[0]
+    ex.model_dd.value = "Q"  # another pair: its own images; one joint map of both networks
+    assert maps.current == "Q" and [len(r) for r in ex.results] == [32, 32] and not ex.status.value.startswith("⚠")
+    assert maps.image(0).shape == (16, 16, 3)
+    s, t = ex.results
+    np.testing.assert_allclose(s[["x", "y"]].to_numpy(), t[["x", "y"]].to_numpy(), atol=1e-6)  # a with itself
+    assert ex.recompute() and all(isinstance(f, go.Figure) for f in ex.static_figures())
+
+
+def test_network_picker_switches_a_network_and_recomputes():
+    p, calls = _picker(max_layers=2)
+    p.sides["b"]["name"].value = "a-net"  # side B becomes the other network: its layers, then the button
+    assert p.models["b"] is p.models["a"] and p.layers("b") == list(models.stages(p.models["a"]))[-2:]
+    assert p.run() and calls[-1] == (p.layers("a"), p.layers("b")) and "a-net" in p.figure().layout.title.text

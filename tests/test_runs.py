@@ -162,3 +162,16 @@ def test_an_adapted_lshfm_student_registers_and_loads_with_its_adaptation_layer(
     (_registry / "lsh-student" / "run.json").write_text(json.dumps(record))
     with pytest.raises(ValueError, match="kaviz.runs.ADAPTERS"):
         runs.load("lsh-student")
+
+
+def test_a_multi_head_network_of_customize_registers_and_loads(_registry):
+    from kaviz.methods.customize import MultiHead
+
+    torch.manual_seed(0)
+    net = MultiHead("cifar_resnet8", ["smiling", "young"], width=4)
+    rec = runs.register("customize-source-0", net, paper="customize", method="selective learning")
+    assert rec["arch"] == "multihead:cifar_resnet8" and rec["num_classes"] == 2
+    back = runs.load("customize-source-0")
+    assert isinstance(back, MultiHead) and back.attributes == ["smiling", "young"] and _same(back, net)
+    x = torch.rand(3, 3, 16, 16)
+    assert torch.equal(back(x), net.eval()(x))
