@@ -278,8 +278,12 @@ class EmbeddingExplorer:
                 widths = _panel_widths(len(dfs))
                 figs = [plots.embedding_scatter(
                             df, class_names=self.class_names, height=430, width=widths[k],
-                            title=plots.map_title(title, model=args[0], layer=args[1],
-                                                  method=args[2], params=args[3] or None))
+                            title=plots.map_title(
+                                title, model=args[0], method=args[2], params=args[3] or None,
+                                # the chosen layer is the first map's; another panel may show
+                                # another layer (getting_started: the penultimate one) and names
+                                # it through df.attrs["layer"] if it wants it in the title
+                                layer=df.attrs.get("layer", args[1] if k == 0 else None)))
                         for k, (df, title) in enumerate(zip(dfs, self.titles))]
         except Exception as e:  # noqa: BLE001 - shown to the user, never raised from a callback
             self.status.value = f"{_error_text(e)} (model={args[0]}, layer={args[1]}, " \
