@@ -595,7 +595,8 @@ def _update_figure(fw, fig):
     title are sent, in one message; otherwise the figure is replaced."""
     same = len(fw.data) == len(fig.data) and all(
         a.type == b.type and a.name == b.name and a.meta == b.meta
-        and _same(a.marker.color, b.marker.color) and a.marker.symbol == b.marker.symbol for a, b in zip(fw.data, fig.data))
+        and _same(a.marker.color, b.marker.color) and a.marker.symbol == b.marker.symbol
+        for a, b in zip(fw.data, fig.data))
     if not same:
         _clear_boxes(fw)
         _replace_figure(fw, fig)
