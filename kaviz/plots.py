@@ -30,7 +30,7 @@ import pandas as pd
 __all__ = ["embedding_scatter", "highlight", "training_curves", "feature_grid", "image_grid",
            "bar", "palette", "palette_tier", "SYMBOLS", "to_rgb_uint8", "png_bytes", "side_by_side",
            "label_image", "scalar_image", "dense_predictions", "map_title", "fit_width", "MAX_WIDTH",
-           "PLOTLY_CONFIG", "heat_scale"]
+           "PLOTLY_CONFIG", "heat_scale", "class_name"]
 
 # Colour-blind aware base hues: Okabe & Ito's set (its yellow darkened a little to read on white, its
 # black replaced by indigo), then wine and grey. The first eight stay apart under simulated deutan and
@@ -51,7 +51,7 @@ MAX_WIDTH = 1100
 #: The plotly configuration every kaviz figure and FigureWidget is shown with: no "share chart"
 #: (upload) button, no plotly logo, PNG export at twice the resolution.
 PLOTLY_CONFIG = {"displaylogo": False, "showSendToCloud": False,
-                 "modeBarButtonsToRemove": ["sendDataToCloud", "editInChartStudio"],
+                 "modeBarButtonsToRemove": ["sendDataToCloud", "sendChartToCloud", "editInChartStudio"],
                  "toImageButtonOptions": {"scale": 2}}
 _METRIC_RE = re.compile(r"acc|(^|_)map($|_)|iou|auc|(^|_)f1($|_)|top\d|precision|recall|"
                         r"agree|consisten|rmse|abs_rel|delta|error", re.I)
@@ -353,7 +353,10 @@ def _color_levels(df, color):
     return levels, False
 
 
-def _class_name(c, class_names):
+def class_name(c, class_names=None) -> str:
+    """The display name of class label ``c``: ``class_names`` is a sequence (indexed by an integer
+    label), a mapping label -> name, a callable, or None (the label itself, ``3.0`` shown as
+    ``3``); a missing label (the NaN level of :func:`embedding_scatter`) is ``"no label"``."""
     if c is _NAN:
         return "no label"
     if class_names is not None:
@@ -369,6 +372,9 @@ def _class_name(c, class_names):
     if isinstance(c, (float, np.floating)) and float(c).is_integer():
         c = int(c)
     return str(c)
+
+
+_class_name = class_name  # the name plots' own callers use
 
 
 def _py(v):

@@ -15,7 +15,9 @@ Outside a live Jupyter kernel, ``show()`` returns static ``go.Figure`` objects i
 from __future__ import annotations
 
 import io
+import re
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -34,6 +36,12 @@ _PARAM_DEFAULTS = {"perplexity": 30, "n_neighbors": 15, "min_dist": 0.1}
 _METHOD_LABELS = {"tsne": "t-SNE", "umap": "UMAP", "pca": "PCA"}
 _SIDE_PX = 96
 _MONTAGE_MAX = 12
+#: Widths (px) of the explorer's row: maps plus side panel stay inside JupyterLab's output area
+#: (~1,168 px at a 1,600 px window with the file browser open); the last map also holds the legend.
+_ROW_PX = 1100
+_SIDE_PANEL_PX = 200
+_LEGEND_PX = 90
+_MEMO_SIZE = 24
 
 
 def in_kernel() -> bool:
@@ -108,17 +116,22 @@ class EmbeddingExplorer:
 
         self.results: tuple = ()
         self.selection: list[int] | None = None
+        self.timings: dict = {}
         self._labels: dict[int, object] = {}
         self._suspend = False
-        self._buffers: list[dict] = [{} for _ in self.titles]
+        self._memo: dict = {}
+        self._hover_png: dict = {}
 
+        all_layers = [x for m in self.models for x in self.layers[m]]
         self.model_dd = W.Dropdown(options=self.models, value=d["model"], description="model",
-                                   layout=W.Layout(width="220px"))
+                                   layout=W.Layout(width=_dropdown_width(self.models)))
         self.layer_dd = W.Dropdown(options=self.layers[d["model"]], value=d["layer"],
-                                   description="layer", layout=W.Layout(width="240px"))
+                                   description="layer",
+                                   layout=W.Layout(width=_dropdown_width(all_layers)))
+        labels = [(_METHOD_LABELS.get(m, m), m) for m in self.methods]
         self.method_dd = W.Dropdown(
-            options=[(_METHOD_LABELS.get(m, m), m) for m in self.methods], value=d["method"],
-            description="method", layout=W.Layout(width="190px"))
+            options=labels, value=d["method"], description="method",
+            layout=W.Layout(width=_dropdown_width([lab for lab, _ in labels])))
         self.param_widgets: dict[str, W.ValueWidget] = {}
         self.param_boxes: dict[str, W.Box] = {}
         for m in self.methods:
@@ -136,24 +149,33 @@ class EmbeddingExplorer:
                                       layout=W.Layout(width="120px"))
         self.status = W.Label(value="")
         self.figures = [go.FigureWidget() for _ in self.titles]
-        self.side_image = W.Image(format="png", layout=W.Layout(max_width="200px"))
+        for k, fw in enumerate(self.figures):
+            fw._config = plots.PLOTLY_CONFIG  # no "share chart" button, no plotly logo
+            # a box or lasso drawn in the browser: see select_region (why not on_selection)
+            fw.observe(lambda change, k=k: self._on_browser_relayout(k, change),
+                       names="_js2py_relayout")
+        # hidden while empty (an empty Image shows a broken-image icon)
+        self.side_image = W.Image(format="png", layout=W.Layout(max_width=f"{_SIDE_PANEL_PX - 10}px",
+                                                                display="none"))
         self.side_caption = W.HTML(value="<i>hover or select points</i>",
-                                   layout=W.Layout(width="200px"))
+                                   layout=W.Layout(width=f"{_SIDE_PANEL_PX - 10}px"))
         self.side_panel = W.VBox([self.side_caption, self.side_image],
-                                 layout=W.Layout(width="210px"))
+                                 layout=W.Layout(width=f"{_SIDE_PANEL_PX}px",
+                                                 min_width=f"{_SIDE_PANEL_PX}px"))
 
         self.model_dd.observe(self._on_model, names="value")
         self.layer_dd.observe(self._on_choice, names="value")
         self.method_dd.observe(self._on_method, names="value")
         for w in self.param_widgets.values():
             w.observe(self._on_param, names="value")
-        self.recompute_btn.on_click(lambda _b: self.recompute())
+        self.recompute_btn.on_click(lambda _b: self.recompute(force=True))
 
         controls = W.HBox([self.model_dd, self.layer_dd, self.method_dd,
                            *self.param_boxes.values(), self.recompute_btn],
                           layout=W.Layout(flex_flow="row wrap"))
+        # maps and side panel in one row (their widths add up to less than the output area)
         self._maps_box = W.HBox([*self.figures, self.side_panel],
-                                layout=W.Layout(flex_flow="row wrap"))
+                                layout=W.Layout(flex_flow="row nowrap", align_items="flex-start"))
         self.widget = W.VBox([controls, self.status, self._maps_box])
         self._show_param_box()
         self.recompute()
@@ -224,10 +246,14 @@ class EmbeddingExplorer:
                 for name in METHOD_CONTROLS.get(self.method, {})}
 
     # -- the logic the callbacks call --------------------------------------------------------------
-    def recompute(self) -> bool:
+    def recompute(self, force: bool = False) -> bool:
         """Call ``compute`` with the current choices and redraw the maps. Never raises: an error
-        is shown in the status label (the previous maps stay). Returns True on success."""
+        is shown in the status label (the previous maps stay). Returns True on success. Maps
+        already computed in this explorer are redrawn from memory unless ``force`` (the
+        "recompute" button forces)."""
         try:
+            if force:
+                self._memo.pop(self._memo_key(), None)
             return self._recompute()
         except Exception as e:  # noqa: BLE001 - the promise above: a callback must never raise
             self.status.value = f"{_error_text(e)} (while drawing the maps)"
@@ -236,60 +262,91 @@ class EmbeddingExplorer:
     def _recompute(self) -> bool:
         args = (self.model, self.layer, self.method, self.params())
         name = _METHOD_LABELS.get(self.method, self.method)
-        self.status.value = f"computing {name} of {self.model} · {self.layer} …"
+        key = self._memo_key()
         t0 = time.perf_counter()
+        cached = key in self._memo
+        if not cached:
+            self.status.value = f"computing {name} of {self.model} · {self.layer} …"
         try:
-            out = self._compute(*args)
-            dfs = self._check_result(out)
-            figs = [plots.embedding_scatter(df, title=title, class_names=self.class_names,
-                                            height=430, width=560 if k == len(dfs) - 1 else 440)
-                    for k, (df, title) in enumerate(zip(dfs, self.titles))]
+            if cached:  # maps already drawn once in this explorer: no compute, no figure build
+                dfs, seconds, figs = self._memo[key]
+                t1 = time.perf_counter()
+            else:
+                dfs = self._check_result(self._compute(*args))
+                seconds = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                widths = _panel_widths(len(dfs))
+                figs = [plots.embedding_scatter(
+                            df, class_names=self.class_names, height=430, width=widths[k],
+                            title=plots.map_title(
+                                title, model=args[0], method=args[2], params=args[3] or None,
+                                # the chosen layer is the first map's; another panel may show
+                                # another layer (getting_started: the penultimate one) and names
+                                # it through df.attrs["layer"] if it wants it in the title
+                                layer=df.attrs.get("layer", args[1] if k == 0 else None)))
+                        for k, (df, title) in enumerate(zip(dfs, self.titles))]
         except Exception as e:  # noqa: BLE001 - shown to the user, never raised from a callback
             self.status.value = f"{_error_text(e)} (model={args[0]}, layer={args[1]}, " \
                                 f"method={args[2]}, params={args[3]})"
             return False
-        for k, (fw, fig) in enumerate(zip(self.figures, figs)):
-            last = k == len(figs) - 1
-            # one legend is enough (same classes, same networks): on the last panel
-            fig.update_layout(showlegend=last)
-            if not last:  # no room kept for a (hidden) wrapped legend: maps of equal size
-                fig.update_layout(height=430, margin_b=10)
-            _replace_figure(fw, fig)
-            self._bind(k)
-        for fw in self.figures[len(figs):]:
-            _replace_figure(fw, _empty_figure())
-        # a FigureWidget's .layout is plotly's, not the ipywidgets one: hide unused panels by
-        # leaving them out of the box
-        self._maps_box.children = (*self.figures[:len(figs)], self.side_panel)
-        self.results = tuple(dfs)
+        if not cached:
+            self._memo[key] = (dfs, seconds, figs)
+            while len(self._memo) > _MEMO_SIZE:
+                self._memo.pop(next(iter(self._memo)))
         self._labels = {}
         for df in dfs:
             if "label" in df.columns:
                 for i, lab in zip(df["index"].to_numpy(), df["label"].to_numpy()):
                     self._labels.setdefault(int(i), lab)
-        dropped = ""
-        if self.selection:  # the same images stay highlighted in the new maps
+        keep, montage, dropped = self.selection, None, ""
+        if keep:  # the same sample indices stay highlighted in the new maps (checked first)
             try:
-                self.select(self.selection)
+                montage = self._check_indices(keep)
             except Exception as e:  # noqa: BLE001 - the maps are drawn; only the selection is lost
-                self.selection = None
-                self.side_image.value = b""
-                self.side_caption.value = "<i>hover or select points</i>"
-                dropped = f" · selection cleared ({_error_text(e)})"
+                keep, dropped = None, f" · selection cleared ({_error_text(e)})"
+        for k, (fw, fig) in enumerate(zip(self.figures, figs)):
+            last = k == len(figs) - 1
+            # one legend is enough (same classes, same networks): on the last panel
+            fig.update_layout(showlegend=last, title_font_size=13)
+            if not last:  # no room kept for a (hidden) wrapped legend: maps of equal size
+                fig.update_layout(height=430, margin_b=10)
+            # the highlight and the cleared boxes travel in the same message as the new maps
+            plots.highlight(fig, keep)
+            _update_figure(fw, fig)
+            self._bind(k)
+        for fw in self.figures[len(figs):]:
+            _replace_figure(fw, _empty_figure())
+        # a FigureWidget's .layout is plotly's, not the ipywidgets one: hide unused panels by
+        # leaving them out of the box
+        kids = (*self.figures[:len(figs)], self.side_panel)
+        if tuple(self._maps_box.children) != kids:
+            self._maps_box.children = kids
+        self.results = tuple(dfs)
+        if keep:
+            self._show_selection(keep, montage)
+        elif self.selection:
+            self.selection = None
+            self._set_side("<i>hover or select points</i>", b"")
+        t2 = time.perf_counter()
+        self.timings = {"compute": 0.0 if cached else seconds, "draw": t2 - t1, "cached": cached}
         parts = [f"{name} of {self.model} · {self.layer}: "
-                 f"{' + '.join(str(len(df)) for df in dfs)} points in "
-                 f"{time.perf_counter() - t0:.1f} s"]
+                 f"{' + '.join(str(len(df)) for df in dfs)} points in {seconds:.1f} s"
+                 + (" (computed before)" if cached else "")]
         tw = [df.attrs.get("trustworthiness") for df in dfs]
         if all(t is not None for t in tw):
             parts.append("trustworthiness " + " / ".join(f"{t:.3f}" for t in tw))
         self.status.value = " · ".join(parts) + dropped
         return True
 
+    def _memo_key(self):
+        return (self.model, self.layer, self.method, tuple(sorted(self.params().items())))
+
     def select(self, indices) -> None:
         """Highlight the sample ``indices`` (every source, every panel), dim the rest, and show
         their images in the side panel. ``None`` or an empty selection clears it. A selection
         whose images cannot be shown (an index outside ``images``) raises before anything
-        changes: the previous selection stays."""
+        changes: the previous selection stays. Boxes and lassos drawn on the maps are removed
+        (the highlight alone shows the selection, the same in every map)."""
         if indices is not None:
             indices = sorted({int(i) for i in np.asarray(list(indices)).ravel()})
             if not indices:
@@ -297,34 +354,64 @@ class EmbeddingExplorer:
         if indices is None:
             self.selection = None
             for fw in self.figures:
-                plots.highlight(fw, None)
-            self.side_image.value = b""
-            self.side_caption.value = "<i>hover or select points</i>"
+                _clear_boxes(fw)
+                plots.highlight(fw, None, clear_boxes=False)
+            self._set_side("<i>hover or select points</i>", b"")
             return
-        shown = indices[:_MONTAGE_MAX]
-        if self.images is not None and not callable(self.images):
-            outside = [i for i in indices if not 0 <= i < len(self.images)]
-            if outside:
-                raise IndexError(f"sample indices {outside[:5]} are outside the images array "
-                                 f"(N={len(self.images)}); pass images for every sample index")
-        montage = self._montage(shown) if self.images is not None else b""  # may raise: nothing set yet
-        more = f" (first {len(shown)} shown)" if len(indices) > len(shown) else ""
-        labels = sorted({self._label_name(i) for i in indices})
-        lab = ", ".join(labels[:6]) + (" …" if len(labels) > 6 else "")
+        montage = self._check_indices(indices)  # may raise: nothing set yet
         self.selection = indices
         for fw in self.figures:
-            plots.highlight(fw, indices)
-        self.side_caption.value = (f"<b>{len(indices)} selected</b>{more}<br>"
-                                   f"<small>labels: {_html(lab)}</small>")
-        self.side_image.value = montage
+            _clear_boxes(fw)
+            plots.highlight(fw, indices, clear_boxes=False)
+        self._show_selection(indices, montage)
+
+    def select_region(self, panel: int, shapes) -> list[int]:
+        """Select the points inside ``shapes`` drawn on map ``panel``: plotly selection shapes
+        (``layout.selections`` entries in data coordinates: ``{"type": "rect", "x0", "x1",
+        "y0", "y1"}`` for a box, ``{"type": "path", "path": "M x,y L x,y … Z"}`` for a lasso;
+        several shapes: their union). An empty ``shapes`` clears the selection. Returns the
+        selected sample indices (every source), as :meth:`select` highlights them.
+
+        This is how a box or lasso drawn in the browser arrives: plotly.js reports the drawn
+        shape as a ``relayout`` message (``selections``), which the kernel always receives,
+        whereas its ``plotly_selected`` points event shares one widget trait with the hover
+        events and is overwritten by them whenever a message is still pending (ipywidgets
+        merges pending state updates) — see docs/decisions.md."""
+        if not 0 <= int(panel) < len(self.figures):
+            raise IndexError(f"panel {panel} does not exist: the explorer has "
+                             f"{len(self.figures)} maps (titles={self.titles})")
+        fw = self.figures[int(panel)]
+        shapes = [dict(s) for s in (shapes or ()) if isinstance(s, Mapping)]
+        picked = set()
+        for tr in fw.data:
+            meta = tr.meta if isinstance(tr.meta, dict) else {}
+            if meta.get("legend_only") or tr.customdata is None or tr.x is None:
+                continue
+            if tr.visible not in (None, True):  # a class hidden from the legend: not selectable
+                continue
+            x = np.asarray(tr.x, dtype=float)
+            y = np.asarray(tr.y, dtype=float)
+            inside = np.zeros(len(x), bool)
+            for shape in shapes:
+                inside |= _inside_shape(shape, x, y)
+            cd = np.asarray(tr.customdata).reshape(len(x), -1)[:, 0]
+            picked.update(int(i) for i in cd[inside])
+        self.select(sorted(picked) or None)
+        return sorted(picked)
 
     def hover(self, index) -> None:
         """Show the image of sample ``index`` with its index and label in the side panel."""
         index = int(index)
-        self.side_caption.value = (f"<b>index {index}</b><br>label: "
-                                   f"{_html(self._label_name(index))}")
+        caption = f"<b>index {index}</b><br>label: {_html(self._label_name(index))}"
+        png = b""
         if self.images is not None:
-            self.side_image.value = plots.png_bytes(self._image(index), size=_SIDE_PX)
+            png = self._hover_png.get(index)
+            if png is None:
+                png = plots.png_bytes(self._image(index), size=_SIDE_PX)
+                if len(self._hover_png) > 4096:
+                    self._hover_png.clear()
+                self._hover_png[index] = png
+        self._set_side(caption, png)
 
     def clear_selection(self) -> None:
         self.select(None)
@@ -370,13 +457,28 @@ class EmbeddingExplorer:
 
     def _bind(self, k):
         fw = self.figures[k]
-        self._buffers[k] = {}
         for tr in fw.data:
-            tr.on_selection(lambda trace, points, selector, k=k: self._safe(
-                self._on_points, k, points, True))
-            tr.on_deselect(lambda trace, points, k=k: self._safe(
-                self._on_points, k, points, False))
+            # hover only: box and lasso selections arrive as relayout messages (select_region)
             tr.on_hover(lambda trace, points, state: self._safe(self._on_hover, trace, points))
+
+    def _on_browser_relayout(self, k, change):
+        """A relayout from the browser: a box or lasso drawn (``selections``), or removed by a
+        click in select mode (empty ``selections``). Other relayouts (zoom, pan) are ignored, as
+        are edits of a drawn box (``selections[0].x0``: boxes are removed once applied)."""
+        msg = change.get("new")
+        if not msg or not isinstance(msg, Mapping):
+            return
+        data = msg.get("relayout_data") or {}
+        if "selections" not in data:
+            return
+        shapes = [_clean_shape(s) for s in (data["selections"] or []) if isinstance(s, Mapping)]
+        fw = self.figures[k]
+        if shapes:
+            # plotly's widget does not keep a browser-drawn box in the kernel's layout (its
+            # undefined fields fail validation), so the highlight below could not remove it:
+            # record it first (the browser already shows it; this redraws it unchanged)
+            self._safe(setattr, fw.layout, "selections", shapes)
+        self._safe(self.select_region, k, shapes)
 
     def _safe(self, fn, *args):
         try:
@@ -384,22 +486,34 @@ class EmbeddingExplorer:
         except Exception as e:  # noqa: BLE001 - callbacks report, never raise
             self.status.value = _error_text(e)
 
-    def _on_points(self, k, points, selecting):
-        """plotly dispatches a selection to every trace in turn, each with its own points; collect
-        them and act once, on the last trace."""
-        fw = self.figures[k]
-        ti = points.trace_index
-        if selecting and points.point_inds:
-            cd = fw.data[ti].customdata
-            self._buffers[k][ti] = [int(cd[i]) for i in points.point_inds]
-        if ti == len(fw.data) - 1:
-            picked = [i for v in self._buffers[k].values() for i in v]
-            self._buffers[k] = {}
-            self.select(picked if selecting and picked else None)
-
     def _on_hover(self, trace, points):
         if points.point_inds and trace.customdata is not None:
             self.hover(trace.customdata[points.point_inds[0]])
+
+    def _check_indices(self, indices) -> bytes:
+        """The montage of ``indices`` (b"" without images); raises for an index without image."""
+        if self.images is not None and not callable(self.images):
+            outside = [i for i in indices if not 0 <= i < len(self.images)]
+            if outside:
+                raise IndexError(f"sample indices {outside[:5]} are outside the images array "
+                                 f"(N={len(self.images)}); pass images for every sample index")
+        return self._montage(indices[:_MONTAGE_MAX]) if self.images is not None else b""
+
+    def _show_selection(self, indices, montage=None):
+        if montage is None:
+            montage = self._check_indices(indices)
+        shown = min(len(indices), _MONTAGE_MAX)
+        more = f" (first {shown} shown)" if len(indices) > shown else ""
+        counts = sorted(Counter(self._label_name(i) for i in indices).items(),
+                        key=lambda kv: (-kv[1], kv[0]))  # most frequent label first
+        lab = ", ".join(f"{_html(n)} ×{c}" for n, c in counts[:6]) + (" …" if len(counts) > 6 else "")
+        self._set_side(f"<b>{len(indices)} selected</b>{more}<br><small>labels: {lab}</small>",
+                       montage)
+
+    def _set_side(self, caption, png):
+        self.side_caption.value = caption
+        self.side_image.value = png or b""
+        self.side_image.layout.display = None if png else "none"
 
     def _on_model(self, change):
         if self._suspend:
@@ -435,7 +549,7 @@ class EmbeddingExplorer:
         lab = self._labels.get(int(index), None)
         if lab is None or (isinstance(lab, float) and np.isnan(lab)):
             return "—"
-        return plots._class_name(lab, self.class_names)
+        return plots.class_name(lab, self.class_names)
 
     def _image(self, index):
         if callable(self.images):
@@ -457,8 +571,92 @@ class EmbeddingExplorer:
             im = Image.fromarray(t).resize((px, px), Image.NEAREST)
             sheet.paste(im, ((k % cols) * (px + 2), (k // cols) * (px + 2)))
         buf = io.BytesIO()
-        sheet.save(buf, format="PNG", optimize=True)
+        sheet.save(buf, format="PNG", compress_level=1)  # fast: a montage per selection
         return buf.getvalue()
+
+
+def _dropdown_width(options, description_px: int = 90) -> str:
+    """A dropdown as wide as its longest option (~7.5 px a character at JupyterLab's 13 px font,
+    plus the description and the arrow), between 150 and 480 px."""
+    longest = max((len(str(o)) for o in options), default=8)
+    return f"{int(min(max(description_px + 7.5 * longest + 30, 150), 480))}px"
+
+
+def _panel_widths(n: int) -> list[int]:
+    """Widths of ``n`` maps that, with the side panel, fit :data:`_ROW_PX`; the last map is wider
+    by the legend it holds."""
+    each = (_ROW_PX - _SIDE_PANEL_PX - _LEGEND_PX) // max(n, 1)
+    return [each] * (n - 1) + [each + _LEGEND_PX]
+
+
+def _update_figure(fw, fig):
+    """Redraw FigureWidget ``fw`` as ``fig``. With the same traces (same classes and sources: a
+    new layer or method of the same samples) only the coordinates, sample indices, highlight and
+    title are sent, in one message; otherwise the figure is replaced."""
+    same = len(fw.data) == len(fig.data) and all(
+        a.type == b.type and a.name == b.name and a.meta == b.meta
+        and _same(a.marker.color, b.marker.color) and a.marker.symbol == b.marker.symbol
+        for a, b in zip(fw.data, fig.data))
+    if not same:
+        _clear_boxes(fw)
+        _replace_figure(fw, fig)
+        return False
+    _clear_boxes(fw)
+    with fw.batch_update():
+        for a, b in zip(fw.data, fig.data):
+            a.x, a.y, a.customdata = b.x, b.y, b.customdata
+            if a.text is not None or b.text is not None:
+                a.text = b.text
+            a.selectedpoints, a.selected, a.unselected = b.selectedpoints, b.selected, b.unselected
+        fw.layout.title = fig.layout.title
+        fw.layout.xaxis.title = fig.layout.xaxis.title
+        fw.layout.yaxis.title = fig.layout.yaxis.title
+        fw.layout.xaxis.autorange = True
+        fw.layout.yaxis.autorange = True
+    return True
+
+
+def _clear_boxes(fw):
+    """Remove the boxes and lassos drawn on ``fw``, in a message of its own: plotly.js clears a
+    map's highlight (``selectedpoints``) when its boxes go, so the highlight must come after."""
+    if fw.layout.selections:
+        fw.layout.selections = ()
+
+
+def _clean_shape(shape) -> dict:
+    """A selection shape from the browser without plotly's "undefined" placeholders."""
+    keys = ("type", "xref", "yref", "x0", "x1", "y0", "y1", "path")
+    return {k: shape[k] for k in keys if isinstance(shape.get(k), (str, int, float))}
+
+
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def _inside_shape(shape, x, y):
+    """Boolean mask of the points ``(x, y)`` inside a plotly selection shape (data coordinates):
+    a ``rect`` (x0, x1, y0, y1) or a ``path`` polygon ("M x,y L x,y … Z"; even-odd rule)."""
+    kind = shape.get("type")
+    if kind == "rect":
+        x0, x1 = sorted((float(shape["x0"]), float(shape["x1"])))
+        y0, y1 = sorted((float(shape["y0"]), float(shape["y1"])))
+        return (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
+    if kind == "path":
+        nums = [float(v) for v in _NUMBER.findall(str(shape.get("path", "")))]
+        poly = np.asarray(nums[: len(nums) // 2 * 2]).reshape(-1, 2)
+        inside = np.zeros(len(x), bool)
+        if len(poly) < 3:
+            return inside
+        px, py = poly[:, 0], poly[:, 1]
+        qx, qy = np.roll(px, 1), np.roll(py, 1)
+        for xi, yi, xj, yj in zip(px, py, qx, qy):  # ray casting, one edge at a time
+            if yi == yj:
+                continue
+            crosses = (yi > y) != (yj > y)
+            xcross = (xj - xi) * (y - yi) / (yj - yi) + xi
+            inside ^= crosses & (x < xcross)
+        return inside
+    raise ValueError(f"unknown selection shape type {kind!r}: expected 'rect' (a box) or "
+                     f"'path' (a lasso), as plotly's layout.selections holds")
 
 
 def _empty_figure():
@@ -541,6 +739,7 @@ class LinkedControls:
             self.output.outputs = ()
             if self.figure is None:
                 self.figure = go.FigureWidget(result)
+                self.figure._config = plots.PLOTLY_CONFIG  # no "share chart" button, no logo
             else:
                 _replace_figure(self.figure, result)
             self._show(self.figure)

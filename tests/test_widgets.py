@@ -72,7 +72,7 @@ def test_initial_compute_and_status(capsys):
     assert compute.calls == [("cfl", "layer3", "tsne", {"perplexity": 30})]
     assert len(ex.results) == 2 and all(len(fw.data) > 0 for fw in ex.figures)
     assert "t-SNE of cfl · layer3" in ex.status.value and "24 + 24 points" in ex.status.value
-    assert ex.figures[0].layout.title.text == "feature space"
+    assert ex.figures[0].layout.title.text == "feature space · cfl · layer3 · t-SNE (perplexity 30)"
     assert capsys.readouterr().out == ""
 
 
@@ -85,8 +85,14 @@ def test_layer_dropdown_follows_model_and_recomputes():
     assert compute.calls[-1][:2] == ("kd", "layer4")
     assert len(compute.calls) == 3                     # one compute per user change
     ex.layer_dd.value = "fc"
+    n = len(compute.calls)
     ex.model_dd.value = "cfl"
-    assert ex.layer_dd.value == "layer3" and compute.calls[-1][:2] == ("cfl", "layer3")
+    # a map drawn before is redrawn from memory (no compute), named in the title and status
+    assert ex.layer_dd.value == "layer3" and len(compute.calls) == n
+    assert ex.figures[0].layout.title.text.startswith("feature space · cfl · layer3")
+    assert "computed before" in ex.status.value and ex.timings["cached"]
+    ex.recompute_btn.click()                           # the button always computes
+    assert len(compute.calls) == n + 1 and compute.calls[-1][:2] == ("cfl", "layer3")
 
 
 def test_method_switch_shows_its_parameters_and_params_wait_for_button():
@@ -143,16 +149,86 @@ def test_select_highlights_same_indices_in_every_panel_and_source():
     assert ex.side_image.value == b""
 
 
-def test_plotly_lasso_in_one_map_selects_in_the_other():
+def browser_relayout(fw, selections):
+    """A relayout message from plotly.js as the browser sends it when a box or lasso is drawn
+    (fields it leaves undefined arrive as plotly's Undefined placeholder)."""
+    from plotly.basedatatypes import Undefined
+
+    fw._js2py_relayout = {"relayout_data": {"selections": [
+        {**s, "opacity": Undefined, "line": {"color": Undefined, "width": 1, "dash": "dot"}}
+        for s in selections]}, "source_view_id": "view"}
+
+
+def points_of(fw):
+    """(x, y, sample index) of every point of a FigureWidget."""
+    return [(float(x), float(y), int(i)) for t in fw.data if t.customdata is not None
+            for x, y, i in zip(t.x, t.y, t.customdata)]
+
+
+def test_box_and_lasso_drawn_in_one_map_select_in_the_other():
     ex, _ = make()
     fw0, fw1 = ex.figures
-    t0, t1 = fw0.data[0], fw0.data[1]
-    js_event(fw0, "plotly_selected", [(0, 0), (1, 1)])
-    expect = {int(t0.customdata[0]), int(t1.customdata[1])}
+    pts = points_of(fw0)
+    box = {"type": "rect", "xref": "x", "yref": "y", "x0": 0.5, "x1": -0.5, "y0": -0.4, "y1": 0.8}
+    expect = {i for x, y, i in pts if -0.5 <= x <= 0.5 and -0.4 <= y <= 0.8}
+    assert expect and len(expect) < N
+    browser_relayout(fw0, [box])
     assert ex.selection == sorted(expect)
-    assert selected_indices(fw1) == expect
+    assert selected_indices(fw0) == selected_indices(fw1) == expect
+    # the drawn box is removed (the highlight alone shows the selection, the same in both maps)
+    assert not fw0.layout.selections and not fw1.layout.selections
+    assert "selected" in ex.side_caption.value and ex.side_image.layout.display is None
+    # a lasso (closed path, even-odd rule) in the other map: a triangle
+    tri = [(-1.0, -1.0), (1.5, -1.0), (0.0, 1.2)]
+    path = "M" + "L".join(f"{x},{y}" for x, y in tri) + "Z"
+
+    def in_tri(x, y):
+        (x1, y1), (x2, y2), (x3, y3) = tri
+        d = lambda ax, ay, bx, by, cx, cy: (ax - cx) * (by - cy) - (bx - cx) * (ay - cy)  # noqa: E731
+        s1, s2, s3 = d(x, y, x1, y1, x2, y2), d(x, y, x2, y2, x3, y3), d(x, y, x3, y3, x1, y1)
+        return not ((s1 < 0 or s2 < 0 or s3 < 0) and (s1 > 0 or s2 > 0 or s3 > 0))
+    expect = {i for x, y, i in points_of(fw1) if in_tri(x, y)}
+    assert expect
+    browser_relayout(fw1, [{"type": "path", "xref": "x", "yref": "y", "path": path}])
+    assert ex.selection == sorted(expect) and selected_indices(fw0) == expect
+    # hover and deselect point events (plotly's other channel) change nothing
     js_event(fw0, "plotly_deselect", [])
-    assert ex.selection is None and selected_indices(fw1) == set()
+    js_event(fw0, "plotly_hover", [(0, 0)])
+    assert ex.selection == sorted(expect)
+    # a click in select mode removes the box: the browser sends empty selections
+    browser_relayout(fw1, [])
+    assert ex.selection is None and selected_indices(fw0) == selected_indices(fw1) == set()
+    assert ex.side_image.layout.display == "none" and ex.side_image.value == b""
+    # zoom or pan relayouts are not selections
+    fw0._js2py_relayout = {"relayout_data": {"xaxis.range[0]": -1, "xaxis.range[1]": 1},
+                           "source_view_id": "view"}
+    assert ex.selection is None
+
+
+def test_selection_survives_recompute_and_boxes_go():
+    ex, _ = make()
+    ex.select([1, 2, 3])
+    ex.figures[0].layout.selections = [{"type": "rect", "x0": 0, "x1": 1, "y0": 0, "y1": 1}]
+    ex.layer_dd.value = "layer4"
+    assert ex.selection == [1, 2, 3]
+    assert all(selected_indices(fw) == {1, 2, 3} and not fw.layout.selections for fw in ex.figures)
+    # the caption lists the labels by count (labels are index % 3: 1, 2 once each → name order)
+    ex.select([0, 3, 6, 1])
+    cap = ex.side_caption.value
+    assert cap.index("zero ×3") < cap.index("one ×1")
+
+
+def test_layout_fits_output_area_and_config():
+    from kaviz.widgets import _dropdown_width, _panel_widths
+
+    ex, _ = make(models=["KD · vgg8_small · seed 0 (a long name)", "b"],
+                 layers=["layer1"])
+    assert int(ex.model_dd.layout.width[:-2]) >= 90 + 7.5 * 40
+    assert sum(_panel_widths(2)) + 200 <= 1168 - 40 and sum(_panel_widths(1)) + 200 <= 1128
+    assert all(fw._config == P.PLOTLY_CONFIG for fw in ex.figures)
+    assert ex.side_image.layout.display == "none"      # no broken-image icon while empty
+    assert ex._maps_box.layout.flex_flow == "row nowrap"
+    assert _dropdown_width(["a"]) == "150px"
 
 
 def test_hover_shows_upscaled_image_index_and_label():

@@ -223,7 +223,17 @@ def set_dragmode(page, marker, k, kind):
     gd = cell.locator(".js-plotly-plot").nth(k)
     gd.hover()
     title = "Box Select" if kind == "box" else "Lasso Select"
-    gd.locator(f'.modebar-btn[data-title="{title}"]').click()
+    button = gd.locator(f'.modebar-btn[data-title="{title}"]')
+    try:
+        button.wait_for(state="attached", timeout=5_000)
+    except Exception:  # noqa: BLE001 - say what the page shows instead of a bare timeout
+        shown = gd.evaluate("gd => ({traces: (gd.data || []).length, buttons: [...gd.querySelectorAll("
+                            "'.modebar-btn')].map(b => b.getAttribute('data-title'))})")
+        raise AssertionError(
+            f"map {k} has no '{title}' button: {shown}. No traces and plotly's default modebar mean the "
+            "FigureWidget view was created from its empty initial state (see docs/decisions.md, "
+            "'Linked selection in the explorer')") from None
+    button.click()
 
 
 # -- the test ---------------------------------------------------------------------------------------
