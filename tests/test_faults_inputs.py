@@ -324,8 +324,10 @@ def test_explorer_selection_without_images_does_not_jam(capsys):
     assert ex.selection == [1, 2]
     ex.layer_dd.value = "broken"
     assert "RuntimeError" in ex.status.value
-    ex.layer_dd.value = "l1"                           # a layer change after an error still works
-    assert calls[-1] == "l1" and "points" in ex.status.value
+    ex.layer_dd.value = "l1"                           # a layer change after an error still works:
+    assert calls[-1] == "broken" and "points" in ex.status.value  # l1 was drawn before, so from memory
+    assert "RuntimeError" not in ex.status.value
+    assert ex.recompute(force=True) is True and calls[-1] == "l1"  # and computed afresh when forced
     assert capsys.readouterr() == ("", "")
 
 
@@ -338,7 +340,7 @@ def test_explorer_recompute_never_raises_even_when_reselect_fails():
             raise OSError(f"image {i} is gone")
         return np.zeros((4, 4, 3), np.uint8)
 
-    ex, _ = _explorer(images)
+    ex, computed = _explorer(images)
     ex.select([3])
     calls["n"] = 1
     assert ex.recompute() is True                      # maps drawn; the selection is dropped
@@ -348,7 +350,13 @@ def test_explorer_recompute_never_raises_even_when_reselect_fails():
         raise RuntimeError("drawing failed")
 
     ex._check_result = boom                            # any failure inside, not only compute's
-    assert ex.recompute() is False
+    assert ex.recompute(force=True) is False
+    assert "drawing failed" in ex.status.value and "computing" not in ex.status.value
+    del ex._check_result                               # the real one again
+    ex._bind = boom                                    # a failure after the maps are computed
+    assert ex.recompute() is False and "while drawing the maps" in ex.status.value
+    n = len(computed)
+    assert ex.recompute() is False and len(computed) == n  # and on the path that redraws from memory
     assert "drawing failed" in ex.status.value and "computing" not in ex.status.value
 
 
