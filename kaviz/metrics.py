@@ -525,20 +525,28 @@ def _multilabel_inputs(scores, targets, difficult=None):
     return s, t, d
 
 
-def _ap_one(s: np.ndarray, t: np.ndarray) -> float:
-    """All-point interpolated AP of one class (VOC2010+ devkit): the area under the precision
-    envelope ``p̂(r) = max_{r' >= r} p(r')``, with tied scores taken together as one threshold."""
+def _pr_points(s: np.ndarray, t: np.ndarray):
+    """One class's (recall, precision) points, one per distinct score (tied scores taken together as
+    one threshold: the last row of each block of ties), in order of decreasing score; ``None`` when
+    the class has no positive."""
     npos = int(t.sum())
     if npos == 0:
-        return float("nan")
+        return None
     order = np.argsort(-s, kind="stable")
     s, t = s[order], t[order]
     tp = np.cumsum(t)
     fp = np.cumsum(~t)
-    # one (recall, precision) point per distinct score: the last row of each block of ties
     last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]
-    rec = tp[last] / npos
-    prec = tp[last] / (tp[last] + fp[last])
+    return tp[last] / npos, tp[last] / (tp[last] + fp[last])
+
+
+def _ap_one(s: np.ndarray, t: np.ndarray) -> float:
+    """All-point interpolated AP of one class (VOC2010+ devkit): the area under the precision
+    envelope ``p̂(r) = max_{r' >= r} p(r')``, with tied scores taken together as one threshold."""
+    points = _pr_points(s, t)
+    if points is None:
+        return float("nan")
+    rec, prec = points
     mrec = np.r_[0.0, rec, 1.0]
     mpre = np.r_[0.0, prec, 0.0]
     mpre = np.maximum.accumulate(mpre[::-1])[::-1]  # precision envelope
@@ -551,17 +559,11 @@ def _ap_non_interpolated(s: np.ndarray, t: np.ndarray) -> float:
     one's rank, ``Σ_i (r_i − r_{i−1}) · p(r_i)`` with no envelope; tied scores form one threshold
     (each positive of a block of ties gets the block's precision), as scikit-learn's
     ``average_precision_score``."""
-    npos = int(t.sum())
-    if npos == 0:
+    points = _pr_points(s, t)
+    if points is None:
         return float("nan")
-    order = np.argsort(-s, kind="stable")
-    s, t = s[order], t[order]
-    tp = np.cumsum(t)
-    fp = np.cumsum(~t)
-    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]
-    rec = np.r_[0.0, tp[last] / npos]
-    prec = tp[last] / (tp[last] + fp[last])
-    return float(np.sum(np.diff(rec) * prec))
+    rec, prec = points
+    return float(np.sum(np.diff(np.r_[0.0, rec]) * prec))
 
 
 #: The average-precision definitions :func:`average_precision` offers, by what they compute.

@@ -95,6 +95,20 @@ def test_non_interpolated_ap_is_the_mean_precision_at_each_true_positive():
         metrics.multilabel_map(s, t, ap="coco")
 
 
+def test_non_interpolated_ap_equals_scikit_learn_with_ties():
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(0)
+    s = rng.integers(0, 6, size=(200, 4)) / 5.0           # few distinct scores: many ties
+    t = rng.random((200, 4)) < 0.3
+    ap = metrics.average_precision(s, t.astype(int), ap="non_interpolated")
+    ref = [average_precision_score(t[:, c], s[:, c]) for c in range(4)]
+    np.testing.assert_allclose(ap, ref, rtol=1e-12)
+    # control: all-point (envelope) AP is a different number on the same data, never below
+    allpoint = metrics.average_precision(s, t.astype(int))
+    assert np.all(allpoint >= np.asarray(ref) - 1e-12) and not np.allclose(allpoint, ref)
+
+
 def test_depth_full_metric_set_against_hand_values():
     p = np.array([1.0, 1.5, 1.9, 3.0])
     t = np.ones(4)
