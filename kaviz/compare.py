@@ -598,6 +598,8 @@ def cka_heatmap(df, title: str = "CKA", zmin: float = 0.0, zmax: float = 1.0):
     written in the cells; rows: network A's layers (top to bottom), columns: network B's."""
     import plotly.graph_objects as go
 
+    from .plots import wrap_title
+
     z = df.to_numpy(dtype=float)
     text = [[("—" if not np.isfinite(v) else f"{v:.2f}") for v in row] for row in z]
     fig = go.Figure(go.Heatmap(z=z, x=[str(c) for c in df.columns], y=[str(i) for i in df.index], text=text,
@@ -605,7 +607,10 @@ def cka_heatmap(df, title: str = "CKA", zmin: float = 0.0, zmax: float = 1.0):
                                colorbar=dict(title="CKA")))
     fig.update_yaxes(autorange="reversed", title=df.index.name or "A")
     fig.update_xaxes(title=df.columns.name or "B")
-    return fig.update_layout(title=title, height=120 + 45 * len(df.index), width=220 + 90 * len(df.columns))
+    width = 220 + 90 * len(df.columns)
+    title = wrap_title(title, width)
+    return fig.update_layout(title=title, height=120 + 45 * len(df.index) + 22 * title.count("<br>"),
+                             width=width, margin_t=80 + 22 * title.count("<br>"))
 
 
 def probe_curves(tables: Mapping, title: str = "linear-probe accuracy per layer"):
@@ -614,7 +619,7 @@ def probe_curves(tables: Mapping, title: str = "linear-probe accuracy per layer"
     shuffled-label control (when probed) dotted, and chance as a grey line."""
     import plotly.graph_objects as go
 
-    from .plots import palette
+    from .plots import palette, wrap_title
 
     fig = go.Figure()
     colors = palette(len(tables))
@@ -631,8 +636,10 @@ def probe_curves(tables: Mapping, title: str = "linear-probe accuracy per layer"
         chance = float(t["chance"].max()) if chance is None else max(chance, float(t["chance"].max()))
     if chance is not None:
         fig.add_hline(y=chance, line=dict(color="grey", dash="dash"), annotation_text="majority class")
+    title = wrap_title(title)
     return fig.update_layout(title=title, xaxis_title="layer (depth order; hover for names)",
-                             yaxis_title="accuracy (cross-validated)", yaxis_range=[0, 1.02], height=380)
+                             yaxis_title="accuracy (cross-validated)", yaxis_range=[0, 1.02],
+                             height=380 + 22 * title.count("<br>"), margin_t=80 + 22 * title.count("<br>"))
 
 
 def consistency_bars(table, title: str = "which teacher explains the student's feature?"):
@@ -641,7 +648,7 @@ def consistency_bars(table, title: str = "which teacher explains the student's f
     in the inconsistent rest x^Δ."""
     import plotly.graph_objects as go
 
-    from .plots import palette
+    from .plots import palette, wrap_title
 
     orders = [c for c in table.columns if c.startswith("share ") and c not in ("share g(x_A)", "share x^Δ")]
     cols = orders + ["share x^Δ"]
@@ -650,7 +657,9 @@ def consistency_bars(table, title: str = "which teacher explains the student's f
     for c, col in zip(cols, colors):
         fig.add_trace(go.Bar(x=[str(i) for i in table.index], y=table[c], name=c.replace("share ", ""),
                              marker_color="lightgrey" if c == "share x^Δ" else col))
-    return fig.update_layout(barmode="group", title=title, yaxis_title="share of Var(x_S)", height=380)
+    title = wrap_title(title)
+    return fig.update_layout(barmode="group", title=title, yaxis_title="share of Var(x_S)",
+                             height=380 + 22 * title.count("<br>"), margin_t=80 + 22 * title.count("<br>"))
 
 
 # ---------------------------------------------------------------------------------------- widget

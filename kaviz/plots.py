@@ -30,7 +30,7 @@ import pandas as pd
 __all__ = ["embedding_scatter", "highlight", "training_curves", "feature_grid", "image_grid",
            "bar", "palette", "palette_tier", "SYMBOLS", "to_rgb_uint8", "png_bytes", "side_by_side",
            "label_image", "scalar_image", "dense_predictions", "map_title", "fit_width", "MAX_WIDTH",
-           "PLOTLY_CONFIG", "heat_scale", "class_name"]
+           "PLOTLY_CONFIG", "heat_scale", "class_name", "wrap_title"]
 
 # Colour-blind aware base hues: Okabe & Ito's set (its yellow darkened a little to read on white, its
 # black replaced by indigo), then wine and grey. The first eight stay apart under simulated deutan and
@@ -86,6 +86,17 @@ def palette_tier(i: int) -> int:
 def fit_width(width: float | None, limit: int = MAX_WIDTH) -> int | None:
     """``width`` capped at ``limit`` px (``None`` stays ``None``: the figure fills its cell)."""
     return None if width is None else int(min(width, limit))
+
+
+def wrap_title(text: str, width: int | None = None, font_px: int = 17) -> str:
+    """A figure title broken into ``<br>`` lines that fit ``width`` px (``None``: the ~650 px of a
+    narrow notebook cell), so that a long title is not cut at the figure's edge (plotly never
+    wraps titles). Breaks at spaces; a title that fits is returned unchanged."""
+    import textwrap
+
+    chars = max(20, int(((width or 650) - 80) / (0.55 * font_px)))
+    text = str(text)
+    return text if len(text) <= chars else "<br>".join(textwrap.wrap(text, chars))
 
 
 def map_title(space: str | None = None, *, model: str | None = None, layer: str | None = None,

@@ -437,3 +437,17 @@ def test_highlight_clears_drawn_boxes():
     P.highlight(fig, [1, 2], clear_boxes=False)
     assert len(fig.layout.selections) == 1
 
+
+
+def test_wrap_title_breaks_long_titles_to_the_figure_width():
+    short = "CFL: student vs teacher"
+    assert P.wrap_title(short) == short                        # fits: unchanged
+    long = ("LSHFM: what each teacher (and its random-init control) explains of the student's fc.feat_fc "
+            "on the validation images")
+    wrapped = P.wrap_title(long)
+    lines = wrapped.split("<br>")
+    assert len(lines) >= 2 and " ".join(lines) == long              # nothing lost, broken at spaces
+    assert max(map(len, lines)) < len(long)
+    # control: a wider figure needs fewer lines, a narrower one more
+    assert len(P.wrap_title(long, 2000).split("<br>")) == 1
+    assert len(P.wrap_title(long, 300).split("<br>")) > len(lines)
