@@ -285,6 +285,7 @@ class EmbeddingExplorer:
                                 # it through df.attrs["layer"] if it wants it in the title
                                 layer=df.attrs.get("layer", args[1] if k == 0 else None)))
                         for k, (df, title) in enumerate(zip(dfs, self.titles))]
+                _fit_titles(figs, widths)
         except Exception as e:  # noqa: BLE001 - shown to the user, never raised from a callback
             self.status.value = f"{_error_text(e)} (model={args[0]}, layer={args[1]}, " \
                                 f"method={args[2]}, params={args[3]})"
@@ -307,9 +308,7 @@ class EmbeddingExplorer:
         for k, (fw, fig) in enumerate(zip(self.figures, figs)):
             last = k == len(figs) - 1
             # one legend is enough (same classes, same networks): on the last panel
-            fig.update_layout(showlegend=last, title_font_size=13)
-            if not last:  # no room kept for a (hidden) wrapped legend: maps of equal size
-                fig.update_layout(height=430, margin_b=10)
+            fig.update_layout(showlegend=last)
             # the highlight and the cleared boxes travel in the same message as the new maps
             plots.highlight(fig, keep)
             _update_figure(fw, fig)
@@ -580,6 +579,24 @@ def _dropdown_width(options, description_px: int = 90) -> str:
     plus the description and the arrow), between 150 and 480 px."""
     longest = max((len(str(o)) for o in options), default=8)
     return f"{int(min(max(description_px + 7.5 * longest + 30, 150), 480))}px"
+
+
+def _fit_titles(figs, widths, height: int = 430, font_px: int = 13) -> None:
+    """Titles broken into lines that fit each map's width (a map title names space, model, layer
+    and method, and would be cut at the map's edge), with the same top margin on every panel so
+    that the maps stay aligned; the last panel keeps the legend rows below its map, the others
+    are ``height`` tall plus the title lines."""
+    titles = [plots.wrap_title(f.layout.title.text or "", w, font_px=font_px) for f, w in zip(figs, widths)]
+    extra = 18 * max((t.count("<br>") for t in titles), default=0)
+    for k, (fig, title) in enumerate(zip(figs, titles)):
+        fig.update_layout(title_text=title or None, title_font_size=font_px, margin_t=fig.layout.margin.t + extra)
+        if k < len(figs) - 1:  # no room kept for a (hidden) legend: maps of equal size
+            fig.update_layout(height=height + extra, margin_b=10)
+        else:
+            fig.update_layout(height=fig.layout.height + extra)
+        if extra:  # title lines from the top down, clear of a legend row above the map
+            # (plotly anchors a multi-line title by its first line: 22 px puts that line ~10 px down)
+            fig.update_layout(title_yref="container", title_yanchor="top", title_y=1 - 22 / fig.layout.height)
 
 
 def _panel_widths(n: int) -> list[int]:

@@ -76,6 +76,27 @@ def test_initial_compute_and_status(capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_map_titles_wrap_to_the_map_width_and_the_maps_stay_aligned():
+    long = "common space (KD: output space), the space the KD student's logits live in"
+    ex, _ = make(titles=(long, "feature space"))
+    first, second = ex.figures
+    assert "<br>" in first.layout.title.text
+    assert first.layout.title.text.replace("<br>", " ").startswith(long + " · cfl · layer3")
+    assert second.layout.title.text == "feature space · cfl · t-SNE (perplexity 30)"   # fits: one line
+    assert first.layout.margin.t == second.layout.margin.t > 60     # room for the lines, on both
+    assert first.layout.height > 430                               # the map itself keeps 430 - margins
+    assert [f.layout.title.text for f in ex.static_figures()] == [first.layout.title.text,
+                                                                    second.layout.title.text]
+    # control: short titles are untouched and need no extra room
+    short, _ = make()
+    assert short.figures[0].layout.height == 430 and short.figures[0].layout.margin.t == 60
+    title, height = first.layout.title.text, first.layout.height
+    ex.layer_dd.value = "layer4"
+    assert "layer4" in ex.figures[0].layout.title.text.replace("<br>", " ")
+    ex.layer_dd.value = "layer3"                                   # from memory: not wrapped twice
+    assert ex.figures[0].layout.title.text == title and ex.figures[0].layout.height == height
+
+
 def test_layer_dropdown_follows_model_and_recomputes():
     ex, compute = make()
     ex.layer_dd.value = "layer4"
