@@ -772,9 +772,9 @@ class NetworkPicker:
     def _ipython_display_(self):
         from IPython.display import display
 
-        from .widgets import in_kernel
+        from .widgets import in_kernel, sync_views
 
-        display(self.widget if in_kernel() else self.figure())
+        display(sync_views(self.widget) if in_kernel() else self.figure())
 
 
 def _esc(e) -> str:

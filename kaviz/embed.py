@@ -604,6 +604,51 @@ def _run_tsne(X, names, sources, fit_names, mode, reference, eff, seed):
     return np.concatenate([placed[k] for k in names], axis=0)
 
 
+_UMAP_MODULES = ("umap.umap_", "umap.layouts", "umap.utils", "umap.spectral", "umap.distances",
+                 "umap.sparse")
+_umap_cache_on = False
+
+
+def _import_umap():
+    """``import umap`` with numba's on-disk cache switched on for umap's jitted functions.
+
+    umap compiles most of them without ``cache=True``, so every new kernel spent ~10 s (2 cores)
+    compiling on its first UMAP; with the cache, the compiled code is written once (``make setup``
+    runs :func:`warm_umap`) and a new kernel's first UMAP of 1,200 points takes ~1 s (measured,
+    tests/browser). numba keys the cache by the function's source and the CPU, so results are the
+    same as compiling afresh."""
+    global _umap_cache_on
+    import importlib
+
+    import umap
+
+    if not _umap_cache_on:
+        from numba.core.registry import CPUDispatcher
+
+        for name in _UMAP_MODULES:
+            try:
+                mod = importlib.import_module(name)
+            except ImportError:
+                continue
+            for obj in vars(mod).values():
+                if isinstance(obj, CPUDispatcher) and type(getattr(obj, "_cache", None)).__name__ == "NullCache":
+                    obj.enable_caching()
+        _umap_cache_on = True
+    return umap
+
+
+def warm_umap(n: int = 300, dim: int = 32) -> float:
+    """Run UMAP once on random data (joint and reference mode) so that its compiled code is in
+    numba's on-disk cache for every later process; returns the seconds taken."""
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(0)
+    feats = {k: rng.normal(size=(n, dim)).astype(np.float32) for k in ("a", "b")}
+    labels = rng.integers(0, 5, n)
+    embed(feats, labels, method="umap", cache=False)
+    embed(feats, labels, method="umap", mode="reference", reference="a", cache=False)
+    return time.perf_counter() - t0
+
+
 def _run_umap(X, names, sources, fit_names, mode, reference, eff, seed):
     blocks = _blocks(X, names, sources)
     X_fit = np.concatenate([blocks[k] for k in fit_names], axis=0)
@@ -618,7 +663,7 @@ def _run_umap(X, names, sources, fit_names, mode, reference, eff, seed):
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=ImportWarning)  # "Tensorflow not installed"
-        import umap
+        umap = _import_umap()
 
         eff["n_neighbors"] = int(min(eff["n_neighbors"], X_fit.shape[0] - 1))
         model = umap.UMAP(

@@ -251,7 +251,7 @@ def _scatter_trace(Trace, part, color, s, c, symbol, size, continuous, style_of,
         legendgroup=f"class:{cname}" if not continuous else f"source:{src}",
         showlegend=continuous,  # class entries: set once per class by _show_each_class_once
         customdata=part["index"].to_numpy(dtype=np.int64), text=text,
-        marker=marker, meta={"source": _py(s), "label": _py(c)},
+        marker=marker, meta={"source": _py(s), "label": _py(c), "opacity": marker["opacity"]},
         hovertemplate="<br>".join(x for x in lines if x) + "<extra></extra>")
 
 
@@ -306,37 +306,71 @@ def _scatter_layout(fig, df, color, symbol, title, height, width, many_sources, 
 
 def highlight(fig, indices=None, *, dim: float = 0.12, clear_boxes: bool = True):
     """Highlight the points whose ``customdata`` (sample index) is in ``indices`` in every trace
-    of ``fig`` (a ``go.Figure`` or ``go.FigureWidget``, changed in place and returned); the other
-    points are dimmed to opacity ``dim``. ``indices=None`` clears the highlight.
+    of ``fig`` (a ``go.Figure`` or ``go.FigureWidget``, changed in place and returned): they are
+    drawn opaque, the other points dimmed to opacity ``dim``. ``indices=None`` clears the
+    highlight (every point back to its trace's opacity).
+
+    The highlight is per-point ``marker.opacity``, not plotly's ``selectedpoints``: plotly.js
+    owns ``selectedpoints`` while a box or lasso is drawn in a browser and resets it when the box
+    goes, at a moment of its own, which would wipe a highlight kept there (measured with
+    tests/browser; docs/decisions.md). A trace's own opacity is kept in ``meta["opacity"]`` so
+    that clearing restores it.
 
     ``clear_boxes`` (default) also removes the boxes and lassos drawn on the figure
-    (``layout.selections``): plotly re-applies a drawn box to whatever lies inside it, so a box
-    kept after a recompute or next to a selection made in another map would highlight other
-    points than ``indices``. Without it, the same selection looks the same in every map."""
-    keep = None if indices is None else set(int(i) for i in np.asarray(list(indices)).ravel())
+    (``layout.selections``) and plotly's own selection: plotly re-applies a drawn box to whatever
+    lies inside it, so a box kept after a recompute or next to a selection made in another map
+    would show other points than ``indices``."""
+    keep = None if indices is None else np.asarray(
+        sorted({int(i) for i in np.asarray(list(indices)).ravel()}), dtype=np.int64)
     with fig.batch_update():  # one message to the browser for a FigureWidget
         # Only boxes the Python side knows of: a box drawn in a browser is not synced back to a
-        # FigureWidget, and removing it from Python makes plotly.js fire a deselect event (measured
-        # with tests/browser), which a widget must then tell apart from a user's deselect.
+        # FigureWidget (kaviz.widgets clears those itself).
         if clear_boxes and fig.layout.selections:
             fig.layout.selections = ()
         for tr in fig.data:
-            if getattr(tr, "meta", None) and isinstance(tr.meta, dict) and \
-                    tr.meta.get("legend_only"):
+            meta = tr.meta if isinstance(tr.meta, dict) else None
+            if meta and meta.get("legend_only"):
                 continue
             cd = tr.customdata
             if cd is None:
                 continue
-            if keep is None:
+            base = base_opacity(tr)
+            if meta is not None and meta.get("opacity") != base:
+                tr.meta = {**meta, "opacity": base}
+            elif tr.meta is None:
+                tr.meta = {"opacity": base}
+            if clear_boxes and tr.selectedpoints is not None:
                 tr.selectedpoints = None
-                tr.unselected = None
-                tr.selected = None
+            if keep is None:
+                tr.marker.opacity = base
             else:
-                cd = np.asarray(cd).reshape(len(cd), -1)[:, 0]
-                tr.selectedpoints = [int(i) for i in np.flatnonzero(np.isin(cd, list(keep)))]
-                tr.selected = dict(marker=dict(opacity=1.0))
-                tr.unselected = dict(marker=dict(opacity=dim))
+                cd = np.asarray(cd).reshape(len(cd), -1)[:, 0].astype(np.int64)
+                tr.marker.opacity = np.where(np.isin(cd, keep), 1.0, float(dim)).astype(np.float32)
     return fig
+
+
+def base_opacity(trace) -> float:
+    """A trace's own marker opacity: ``meta["opacity"]`` once :func:`highlight` has seen it,
+    else its scalar ``marker.opacity`` (1 when unset or already per-point)."""
+    meta = trace.meta if isinstance(trace.meta, dict) else {}
+    if meta.get("opacity") is not None:
+        return float(meta["opacity"])
+    op = trace.marker.opacity
+    return float(op) if op is not None and np.ndim(op) == 0 else 1.0
+
+
+def highlighted(fig) -> set[int] | None:
+    """The sample indices :func:`highlight` shows opaque in ``fig`` (every trace), or None when
+    nothing is highlighted (no trace has per-point opacities)."""
+    out, any_ = set(), False
+    for tr in fig.data:
+        op = tr.marker.opacity
+        if tr.customdata is None or op is None or np.ndim(op) == 0:
+            continue
+        any_ = True
+        cd = np.asarray(tr.customdata).reshape(len(tr.customdata), -1)[:, 0]
+        out.update(int(i) for i in cd[np.asarray(op, dtype=float) >= 1.0])
+    return out if any_ else None
 
 
 class _Nan:

@@ -94,7 +94,6 @@ class EmbeddingExplorer:
                  titles: Sequence[str] = ("feature space", "common space"), images=None,
                  class_names=None, defaults: Mapping | None = None):
         import ipywidgets as W
-        import plotly.graph_objects as go
 
         if not callable(compute):
             raise TypeError("compute must be a callable (model, layer, method, params) -> "
@@ -120,6 +119,7 @@ class EmbeddingExplorer:
         self._labels: dict[int, object] = {}
         self._suspend = False
         self._memo: dict = {}
+        self._browser_boxes: set[int] = set()  # maps with a box drawn in the browser, not yet removed
         self._hover_png: dict = {}
 
         all_layers = [x for m in self.models for x in self.layers[m]]
@@ -148,7 +148,7 @@ class EmbeddingExplorer:
         self.recompute_btn = W.Button(description="recompute", icon="refresh",
                                       layout=W.Layout(width="120px"))
         self.status = W.Label(value="")
-        self.figures = [go.FigureWidget() for _ in self.titles]
+        self.figures = [map_widget() for _ in self.titles]
         for k, fw in enumerate(self.figures):
             fw._config = plots.PLOTLY_CONFIG  # no "share chart" button, no plotly logo
             # a box or lasso drawn in the browser: see select_region (why not on_selection)
@@ -311,15 +311,18 @@ class EmbeddingExplorer:
             fig.update_layout(showlegend=last)
             # the highlight and the cleared boxes travel in the same message as the new maps
             plots.highlight(fig, keep)
-            _update_figure(fw, fig)
+            _update_figure(fw, fig, browser_box=k in self._browser_boxes)
+            if k in self._browser_boxes:
+                _reset_browser_selection(fw)
             self._bind(k)
+        self._browser_boxes.clear()
         for fw in self.figures[len(figs):]:
             _replace_figure(fw, _empty_figure())
         # a FigureWidget's .layout is plotly's, not the ipywidgets one: hide unused panels by
         # leaving them out of the box
         kids = (*self.figures[:len(figs)], self.side_panel)
         if tuple(self._maps_box.children) != kids:
-            self._maps_box.children = kids
+            self._maps_box.children = tuple(sync_views(w) for w in kids)
         self.results = tuple(dfs)
         if keep:
             self._show_selection(keep, montage)
@@ -350,19 +353,19 @@ class EmbeddingExplorer:
             indices = sorted({int(i) for i in np.asarray(list(indices)).ravel()})
             if not indices:
                 indices = None
-        if indices is None:
-            self.selection = None
-            for fw in self.figures:
-                _clear_boxes(fw)
-                plots.highlight(fw, None, clear_boxes=False)
-            self._set_side("<i>hover or select points</i>", b"")
-            return
-        montage = self._check_indices(indices)  # may raise: nothing set yet
+        montage = None if indices is None else self._check_indices(indices)  # may raise: nothing set yet
         self.selection = indices
-        for fw in self.figures:
-            _clear_boxes(fw)
-            plots.highlight(fw, indices, clear_boxes=False)
-        self._show_selection(indices, montage)
+        for k, fw in enumerate(self.figures):
+            with fw.batch_update():  # one message: box removed, highlight set
+                _clear_boxes(fw, browser_box=k in self._browser_boxes)
+                plots.highlight(fw, indices)
+            if k in self._browser_boxes:
+                _reset_browser_selection(fw)
+        self._browser_boxes.clear()
+        if indices is None:
+            self._set_side("<i>hover or select points</i>", b"")
+        else:
+            self._show_selection(indices, montage)
 
     def select_region(self, panel: int, shapes) -> list[int]:
         """Select the points inside ``shapes`` drawn on map ``panel``: plotly selection shapes
@@ -427,7 +430,7 @@ class EmbeddingExplorer:
         if in_kernel():
             from IPython.display import display
 
-            display(self.widget)
+            display(sync_views(self.widget))
             return None
         return self.static_figures()
 
@@ -435,7 +438,7 @@ class EmbeddingExplorer:
         from IPython.display import display
 
         if in_kernel():
-            display(self.widget)
+            display(sync_views(self.widget))
         else:
             for fig in self.static_figures():
                 display(fig)
@@ -471,12 +474,10 @@ class EmbeddingExplorer:
         if "selections" not in data:
             return
         shapes = [_clean_shape(s) for s in (data["selections"] or []) if isinstance(s, Mapping)]
-        fw = self.figures[k]
         if shapes:
-            # plotly's widget does not keep a browser-drawn box in the kernel's layout (its
-            # undefined fields fail validation), so the highlight below could not remove it:
-            # record it first (the browser already shows it; this redraws it unchanged)
-            self._safe(setattr, fw.layout, "selections", shapes)
+            # the browser shows a box the kernel's layout does not hold (plotly's widget drops
+            # it: its undefined fields fail validation); select() removes it
+            self._browser_boxes.add(k)
         self._safe(self.select_region, k, shapes)
 
     def _safe(self, fn, *args):
@@ -606,7 +607,58 @@ def _panel_widths(n: int) -> list[int]:
     return [each] * (n - 1) + [each + _LEGEND_PX]
 
 
-def _update_figure(fw, fig):
+_MAP_WIDGET = None
+
+
+def sync_views(widget):
+    """Make the state a new browser view starts from current for every plotly FigureWidget in the
+    widget tree ``widget``; returns ``widget``. Call it before displaying a box that holds
+    FigureWidgets, or before adding one to a displayed box.
+
+    A FigureWidget's view draws from the model's ``_widget_data`` / ``_widget_layout`` / ``_config``
+    and then applies the edit messages that follow. plotly refreshes those fields only when the
+    FigureWidget itself is displayed (``_repr_mimebundle_``), never as a child of a box, and edits
+    sent before the browser has loaded plotly's widget code change nothing there: such a view
+    showed empty axes and plotly's default toolbar (2 of 5 page loads, tests/browser)."""
+    from plotly.basewidget import BaseFigureWidget
+
+    stack = [widget]
+    while stack:
+        w = stack.pop()
+        if isinstance(w, BaseFigureWidget):
+            w._repr_mimebundle_()  # plotly's own refresh of _widget_data / _widget_layout
+            w.send_state(["_widget_data", "_widget_layout", "_config"])  # sent even when unchanged
+        stack.extend(getattr(w, "children", None) or ())
+    return widget
+
+
+def map_widget(*args, **kwargs):
+    """A ``go.FigureWidget`` for maps whose selection the kernel owns (the explorer's): plotly's
+    ``plotly_selected`` / ``plotly_deselect`` points events are dropped. Plain FigureWidget
+    answers each of them by setting every trace's ``selectedpoints`` to the event's points and
+    sending that back, one message per trace; after the box that made a selection is removed,
+    plotly.js reports an empty selection, so the echo dimmed every point of the map where the box
+    was drawn, a second after the highlight was drawn (measured with tests/browser; see
+    docs/decisions.md). Hover and click events are dispatched as usual."""
+    global _MAP_WIDGET
+    if _MAP_WIDGET is None:
+        import plotly.graph_objects as go
+        from traitlets import observe
+
+        class MapWidget(go.FigureWidget):
+            @observe("_js2py_pointsCallback")
+            def _handler_js2py_pointsCallback(self, change):
+                new = change["new"]
+                if new and new.get("event_type") in ("plotly_selected", "plotly_deselect"):
+                    self._js2py_pointsCallback = None
+                    return
+                super()._handler_js2py_pointsCallback(change)
+
+        _MAP_WIDGET = MapWidget
+    return _MAP_WIDGET(*args, **kwargs)
+
+
+def _update_figure(fw, fig, browser_box: bool = False):
     """Redraw FigureWidget ``fw`` as ``fig``. With the same traces (same classes and sources: a
     new layer or method of the same samples) only the coordinates, sample indices, highlight and
     title are sent, in one message; otherwise the figure is replaced."""
@@ -615,16 +667,18 @@ def _update_figure(fw, fig):
         and _same(a.marker.color, b.marker.color) and a.marker.symbol == b.marker.symbol
         for a, b in zip(fw.data, fig.data))
     if not same:
-        _clear_boxes(fw)
+        with fw.batch_update():
+            _clear_boxes(fw, browser_box=browser_box)
         _replace_figure(fw, fig)
         return False
-    _clear_boxes(fw)
     with fw.batch_update():
+        _clear_boxes(fw, browser_box=browser_box)
         for a, b in zip(fw.data, fig.data):
             a.x, a.y, a.customdata = b.x, b.y, b.customdata
             if a.text is not None or b.text is not None:
                 a.text = b.text
-            a.selectedpoints, a.selected, a.unselected = b.selectedpoints, b.selected, b.unselected
+            a.selectedpoints = None
+            a.marker.opacity, a.meta = b.marker.opacity, b.meta
         fw.layout.title = fig.layout.title
         fw.layout.xaxis.title = fig.layout.xaxis.title
         fw.layout.yaxis.title = fig.layout.yaxis.title
@@ -633,11 +687,28 @@ def _update_figure(fw, fig):
     return True
 
 
-def _clear_boxes(fw):
-    """Remove the boxes and lassos drawn on ``fw``, in a message of its own: plotly.js clears a
-    map's highlight (``selectedpoints``) when its boxes go, so the highlight must come after."""
+_ANY_BOX = {"type": "rect", "xref": "x", "yref": "y", "x0": 0, "x1": 0, "y0": 0, "y1": 0}
+
+
+def _clear_boxes(fw, browser_box: bool = False):
+    """Remove the boxes and lassos drawn on ``fw``. Call inside ``fw.batch_update()``.
+
+    ``browser_box``: a box drawn in the browser, which the kernel's layout does not hold, so that
+    plotly would see no change to send. A placeholder box set and removed in the same batch makes
+    the batch carry ``selections: []`` to the browser (one message, no redraw of the box)."""
+    if browser_box and not fw.layout.selections:
+        fw.layout.selections = [_ANY_BOX]
     if fw.layout.selections:
         fw.layout.selections = ()
+
+
+def _reset_browser_selection(fw):
+    """Tell the browser that no point of ``fw`` is in plotly's own selection state (the box that
+    set it is gone): the browser set ``selectedpoints`` itself, which the kernel never sees, so
+    plotly's change detection would send nothing; the restyle is sent directly."""
+    idx = [i for i, tr in enumerate(fw.data) if tr.customdata is not None]
+    if idx:
+        fw._send_restyle_msg({"selectedpoints": [None] * len(idx)}, trace_indexes=idx)
 
 
 def _clean_shape(shape) -> dict:
@@ -773,7 +844,8 @@ class LinkedControls:
     def _show(self, view):
         """Make ``view`` (the FigureWidget or the Output) the last child of the box, alone."""
         kids = tuple(c for c in self._box.children if c is not self.output and not _is_figure_widget(c))
-        self._box.children = kids + (view,)
+        if view not in self._box.children:
+            self._box.children = kids + (sync_views(view),)
 
     def show(self):
         """Display the widget in a live kernel (returns None); elsewhere return ``fn``'s result
@@ -781,14 +853,14 @@ class LinkedControls:
         if in_kernel():
             from IPython.display import display
 
-            display(self.widget)
+            display(sync_views(self.widget))
             return None
         return self.result
 
     def _ipython_display_(self):
         from IPython.display import display
 
-        display(self.widget if in_kernel() else self.result)
+        display(sync_views(self.widget) if in_kernel() else self.result)
 
     def _on_change(self, change):
         if not self._suspend:

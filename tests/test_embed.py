@@ -287,3 +287,24 @@ def test_embed_models_extracts_each_layer_and_embeds_jointly():
     assert list(df["label"][:3]) == [0, 1, 2] and list(df["index"][:3]) == [0, 1, 2]
     with pytest.raises(ValueError, match="pair"):
         E.embed_models({"a": a}, ds, method="pca")
+
+
+def test_umap_jit_cache_switched_on():
+    # issue 18: a new kernel's first UMAP took 13 s compiling umap's numba functions, which umap
+    # does not cache; kaviz switches numba's on-disk cache on for them (make setup fills it)
+    import umap.umap_ as U
+    from numba.core.registry import CPUDispatcher
+
+    E._import_umap()
+    jitted = [f for f in vars(U).values() if isinstance(f, CPUDispatcher)]
+    assert jitted, "control: umap.umap_ has numba functions"
+    assert all(type(f._cache).__name__ != "NullCache" for f in jitted)
+    assert type(U.fast_knn_indices._cache).__name__ == "FunctionCache"
+    # control: umap alone leaves it off (a fresh process)
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", "import umap.umap_ as U; "
+                          "print(type(U.fast_knn_indices._cache).__name__)"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    assert out[-1] == "NullCache"

@@ -87,10 +87,13 @@ def test_scatter_selected_and_highlight():
     fig = P.embedding_scatter(df, selected=[0, 4])
     for t in data_traces(fig):
         expect = [k for k, i in enumerate(t.customdata) if i in (0, 4)]
-        assert list(t.selectedpoints) == expect
-        assert t.unselected.marker.opacity < 0.5
+        op = np.asarray(t.marker.opacity)
+        assert list(np.flatnonzero(op == 1)) == expect
+        assert (op[op < 1] < 0.5).all() and t.selectedpoints is None
+    assert P.highlighted(fig) == {0, 4}
     P.highlight(fig, None)
-    assert all(t.selectedpoints is None for t in fig.data)
+    assert P.highlighted(fig) is None
+    assert all(t.marker.opacity == 0.85 for t in data_traces(fig))     # each trace's own opacity back
 
 
 def test_scatter_continuous_colour_and_hover_columns():

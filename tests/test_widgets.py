@@ -49,11 +49,12 @@ def make(**kw):
 
 
 def selected_indices(fw):
-    out = set()
-    for t in fw.data:
-        if t.selectedpoints is not None and t.customdata is not None:
-            out |= {int(t.customdata[i]) for i in t.selectedpoints}
-    return out
+    return P.highlighted(fw) or set()
+
+
+def n_highlighted_points(fw):
+    return sum(int((np.asarray(t.marker.opacity) >= 1).sum()) for t in fw.data
+               if t.customdata is not None and np.ndim(t.marker.opacity) == 1)
 
 
 def js_event(fw, event, pairs):
@@ -159,14 +160,14 @@ def test_select_highlights_same_indices_in_every_panel_and_source():
     ex.select([2, 5])
     for fw in ex.figures:
         assert selected_indices(fw) == {2, 5}
-        n_points = sum(len(t.selectedpoints) for t in fw.data if t.selectedpoints is not None)
-        assert n_points == 4                           # both sources show each index
+        assert n_highlighted_points(fw) == 4                          # both sources show each index
     assert "2 selected" in ex.side_caption.value
     assert ex.side_image.value[:4] == b"\x89PNG"
     ex.method_dd.value = "pca"                         # new maps, same images highlighted
     assert all(selected_indices(fw) == {2, 5} for fw in ex.figures)
     ex.select(None)
-    assert all(t.selectedpoints is None for fw in ex.figures for t in fw.data)
+    assert all(P.highlighted(fw) is None for fw in ex.figures)
+    assert all(t.marker.opacity == 0.85 for fw in ex.figures for t in fw.data if t.customdata is not None)
     assert ex.side_image.value == b""
 
 
@@ -178,6 +179,22 @@ def browser_relayout(fw, selections):
     fw._js2py_relayout = {"relayout_data": {"selections": [
         {**s, "opacity": Undefined, "line": {"color": Undefined, "width": 1, "dash": "dot"}}
         for s in selections]}, "source_view_id": "view"}
+
+
+def sent_to_browser(figures):
+    """Per FigureWidget, the update messages the kernel sends to the browser from now on."""
+    sent = [[] for _ in figures]
+    for k, fw in enumerate(figures):
+        fw.observe(lambda ch, k=k: ch["new"] and sent[k].append(ch["new"]), names="_py2js_update")
+    return sent
+
+
+def restyles_to_browser(figures):
+    """Per FigureWidget, the restyle messages the kernel sends to the browser from now on."""
+    sent = [[] for _ in figures]
+    for k, fw in enumerate(figures):
+        fw.observe(lambda ch, k=k: ch["new"] and sent[k].append(ch["new"]), names="_py2js_restyle")
+    return sent
 
 
 def points_of(fw):
@@ -193,11 +210,33 @@ def test_box_and_lasso_drawn_in_one_map_select_in_the_other():
     box = {"type": "rect", "xref": "x", "yref": "y", "x0": 0.5, "x1": -0.5, "y0": -0.4, "y1": 0.8}
     expect = {i for x, y, i in pts if -0.5 <= x <= 0.5 and -0.4 <= y <= 0.8}
     assert expect and len(expect) < N
+    sent = sent_to_browser(ex.figures)
+    restyles = restyles_to_browser(ex.figures)
     browser_relayout(fw0, [box])
     assert ex.selection == sorted(expect)
     assert selected_indices(fw0) == selected_indices(fw1) == expect
-    # the drawn box is removed (the highlight alone shows the selection, the same in both maps)
+    # the drawn box is removed (the highlight alone shows the selection, the same in both maps):
+    # the kernel never held it, so this takes an explicit message, the same one as the highlight,
+    # and plotly's own selection state in that map is reset
     assert not fw0.layout.selections and not fw1.layout.selections
+    assert [m["layout_data"].get("selections") for m in sent[0]] == [[]], sent[0]
+    assert all("marker.opacity" in m["style_data"] for m in sent[0] + sent[1])
+    assert [m["layout_data"].get("selections") for m in sent[1]] == [None]  # no box there
+    assert [m["restyle_data"] for m in restyles[0]] == [{"selectedpoints": [None] * 6}]
+    assert not restyles[1]
+    # plotly.js then reports an empty selection in that map: it is not echoed back as an empty
+    # selectedpoints (which dimmed every point); control: a plain FigureWidget does echo it
+    sent = sent_to_browser(ex.figures)
+    js_event(fw0, "plotly_selected", [])
+    assert selected_indices(fw0) == expect and not sent[0] and not restyles[0][1:]
+    plain = go.FigureWidget(fw0)
+    js_event(plain, "plotly_selected", [])
+    assert all(t.selectedpoints == () for t in plain.data)
+    # control: a selection from Python when no box is drawn sends no box removal
+    sent = sent_to_browser(ex.figures)
+    ex.select([0, 2])
+    assert all(m["layout_data"].get("selections") is None for k in (0, 1) for m in sent[k])
+    browser_relayout(fw0, [box])
     assert "selected" in ex.side_caption.value and ex.side_image.layout.display is None
     # a lasso (closed path, even-odd rule) in the other map: a triangle
     tri = [(-1.0, -1.0), (1.5, -1.0), (0.0, 1.2)]
