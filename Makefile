@@ -76,13 +76,15 @@ test: setup lint
 	@echo "every paper notebook's real-data switch on real-format fixtures (tests/test_realdata_notebooks.py)"
 	CI=1 $(PY) -m pytest -q -m realdata tests
 	CI=1 $(PY) -m pytest -q $(NBVAL) $(NOTEBOOKS)
+	@echo "getting_started and common_feature_learning in JupyterLab, driven in headless chromium (tests/browser)"
+	CI=1 KAVIZ_BROWSER_TEST=1 $(PY) -m pytest -q -s -p no:cacheprovider tests/browser
 	@echo "nbval under another floating-point path: $(ALT_FP)"
 	CI=1 $(ALT_FP) $(PY) -m pytest -q $(NBVAL) $(NOTEBOOKS)
 
-# Not yet part of `make test`: on today's widgets it measures linked selection at 1/20 (issue 18 is open).
-# getting_started in JupyterLab, driven by Playwright in headless Debian chromium (/usr/bin/chromium; Playwright
-# never downloads a browser). Skips with the reason when chromium or playwright is missing. Screenshots on
-# failure: reports/browser/.
+# getting_started and common_feature_learning in JupyterLab, driven by Playwright in headless Debian chromium
+# (/usr/bin/chromium; Playwright never downloads a browser; .ci/run installs it with apt). Part of `make test`,
+# after nbval has cached the teachers under the pinned path. Skips with the reason when chromium or
+# playwright is missing. Prints the latencies; screenshots on failure: reports/browser/.
 browser: setup
 	CI=1 KAVIZ_BROWSER_TEST=1 $(PY) -m pytest -q -s -p no:cacheprovider tests/browser
 

@@ -59,7 +59,8 @@ def default_device(device: str | None = None):
 
 def expect(name, value, stored=None, tol=None, **kwargs):
     """``kaviz.report.expect``: check a trained number against its stored run within a measured band
-    (prints one machine-independent line; raises ``kaviz.report.ExpectationError`` outside it)."""
+    (prints one machine-independent line; outside it raises ``kaviz.report.ExpectationError`` in a
+    regression run, ``CI`` set, and warns in a reader's kernel: ``kaviz.report.strict``)."""
     from .report import expect as _expect
 
     return _expect(name, value, stored, tol, **kwargs)

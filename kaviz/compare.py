@@ -609,8 +609,8 @@ def cka_heatmap(df, title: str = "CKA", zmin: float = 0.0, zmax: float = 1.0):
     fig.update_xaxes(title=df.columns.name or "B")
     width = 220 + 90 * len(df.columns)
     title = wrap_title(title, width)
-    return fig.update_layout(title=title, height=120 + 45 * len(df.index) + 22 * title.count("<br>"),
-                             width=width, margin_t=80 + 22 * title.count("<br>"))
+    extra = _extra_title_px(title)
+    return fig.update_layout(title=title, height=120 + 45 * len(df.index) + extra, width=width, margin_t=80 + extra)
 
 
 def probe_curves(tables: Mapping, title: str = "linear-probe accuracy per layer"):
@@ -639,7 +639,7 @@ def probe_curves(tables: Mapping, title: str = "linear-probe accuracy per layer"
     title = wrap_title(title)
     return fig.update_layout(title=title, xaxis_title="layer (depth order; hover for names)",
                              yaxis_title="accuracy (cross-validated)", yaxis_range=[0, 1.02],
-                             height=380 + 22 * title.count("<br>"), margin_t=80 + 22 * title.count("<br>"))
+                             height=380 + _extra_title_px(title), margin_t=80 + _extra_title_px(title))
 
 
 def consistency_bars(table, title: str = "which teacher explains the student's feature?"):
@@ -659,7 +659,12 @@ def consistency_bars(table, title: str = "which teacher explains the student's f
                              marker_color="lightgrey" if c == "share x^Δ" else col))
     title = wrap_title(title)
     return fig.update_layout(barmode="group", title=title, yaxis_title="share of Var(x_S)",
-                             height=380 + 22 * title.count("<br>"), margin_t=80 + 22 * title.count("<br>"))
+                             height=380 + _extra_title_px(title), margin_t=80 + _extra_title_px(title))
+
+
+def _extra_title_px(title: str) -> int:
+    """The height (px) a title wrapped by :func:`kaviz.plots.wrap_title` adds: 22 px a line beyond the first."""
+    return 22 * title.count("<br>")
 
 
 # ---------------------------------------------------------------------------------------- widget

@@ -14,6 +14,13 @@ A notebook's regression test compares *conclusions*, not bits (DESIGN.md §4, do
   of the run they belong to.
 - ``seed_stats`` / ``seed_table``: the one mean ± sample-std (ddof = 1) convention.
 
+Strict or not: under a regression run (``CI`` set, as ``make test``, ``make demo``, nbval and the browser
+test set it, or ``KAVIZ_EXPECT=strict``) a failed check raises. In a reader's own kernel
+(``make lab``, ``jupyter lab``) it warns instead — an :class:`ExpectationWarning` and a line saying
+what moved — so that *Run All* on another machine shows every result instead of stopping at the first
+number that left its band (measured on this repository's machine: with nothing pinned, 7 of 194 cells
+left their bands; docs/regression.md).
+
 Recording mode, for measuring bands: with ``KAVIZ_EXPECT=record`` nothing raises, and every
 expectation and comparison is appended as one JSON line to ``$KAVIZ_EXPECT_LOG``
 (``scripts/measure_spread.py`` runs notebooks this way under several floating-point paths and
@@ -32,6 +39,8 @@ from .stats import SeedStats, seed_stats, seed_table  # noqa: F401 (re-exported:
 
 __all__ = [
     "ExpectationError",
+    "ExpectationWarning",
+    "strict",
     "SeedStats",
     "seed_stats",
     "seed_table",
@@ -53,8 +62,31 @@ class ExpectationError(AssertionError):
     """A re-run left the band its stored run set (the message holds both numbers and the band)."""
 
 
+class ExpectationWarning(UserWarning):
+    """:class:`ExpectationError`'s message, in a reader's kernel (not a regression run)."""
+
+
 def _recording() -> bool:
     return os.environ.get("KAVIZ_EXPECT", "").strip().lower() == "record"
+
+
+def strict() -> bool:
+    """Whether a failed expectation raises: ``KAVIZ_EXPECT=strict``, or ``CI`` set (a regression run:
+    make test, make demo, nbval); ``KAVIZ_EXPECT=warn`` forces warnings."""
+    mode = os.environ.get("KAVIZ_EXPECT", "").strip().lower()
+    if mode in ("strict", "warn"):
+        return mode == "strict"
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _fail(message: str, line: str) -> None:
+    """Raise (regression run) or warn and print ``line`` (a reader's kernel)."""
+    if strict():
+        raise ExpectationError(message)
+    import warnings
+
+    warnings.warn(message, ExpectationWarning, stacklevel=3)
+    print(line)
 
 
 def _record(entry: dict) -> None:
@@ -102,11 +134,12 @@ def expect(name: str, value, stored: float | None = None, tol: float | None = No
                  at_most=at_most, ok=bool(ok)))
     if not ok and not _recording():
         where = f" The band comes from {why}." if why else ""
-        raise ExpectationError(
-            f"{name}: measured {v:.6g}, expected {expectation}.{where} A re-run on this machine left the band "
-            "the stored run set: if the code or settings changed on purpose, re-measure the band "
-            "(scripts/measure_spread.py) and store fresh outputs (make execute); otherwise this is a regression."
-        )
+        _fail(f"{name}: measured {v:.6g}, expected {expectation}.{where} A re-run on this machine left the band "
+              "the stored run set: if the code or settings changed on purpose, re-measure the band "
+              "(scripts/measure_spread.py) and store fresh outputs (make execute); otherwise this is a regression.",
+              f"⚠ {name}: measured {v:.4g}, outside the stored run's {expectation} (another machine or "
+              "settings; the notebook goes on — docs/regression.md)")
+        return v
     print(f"{'✓' if ok else '✗ (recording)'} {name}: {expectation}")
     return v
 
@@ -207,11 +240,12 @@ def expect_verdict(comparison: Comparison, expected: str | Iterable[str]) -> Com
     _record(dict(kind="verdict", name=comparison.claim, value=comparison.margin_std, verdict=comparison.verdict,
                  expected=sorted(allowed), ok=bool(ok)))
     if not ok and not _recording():
-        raise ExpectationError(
-            f"{comparison.claim}: the re-run's verdict is '{comparison.verdict}' "
-            f"({comparison.sentence()}), the stored run's was {shown}. A conclusion moved: re-measure the "
-            "spread (scripts/measure_spread.py) before storing a new one."
-        )
+        _fail(f"{comparison.claim}: the re-run's verdict is '{comparison.verdict}' "
+              f"({comparison.sentence()}), the stored run's was {shown}. A conclusion moved: re-measure the "
+              "spread (scripts/measure_spread.py) before storing a new one.",
+              f"⚠ {comparison.claim}: this run's verdict is '{comparison.verdict}', the stored run's was {shown} "
+              "(another machine or settings; the notebook goes on — docs/regression.md)")
+        return comparison
     print(f"{'✓' if ok else '✗ (recording)'} {comparison.claim}: {shown}")
     return comparison
 

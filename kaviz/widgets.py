@@ -35,6 +35,11 @@ METHOD_CONTROLS = {
 _PARAM_DEFAULTS = {"perplexity": 30, "n_neighbors": 15, "min_dist": 0.1}
 _METHOD_LABELS = {"tsne": "t-SNE", "umap": "UMAP", "pca": "PCA"}
 _SIDE_PX = 96
+#: The explorer's maps stay SVG up to this many points: a highlight restyles every point, which WebGL
+#: redraws in software on a machine without a GPU (a linked selection on the CFL notebook's 1,800-point
+#: maps took 0.85 s median, 1.16 s max, in headless chromium), and a browser keeps only ~16 WebGL
+#: contexts for a whole notebook.
+_MAP_WEBGL_THRESHOLD = 5000
 _MONTAGE_MAX = 12
 #: Widths (px) of the explorer's row: maps plus side panel stay inside JupyterLab's output area
 #: (~1,168 px at a 1,600 px window with the file browser open); the last map also holds the legend.
@@ -278,6 +283,7 @@ class EmbeddingExplorer:
                 widths = _panel_widths(len(dfs))
                 figs = [plots.embedding_scatter(
                             df, class_names=self.class_names, height=430, width=widths[k],
+                            webgl_threshold=_MAP_WEBGL_THRESHOLD,
                             title=plots.map_title(
                                 title, model=args[0], method=args[2], params=args[3] or None,
                                 # the chosen layer is the first map's; another panel may show

@@ -1,9 +1,10 @@
 """Measure how far a notebook's expectations move across floating-point paths, and suggest bands.
 
-    python scripts/measure_spread.py notebooks/x.ipynb [more.ipynb] [--paths avx2:2 avx512:2 avx2:1]
+    python scripts/measure_spread.py notebooks/x.ipynb [more.ipynb] [--paths avx2:2 avx512:2 avx2:1 native:2]
 
 Each notebook is executed once per path (``ISA:THREADS``: ``ATEN_CPU_CAPABILITY`` / oneDNN / MKL set to
-that instruction set, ``KAVIZ_THREADS`` overriding the notebook's thread count) with an empty cache of its
+that instruction set, or nothing pinned for ``native``, ``KAVIZ_THREADS`` overriding the notebook's thread
+count) with an empty cache of its
 own and ``KAVIZ_EXPECT=record``, so every ``kaviz.expect`` / ``kaviz.report.compare`` call logs its value
 instead of raising. The table printed at the end gives, per expectation, the value on each path, the
 largest deviation from the first path (the one the stored outputs are made under, as ``make`` pins it)
@@ -25,15 +26,18 @@ ISA = {  # ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_CBWR
     "avx2": ("avx2", "AVX2", "AVX2"),
     "avx512": ("avx512", "AVX512_CORE", "AVX512"),
     "default": ("default", "SSE41", "COMPATIBLE"),
+    # nothing pinned: the path a user's `jupyter lab` takes (torch's own choice, oneDNN's, and MKL without
+    # conditional numerical reproducibility, which MKL_CBWR=AUTO would switch on)
+    "native": None,
 }
+FP_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
 
 
 def path_env(spec: str) -> dict:
     isa, _, threads = spec.partition(":")
     if isa not in ISA:
         raise SystemExit(f"unknown instruction set {isa!r} in {spec!r}; use one of {sorted(ISA)}")
-    aten, onednn, mkl = ISA[isa]
-    env = {"ATEN_CPU_CAPABILITY": aten, "ONEDNN_MAX_CPU_ISA": onednn, "MKL_CBWR": mkl}
+    env = {} if ISA[isa] is None else dict(zip(FP_VARS, ISA[isa]))
     if threads:
         env["KAVIZ_THREADS"] = threads
     return env
@@ -42,7 +46,8 @@ def path_env(spec: str) -> dict:
 def run(notebook: Path, spec: str, workdir: Path) -> list[dict]:
     log = workdir / f"{notebook.stem}.{spec.replace(':', '_')}.jsonl"
     log.unlink(missing_ok=True)
-    env = {**os.environ, **path_env(spec), "CI": "1", "KAVIZ_EXPECT": "record", "KAVIZ_EXPECT_LOG": str(log),
+    base = {k: v for k, v in os.environ.items() if k not in FP_VARS}  # "native" leaves them unset
+    env = {**base, **path_env(spec), "CI": "1", "KAVIZ_EXPECT": "record", "KAVIZ_EXPECT_LOG": str(log),
            "KAVIZ_DATA": str(workdir / f"cache-{spec.replace(':', '_')}")}
     out = workdir / spec.replace(":", "_")
     cmd = [sys.executable, str(Path(__file__).with_name("run_notebooks.py")), "--out", str(out), str(notebook)]
@@ -56,7 +61,7 @@ def run(notebook: Path, spec: str, workdir: Path) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("notebooks", nargs="+", type=Path)
-    p.add_argument("--paths", nargs="+", default=["avx2:2", "avx512:2", "avx2:1"])
+    p.add_argument("--paths", nargs="+", default=["avx2:2", "avx512:2", "avx2:1", "native:2"])
     p.add_argument("--workdir", type=Path, default=None, help="logs, executed copies and caches (default: a temp dir)")
     p.add_argument("--floor", type=float, default=0.005, help="smallest band suggested")
     args = p.parse_args(argv)

@@ -387,3 +387,41 @@ def test_linked_controls_non_figure_output_and_control_specs():
         linked_controls(lambda c: None, c=[])
     with pytest.raises(ValueError, match="at least one control"):
         linked_controls(lambda: None)
+
+
+def test_sync_views_refreshes_the_state_a_new_view_starts_from():
+    # issue 18: a FigureWidget inside a box was filled after its comm opened; plotly refreshes
+    # _widget_data only when the FigureWidget itself is displayed, so a late view drew empty axes
+    import ipywidgets as W
+
+    from kaviz.widgets import sync_views
+
+    fw = go.FigureWidget()
+    fw.add_trace(go.Scatter(x=[1, 2], y=[3, 4]))
+    fw._config = P.PLOTLY_CONFIG
+    box = W.VBox([W.HBox([fw])])
+    assert fw._widget_data == []                       # control: the stale state
+    sent = []
+    fw.observe(lambda ch: sent.append(ch["name"]), names=["_widget_data", "_widget_layout"])
+    assert sync_views(box) is box
+    assert len(fw._widget_data) == 1 and list(fw._widget_data[0]["x"]) == [1, 2]
+    assert "_widget_data" in sent
+
+
+def test_explorer_maps_are_svg_up_to_the_webgl_threshold():
+    # a highlight restyles every point: WebGL redraws in software without a GPU (measured in the
+    # browser test: 0.85 s median per linked selection on 1,800 points vs 0.72 s in SVG)
+    from kaviz.widgets import _MAP_WEBGL_THRESHOLD
+
+    n = 1800
+    assert n < _MAP_WEBGL_THRESHOLD
+
+    def compute(model, layer, method, params):
+        r = np.random.default_rng(0)
+        return pd.DataFrame({"x": r.normal(size=n), "y": r.normal(size=n), "source": "a",
+                             "label": r.integers(0, 3, n), "index": np.arange(n)})
+    ex = EmbeddingExplorer(compute, models=["m"], layers=["l"], titles=("a",))
+    assert {t.type for t in ex.figures[0].data if t.customdata is not None} == {"scatter"}
+    # control: the same frame through the static builder's default threshold is WebGL
+    fig = P.embedding_scatter(compute("m", "l", "pca", {}))
+    assert {t.type for t in fig.data if t.customdata is not None} == {"scattergl"}

@@ -129,6 +129,19 @@ class Lab:
         self.kernel_clients.append(kc)
         return kc
 
+    def shutdown_kernels(self):
+        """End every notebook session (and its kernel) of this server."""
+        for kc in self.kernel_clients:
+            try:
+                kc.stop_channels()
+            except Exception:  # noqa: BLE001
+                pass
+        self.kernel_clients = []
+        for session in self.api("sessions"):
+            req = urllib.request.Request(self.url(f"api/sessions/{session['id']}"), method="DELETE")
+            with urllib.request.urlopen(req, timeout=30):
+                pass
+
     # -- stop ------------------------------------------------------------------------------------
     def close(self):
         for kc in self.kernel_clients:

@@ -1,10 +1,13 @@
-"""getting_started in a real JupyterLab, in headless chromium (issue 18).
+"""getting_started and common_feature_learning in a real JupyterLab, in headless chromium (issue 18).
 
-Runs the notebook with Run All (QUICK parameters), then checks what a reader sees and does: no error
+Runs each notebook with Run All (its stored parameters; the teachers come from the cache that nbval
+filled), then checks what a reader sees and does: no error
 output, every figure inside the output area at 1600×1000 with the file browser open, no request to a
 CDN, no "share chart" button; the explorer's dropdowns, hover → image, 20 box and lasso selections in
 a row (each asserted on the DOM of both maps and on the kernel's ``explorer.selection``), a layer change
-after a selection, and the channel viewer's slider. Latencies are printed. Screenshots go to
+after a selection, the recompute button, the first UMAP and a t-SNE of the maps, and the channel viewer's slider; in the
+paper notebook, 10 selections, hover and layer changes on its explorer (three networks, feature space
+beside the common space). Latencies are printed. Screenshots go to
 reports/browser/ on failure; the server and the browser are stopped in every case.
 """
 from __future__ import annotations
@@ -18,10 +21,11 @@ import pytest
 
 from browser import labharness as L
 
-NOTEBOOK = "getting_started.ipynb"
+NOTEBOOKS = ("getting_started.ipynb", "common_feature_learning.ipynb")
 PARAMS: dict = {}   # the stored parameters: the teachers come from the cache nbval filled
 REPORTS = L.ROOT / "reports" / "browser"
 N_SELECTIONS = 20
+N_SELECTIONS_PAPER = 10
 
 pytestmark = pytest.mark.skipif(L.missing_requirements() is not None, reason=str(L.missing_requirements()))
 
@@ -115,12 +119,13 @@ def lab(tmp_path_factory, request):
     work = tmp_path_factory.mktemp("lab")
     import nbformat
 
-    nb = nbformat.read(L.ROOT / "notebooks" / NOTEBOOK, as_version=4)
-    runner.inject_parameters(nb, PARAMS, NOTEBOOK)
-    for cell in nb.cells:               # open it as a reader of a fresh clone would after Run All
-        if cell.cell_type == "code":
-            cell.outputs, cell.execution_count = [], None
-    nbformat.write(nb, work / NOTEBOOK)
+    for name in NOTEBOOKS:
+        nb = nbformat.read(L.ROOT / "notebooks" / name, as_version=4)
+        runner.inject_parameters(nb, PARAMS, name)
+        for cell in nb.cells:           # open it as a reader of a fresh clone would after Run All
+            if cell.cell_type == "code":
+                cell.outputs, cell.execution_count = [], None
+        nbformat.write(nb, work / name)
     REPORTS.mkdir(parents=True, exist_ok=True)
     server = L.Lab(work, REPORTS / "jupyterlab.log")
     try:
@@ -243,20 +248,23 @@ def set_dragmode(page, marker, k, kind):
     button.click()
 
 
-# -- the test ---------------------------------------------------------------------------------------
-def test_getting_started_in_jupyterlab(lab, shot):
+# -- steps ---------------------------------------------------------------------------------------
+def open_and_check(lab, notebook: str, workspace: str):
+    """Open ``notebook`` alone in a workspace of its own, Run All, and check what every reader sees:
+    no error output, every plotly figure drawn and inside the output area, nothing from a CDN, no
+    upload button. Returns a client on its kernel and the list of soft problems found."""
     page = lab.page
-    page.goto(lab.url(f"lab/tree/{NOTEBOOK}"))
+    page.goto(lab.url(f"lab/workspaces/{workspace}/tree/{notebook}"))
     page.locator(".jp-Notebook .jp-CodeCell").first.wait_for(timeout=60_000)
     wait_for(lambda: lab.api("sessions"), 60, "the notebook's kernel to start", interval=0.5)
     time.sleep(2)
     seconds = run_all(lab)
-    page.screenshot(path=str(REPORTS / "after_run_all.png"))
-    print(f"\n[browser] Run All of {NOTEBOOK} : {seconds:.1f} s")
+    page.screenshot(path=str(REPORTS / f"after_run_all_{workspace}.png"))
+    print(f"\n[browser] Run All of {notebook} : {seconds:.1f} s")
 
     errors = page.evaluate(JS_ERRORS)
     assert not errors, f"error output in the notebook: {errors}"
-    kc = lab.kernel(NOTEBOOK)
+    kc = lab.kernel(notebook)
 
     # figures fit the output area (file browser open); nothing loaded from a CDN; no upload button
     mime = page.evaluate(JS_MIME)
@@ -274,15 +282,17 @@ def test_getting_started_in_jupyterlab(lab, shot):
     share = page.evaluate(JS_SHARE)
     if share:
         problems.append(f"'share chart' upload button or plotly logo on figures in the cells {share}")
+    return kc, problems
 
-    # -- the explorer ----------------------------------------------------------------------------
-    marker = "widgets.EmbeddingExplorer("
+
+def exercise_selections(page, kc, marker: str, n: int, rng, problems):
+    """``n`` box and lasso selections in a row, alternating maps, each checked on the DOM of both maps
+    and in the kernel (``explorer.selection``), with hover traffic in between; prints the latencies."""
     n_graphs = page.evaluate(JS_CELL_PLOTS, [marker])
     assert n_graphs == 2, f"the explorer shows {n_graphs} maps, expected 2"
-    rng = random.Random(0)
     latencies, linked = [], 0
     shown = None   # the previous linked selection: it must still be shown when the next one is drawn
-    for i in range(N_SELECTIONS):
+    for i in range(n):
         k = i % 2
         kind = "box" if (i // 2) % 2 == 0 else "lasso"
         set_dragmode(page, marker, k, kind)
@@ -322,7 +332,7 @@ def test_getting_started_in_jupyterlab(lab, shot):
                 got = set(got or [])
                 return f"{len(got)} indices, missing {sorted(must - got)[:8]}, extra {sorted(got - may)[:8]}"
             problems.append(
-                f"selection {i + 1}/{N_SELECTIONS} ({kind} in map {k}) not linked: drawn {len(must)}..{len(may)} "
+                f"selection {i + 1}/{n} ({kind} in map {k}) not linked: drawn {len(must)}..{len(may)} "
                 "indices; "
                 f"kernel {diff(state)}; map 0 {diff(doms[0]['selected'])} (boxes {doms[0]['boxes']}); "
                 f"map 1 {diff(doms[1]['selected'])} (boxes {doms[1]['boxes']})")
@@ -341,11 +351,13 @@ def test_getting_started_in_jupyterlab(lab, shot):
         # hover traffic between selections, as a reader's mouse makes
         for x, y, _ in rng.sample(g["points"], 3):
             page.mouse.move(x, y, steps=2)
-    print(f"[browser] linked selections: {linked}/{N_SELECTIONS}" + (
+    print(f"[browser] linked selections: {linked}/{n}" + (
         f"; latency median {sorted(latencies)[len(latencies) // 2]:.2f} s, max {max(latencies):.2f} s (target ≤ 1 s)"
         if latencies else ""))
 
-    # hover -> image in the side panel: the point plotly reports under the mouse is the one shown
+
+def exercise_hover(page, marker: str, rng, problems):
+    """Hover → image in the side panel: the point plotly reports under the mouse is the one shown."""
     g = page.evaluate(JS_GRAPH, [marker, 0, None])
     cell = page.locator(".jp-Notebook .jp-CodeCell", has=page.locator(".jp-InputArea-editor", has_text=marker))
     hover_times, hovered = [], 0
@@ -370,7 +382,9 @@ def test_getting_started_in_jupyterlab(lab, shot):
         print(f"[browser] hover → image: {len(hover_times)}/{hovered}, median "
               f"{sorted(hover_times)[len(hover_times) // 2]:.2f} s, max {max(hover_times):.2f} s (target ≤ 0.3 s)")
 
-    # layer change after a selection: the same indices stay highlighted, no box left in either map
+
+def exercise_layers(page, kc, marker: str, problems):
+    """Layer changes after a selection: the same indices stay highlighted, no box left in either map."""
     selection = L.evaluate(kc, "explorer.selection")
     layers = L.evaluate(kc, "explorer.layers[explorer.model]")
     current = L.evaluate(kc, "explorer.layer")
@@ -394,7 +408,28 @@ def test_getting_started_in_jupyterlab(lab, shot):
             "(a cached map: target ≤ 0.5 s)" if timings.get("cached") else
             f"(computed: {timings.get('compute', 0):.2f} s in the kernel)"))
 
-    # method changes: the first UMAP in this fresh kernel, then t-SNE (targets ≤ 8 s and ≤ 5 s)
+
+def exercise_recompute(page, kc, marker: str, problems):
+    """The recompute button computes the current map again (not from memory); the selection stays
+    highlighted in both maps, no box comes back."""
+    assert L.evaluate(kc, "explorer.timings['cached']"), "control: the current map came from memory"
+    selection = L.evaluate(kc, "explorer.selection")
+    cell = page.locator(".jp-Notebook .jp-CodeCell", has=page.locator(".jp-InputArea-editor", has_text=marker))
+    t0 = time.perf_counter()
+    cell.locator("button", has_text="recompute").click()
+    wait_for(lambda: not L.evaluate(kc, "explorer.timings['cached']"), 120, "the recompute to finish")
+    dt = time.perf_counter() - t0
+    a = page.evaluate(JS_GRAPH, [marker, 0, None])
+    b = page.evaluate(JS_GRAPH, [marker, 1, None])
+    if not (a["selected"] == selection == b["selected"] and a["boxes"] == b["boxes"] == 0):
+        problems.append(f"recompute: kernel selection {len(selection or [])} indices, maps "
+                        f"{len(a['selected'] or [])} / {len(b['selected'] or [])}, boxes {a['boxes']} / {b['boxes']}")
+    print(f"[browser] recompute: {dt:.2f} s; status: {L.evaluate(kc, 'explorer.status.value')}")
+
+
+def exercise_methods(page, kc, marker: str):
+    """Method changes: the first UMAP in this fresh kernel, then t-SNE (targets ≤ 8 s and ≤ 5 s)."""
+    cell = page.locator(".jp-Notebook .jp-CodeCell", has=page.locator(".jp-InputArea-editor", has_text=marker))
     method_select = cell.locator(".widget-dropdown", has=page.locator("label", has_text="method")).locator("select")
     offered = L.evaluate(kc, "list(explorer.methods)")
     for method, target_s in (("umap", 8.0), ("tsne", 5.0)):
@@ -413,7 +448,9 @@ def test_getting_started_in_jupyterlab(lab, shot):
         print(f"[browser] method → {method}: maps redrawn in {dt:.2f} s, {n_points} points "
               f"(kernel: compute {timings.get('compute', 0):.2f} s; target ≤ {target_s:.0f} s); status: {status}")
 
-    # the channel viewer's slider redraws its figure
+
+def exercise_viewer(page):
+    """The channel viewer's slider redraws its figure."""
     viewer = "widgets.linked_controls("
     vcell = page.locator(".jp-Notebook .jp-CodeCell", has=page.locator(".jp-InputArea-editor", has_text=viewer))
     handle = vcell.locator(".widget-slider .noUi-handle, .widget-slider .ui-slider-handle").first
@@ -427,4 +464,31 @@ def test_getting_started_in_jupyterlab(lab, shot):
         c => (c.querySelector('.jp-InputArea-editor')?.textContent || '').includes(m));
         const gd = c.querySelector('.js-plotly-plot'); return JSON.stringify(gd.data.map(t => t.z ? Array.from(t.z.flat ? t.z.flat() : []).slice(0, 20) : t.source && t.source.slice(0, 80)))}""",
                                    [viewer]) != z0, 30, "the channel viewer to redraw after the slider moved")
+
+
+# -- the tests ------------------------------------------------------------------------------------
+def test_getting_started_in_jupyterlab(lab, shot):
+    kc, problems = open_and_check(lab, "getting_started.ipynb", "getting_started")
+    page = lab.page
+    marker = "widgets.EmbeddingExplorer("
+    rng = random.Random(0)
+    exercise_selections(page, kc, marker, N_SELECTIONS, rng, problems)
+    exercise_hover(page, marker, rng, problems)
+    exercise_layers(page, kc, marker, problems)
+    exercise_recompute(page, kc, marker, problems)
+    exercise_methods(page, kc, marker)
+    exercise_viewer(page)
+    assert not problems, "\n".join(problems)
+
+
+def test_common_feature_learning_in_jupyterlab(lab, shot):
+    """A paper notebook: its explorer (feature space beside the common space; three networks)."""
+    lab.shutdown_kernels()   # the first notebook's kernel: its cores go to this one
+    kc, problems = open_and_check(lab, "common_feature_learning.ipynb", "cfl")
+    page = lab.page
+    marker = "explorer = EmbeddingExplorer("
+    rng = random.Random(1)
+    exercise_selections(page, kc, marker, N_SELECTIONS_PAPER, rng, problems)
+    exercise_hover(page, marker, rng, problems)
+    exercise_layers(page, kc, marker, problems)
     assert not problems, "\n".join(problems)
