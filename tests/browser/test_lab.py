@@ -37,9 +37,10 @@ JS_CELL_PLOTS = """([marker]) => {
   return [...cell.querySelectorAll('.js-plotly-plot')].length;
 }"""
 
-# sample indices (customdata) of the points of graph `k` of the cell inside a client-pixel polygon;
+# sample indices (customdata) of the points of graph `k` of the cell inside a client-pixel polygon (and the
+# points' pixel positions with `withPoints`);
 # the highlighted ones per the DOM (opaque per-point markers); the drawn boxes left in the layout
-JS_GRAPH = """([marker, k, poly]) => {
+JS_GRAPH = """([marker, k, poly, withPoints]) => {
   const cells = [...document.querySelectorAll('.jp-Notebook .jp-CodeCell')];
   const cell = cells.find(c => (c.querySelector('.jp-InputArea-editor')?.textContent || '').includes(marker));
   const gd = cell.querySelectorAll('.js-plotly-plot')[k];
@@ -67,6 +68,7 @@ JS_GRAPH = """([marker, k, poly]) => {
       anySelected = true;
       for (let j = 0; j < op.length; j++) if (op[j] >= 1 && (!inSp || inSp.has(j))) selected.add(Number(tr.customdata[j]));
     }
+    if (!poly && !withPoints) return;   // the highlight only: keeps each poll of a wait short
     for (let j = 0; j < tr.x.length; j++) {
       const px = root.left + xa._offset + xa.l2p(tr.x[j]), py = root.top + ya._offset + ya.l2p(tr.y[j]);
       if (px < drag.left + 2 || px > drag.right - 2 || py < drag.top + 2 || py > drag.bottom - 2) continue;
@@ -303,7 +305,7 @@ def exercise_selections(page, kc, marker: str, n: int, rng, problems):
                                 f"{[None if x is None else len(x) for x in now]} of {len(shown)} indices)")
                 linked -= 1
             shown = None
-        g = page.evaluate(JS_GRAPH, [marker, k, None])
+        g = page.evaluate(JS_GRAPH, [marker, k, None, True])
         px, py, _ = rng.choice(g["points"])
         poly = polygon(px, py, 45, kind, rng)
         left, top, right, bottom = g["drag"]
@@ -358,7 +360,7 @@ def exercise_selections(page, kc, marker: str, n: int, rng, problems):
 
 def exercise_hover(page, marker: str, rng, problems):
     """Hover → image in the side panel: the point plotly reports under the mouse is the one shown."""
-    g = page.evaluate(JS_GRAPH, [marker, 0, None])
+    g = page.evaluate(JS_GRAPH, [marker, 0, None, True])
     cell = page.locator(".jp-Notebook .jp-CodeCell", has=page.locator(".jp-InputArea-editor", has_text=marker))
     hover_times, hovered = [], 0
     for x, y, _ in rng.sample(g["points"], 8):
