@@ -632,7 +632,10 @@ def _import_umap():
                 continue
             for obj in vars(mod).values():
                 if isinstance(obj, CPUDispatcher) and type(getattr(obj, "_cache", None)).__name__ == "NullCache":
-                    obj.enable_caching()
+                    try:
+                        obj.enable_caching()
+                    except Exception:  # noqa: BLE001 - no writable cache location: compile as umap does
+                        pass
         _umap_cache_on = True
     return umap
 

@@ -308,3 +308,31 @@ def test_umap_jit_cache_switched_on():
                           "print(type(U.fast_knn_indices._cache).__name__)"],
                          capture_output=True, text=True, timeout=120, check=True).stdout.split()
     assert out[-1] == "NullCache"
+
+
+def test_umap_runs_when_numba_cannot_cache(monkeypatch):
+    # a read-only install with no writable cache location: numba refuses to cache; UMAP must still run
+    from numba.core.registry import CPUDispatcher
+
+    def refuse(self):
+        raise RuntimeError("cannot cache function: no locator available")
+
+    import sys
+    import types
+
+    import numba
+    import umap  # noqa: F401 - imported before numba is made to refuse (its own cache=True functions)
+
+    mod = types.ModuleType("kaviz_test_jitted")   # a jitted function nothing has cached yet
+    mod.f = numba.njit(lambda x: x + 1)
+    assert type(mod.f._cache).__name__ == "NullCache"
+    monkeypatch.setitem(sys.modules, "kaviz_test_jitted", mod)
+    monkeypatch.setattr(E, "_UMAP_MODULES", ("kaviz_test_jitted",))
+    monkeypatch.setattr(CPUDispatcher, "enable_caching", refuse)
+    monkeypatch.setattr(E, "_umap_cache_on", False)
+    with pytest.raises(RuntimeError):                 # control: numba's refusal reaches the caller
+        mod.f.enable_caching()
+    assert E._import_umap() is not None and E._umap_cache_on and mod.f(1) == 2
+    rng = np.random.default_rng(0)
+    df = E.embed({"a": rng.normal(size=(40, 8))}, rng.integers(0, 2, 40), method="umap", cache=False)
+    assert len(df) == 40 and np.isfinite(df[["x", "y"]].to_numpy()).all()
