@@ -472,3 +472,163 @@ def test_seed_stats_long_form():
     assert s[(s.model == "x") & (s.column == "acc")]["mean"].item() == pytest.approx(0.6)
     assert s[(s.model == "x") & (s.column == "b")]["std"].item() == pytest.approx(2 ** 0.5)  # sample std of 1, 3
     assert ((s.model == "y") & (s.column == "acc")).sum() == 0  # undefined cells are dropped
+
+
+# ------------------------------------------------- the paper's placement: A on the next layer's input
+def bn_free_vgg(num_classes, width=2):
+    return models.build("vgg8_small", num_classes, width=width, norm=False)
+
+
+def fold_forwards(method):
+    """A deliberately wrong fold (the control): each A_l folded *forwards* into layer l's own conv,
+    on its input side (W' = W·A, b' = b + W·b_A), across the ReLU/pooling that lies in between."""
+    student = copy.deepcopy(method.student)
+    modules = dict(student.named_modules())
+    for seg, aux in zip(method.plan.segments[1:], method.aux):
+        lin = modules[seg.linear]
+        A, bA = aux.weight.detach(), aux.bias.detach()
+        with torch.no_grad():
+            W = lin.weight.clone()
+            if isinstance(lin, nn.Conv2d):
+                lin.weight.copy_(torch.einsum("ockl,cd->odkl", W, A))
+                lin.bias.add_(torch.einsum("ockl,c->o", W, bA))
+            else:
+                lin.weight.copy_(W @ A)
+                lin.bias.add_(W @ bA)
+    return student
+
+
+def test_vgg_small_norm_false_is_bn_free_with_biases():
+    torch.manual_seed(0)
+    m = bn_free_vgg(4)
+    assert not any(isinstance(x, nn.BatchNorm2d) for x in m.modules())
+    convs = [x for x in m.modules() if isinstance(x, nn.Conv2d)]
+    assert len(convs) == 6 and all(c.bias is not None and torch.equal(c.bias, torch.zeros_like(c.bias)) for c in convs)
+    assert m.kaviz_spec["norm"] is False and "norm" not in vgg(4).kaviz_spec  # the default spec is unchanged
+    segs = lw.infer_segments(m, torch.rand(2, 3, 16, 16))
+    assert [s.norm for s in segs] == [None] * 7 and [s.linear for s in segs][:2] == ["features.0", "features.3"]
+    assert m(torch.rand(2, 3, 16, 16)).shape == (2, 4)
+    # the default (with BN) is unchanged: the same weights as norm=True under one seed
+    torch.manual_seed(1)
+    a = vgg(4)
+    torch.manual_seed(1)
+    b = models.build("vgg8_small", 4, width=2, norm=True)
+    assert models.weights_hash(a) == models.weights_hash(b)
+    with pytest.raises(ValueError, match="norm must be True .* or False"):
+        models.build("vgg8_small", 4, norm="no")
+
+
+@pytest.mark.parametrize("family", ["vgg", "plain"])
+def test_input_placement_folds_backwards_exactly_and_forwards_does_not(family):
+    torch.manual_seed(0)
+    u = toy_union()
+    build = bn_free_vgg if family == "vgg" else plain
+    teachers = [(vgg(k, width=4) if family == "vgg" else plain(k)).eval() for k in u.class_counts]  # BN or not
+    student = build(u.num_classes)
+    plan = lw.plan_layers(teachers, student, example(u))
+    method = randomize_aux(lw.LayerwiseLearning(student, lw.FeatureAmalgamation(teachers, plan), placement="input"))
+    assert [a.weight.shape[0] for a in method.aux] == plan.student_channels[:-1]  # A_2..A_L, on layers 2..L
+    x = example(u, 8)
+    check = lw.fold_check(method, x)
+    assert check["max_rel_diff_eval"] < 1e-5 and check["max_rel_diff_train"] < 1e-5
+    folded = method.folded()
+    assert set(folded.state_dict()) == set(student.state_dict())  # the same architecture
+    with torch.no_grad():
+        chain = method.eval().chain(x)
+        scale = chain.abs().max()
+        # not trivial: the maps change the function ...
+        assert (chain - copy.deepcopy(student).eval()(x)).abs().max() > 0.05 * scale
+        # ... and the control, folding forwards into the layer's own conv across its ReLU/pooling, is not exact
+        assert (chain - fold_forwards(method).eval()(x)).abs().max() > 0.05 * scale
+
+
+def test_input_placement_map_sits_before_the_relu_and_trains_with_its_layer():
+    torch.manual_seed(0)
+    u = toy_union()
+    teachers = [vgg(k, width=4).eval() for k in u.class_counts]
+    student = bn_free_vgg(u.num_classes)
+    plan = lw.plan_layers(teachers, student, example(u))
+    method = lw.LayerwiseLearning(student, lw.FeatureAmalgamation(teachers, plan), placement="input")
+    # layer 2 = A_2 → ReLU → max-pool → conv: a negative input is cut by the ReLU unless A_2 flips it
+    h = -torch.rand(2, plan.student_channels[0], 16, 16)
+    with torch.no_grad():
+        conv = dict(student.named_modules())[plan.segments[1].linear]
+        assert torch.allclose(method.run_layer(1, h), conv.bias[None, :, None, None].expand(2, -1, 8, 8))
+        method.aux[0].weight.mul_(-1)
+        assert not torch.allclose(method.run_layer(1, h), conv.bias[None, :, None, None].expand(2, -1, 8, 8))
+    terms = method(example(u, 8))
+    layer1 = list(dict(student.named_modules())[plan.segments[0].linear].parameters())
+    layer2 = list(dict(student.named_modules())[plan.segments[1].linear].parameters())
+    g = torch.autograd.grad(terms["mse_l2"], [*method.aux[0].parameters(), *layer2, *layer1, method.aux[1].weight],
+                            allow_unused=True)
+    assert all(t is not None and t.abs().sum() > 0 for t in g[:4])  # A_2 trains with layer 2
+    assert all(t is None for t in g[4:])  # and nothing else: not layer 1, not A_3
+
+
+def test_input_placement_refuses_batchnorm_and_bad_inputs():
+    u = toy_union()
+    teachers = [vgg(k).eval() for k in u.class_counts]
+    student = vgg(u.num_classes)  # with BN: A after BN cannot be folded into the conv before it
+    plan = lw.plan_layers(teachers, student, example(u))
+    amalg = lw.FeatureAmalgamation(teachers, plan)
+    with pytest.raises(ValueError, match=r"batch-norm 'features.1'.*norm=False\).*placement='output'"):
+        lw.LayerwiseLearning(student, amalg, placement="input")
+    with pytest.raises(ValueError, match="placement must be 'output' .* or 'input'"):
+        lw.LayerwiseLearning(student, amalg, placement="before")
+    with pytest.raises(ValueError, match=r"batch-norm 'features.1'"):  # refused before stage 1 trains
+        lw.run_layerwise(teachers, vgg(u.num_classes), BombLabels(), epochs=1, placement="input")
+    nobias = nn.Sequential(OrderedDict([
+        ("c1", nn.Conv2d(3, 4, 3, padding=1, bias=False)), ("act1", nn.ReLU()), ("gap", nn.AdaptiveAvgPool2d(1)),
+        ("flat", nn.Flatten()), ("head", nn.Linear(4, u.num_classes))]))
+    t2 = [plain(k).eval() for k in u.class_counts]
+    plan2 = lw.plan_layers(t2, nobias, example(u), teacher_layers=[["c1"], ["c1"]])
+    with pytest.raises(ValueError, match=r"'c1'\) has no bias.*bias=True"):
+        lw.LayerwiseLearning(nobias, lw.FeatureAmalgamation(t2, plan2), placement="input")
+    # the default placement takes the same BN student, as before
+    assert lw.LayerwiseLearning(student, amalg).placement == "output"
+
+
+def test_batchnorm_control_a_map_after_bn_does_not_fold_into_the_conv():
+    """Why the paper's placement refuses BN: A applied after conv+BN, folded into the conv, is not the
+    same function (in training mode BN re-standardises the mixed channels; in eval mode its per-channel
+    scale does not commute with A)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+    bn = randomize_bn(nn.Sequential(nn.BatchNorm2d(4)).double())[0]
+    aux = lw.ChannelLinear(4, 4).double()
+    with torch.no_grad():
+        aux.weight.copy_(torch.eye(4) + 0.4 * torch.randn(4, 4))
+    x = torch.randn(8, 3, 6, 6, dtype=torch.float64)
+    folded = copy.deepcopy(conv)
+    lw.fold_auxiliary(folded, aux)
+    for train in (False, True):
+        bn.train(train)
+        with torch.no_grad():
+            assert (aux(bn(conv(x))) - bn(folded(x))).abs().max() > 1e-2
+    bn_free = nn.Identity()  # without the norm the same fold is exact
+    with torch.no_grad():
+        assert torch.allclose(aux(bn_free(conv(x))), folded(x), atol=1e-12)
+
+
+def test_run_layerwise_with_the_papers_placement():
+    kaviz.seed_everything(0)
+    u = toy_union(n=32)
+    teachers = [vgg(k).eval() for k in u.class_counts]
+    res = lw.run_layerwise(teachers, bn_free_vgg(u.num_classes), u, u, epochs=(1, 2, 1), batch_size=16,
+                           placement="input")
+    assert res.layerwise.placement == "input" and len(res.layerwise.aux) == res.plan.depth - 1
+    assert any(not torch.equal(a.weight, torch.eye(a.weight.shape[0])) for a in res.layerwise.aux)
+    x = example(u, 8)
+    with torch.no_grad():  # the stored stage-2 student is the backwards-folded stage-2 method
+        assert torch.allclose(res.students["layer-wise"](x), res.layerwise.eval().chain(x), atol=1e-5)
+    # end to end, the folded layer l stands for A_{l+1}(F_a^l): layer 1 reads the image, so its error
+    # against that equals the unfolded layer 1 + A_2 against A_2(F_a^1)
+    errs = lw.layer_errors(res, u)
+    m = res.layerwise.eval()
+    with torch.no_grad():
+        t = res.amalgamation.targets(torch.stack([u.get_image(i) for i in range(len(u))]))
+        own = m.aux[0](m.run_layer(0, torch.stack([u.get_image(i) for i in range(len(u))])))
+        want = ((own - m.aux[0](t[0])) ** 2).sum() / ((m.aux[0](t[0]) - m.aux[0](t[0]).mean((0, 2, 3), keepdim=True))
+                                                      ** 2).sum()
+    assert errs["end-to-end: layer-wise"].iloc[0] == pytest.approx(float(want), rel=1e-3)
+    assert errs["end-to-end: layer-wise"].iloc[0] != pytest.approx(errs["layer-wise"].iloc[0], rel=1e-3)

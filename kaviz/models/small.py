@@ -10,6 +10,9 @@ Layer names:
   ``layerK.i.{conv1,bn1,relu1,conv2,bn2,shortcut,merge,relu2}`` where ``merge`` is the residual sum
   before the block's last ReLU (the "pre-activation" feature of the consistency paper).
 - ``vgg*_small``: ``features.N`` (conv, bn, relu, pool as in torchvision's VGG), ``avgpool flatten fc``.
+  ``norm=False`` builds the BN-free variant (conv with bias, relu, pool; the ``features.N`` indices
+  shift accordingly), as the AlexNet-style students of layer-wise amalgamation: an auxiliary 1×1
+  map on a layer's pre-activation output folds exactly into that layer's conv only without a norm.
 - ``mobilenet_small``: ``stem``, ``blocks.N.{expand,dw,project}`` (each conv-bn[-relu6]),
   ``head`` (1×1 conv-bn-relu6), ``avgpool flatten fc``.
 """
@@ -101,10 +104,13 @@ _VGG_CFGS = {
 
 
 class SmallVGG(nn.Module):
-    """VGG-style plain conv stack (Simonyan & Zisserman 2015) with batch-norm, sized for 32×32."""
+    """VGG-style plain conv stack (Simonyan & Zisserman 2015) with batch-norm, sized for 32×32.
+    ``norm=False``: no batch-norm, convolutions with a bias (zero-initialised) instead."""
 
-    def __init__(self, cfg, width: int = 16, num_classes: int = 10, in_channels: int = 3):
+    def __init__(self, cfg, width: int = 16, num_classes: int = 10, in_channels: int = 3, norm: bool = True):
         super().__init__()
+        if not isinstance(norm, bool):
+            raise ValueError(f"norm must be True (conv-bn-relu) or False (conv-relu, BN-free), got {norm!r}")
         layers: list[nn.Module] = []
         cin = in_channels
         for v in cfg:
@@ -112,7 +118,10 @@ class SmallVGG(nn.Module):
                 layers.append(nn.MaxPool2d(2))
             else:
                 cout = int(v * width)
-                layers += [nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+                if norm:
+                    layers += [nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+                else:
+                    layers += [nn.Conv2d(cin, cout, 3, 1, 1, bias=True), nn.ReLU()]
                 cin = cout
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -131,7 +140,8 @@ class SmallVGG(nn.Module):
 
 for _name, _cfg in _VGG_CFGS.items():
     register(_name, family="vgg")(
-        (lambda c: lambda num_classes, width=16, in_channels=3: SmallVGG(c, width, num_classes, in_channels))(_cfg)
+        (lambda c: lambda num_classes, width=16, in_channels=3, norm=True: SmallVGG(c, width, num_classes, in_channels,
+                                                                                     norm))(_cfg)
     )
 
 

@@ -12,9 +12,9 @@ Three stages, each run with :func:`kaviz.train.fit`:
    1×1 conv back, loss ``MSE(D_l(E_l(F^l)), F^l)``. The amalgamated feature is ``F_a^l = E_l(F^l)``.
 2. **Layer-wise parameter learning** (:class:`LayerwiseLearning`). Every student layer is trained
    independently (all in one pass, their losses do not interact) to map the previous amalgamated
-   feature to the current one: ``ops_l`` (the parameter-free operations between the two layers:
-   ReLU, pooling, flatten) → the layer's conv/linear ``W_l`` → an auxiliary 1×1 map ``A_l`` → the
-   layer's batch-norm (if any); loss ``MSE(·, F_a^l)``. The first layer reads the image; the last
+   feature to the current one: by default ``ops_l`` (the parameter-free operations between the two
+   layers: ReLU, pooling, flatten) → the layer's conv/linear ``W_l`` → an auxiliary 1×1 map ``A_l``
+   → the layer's batch-norm (if any); loss ``MSE(·, F_a^l)``. The first layer reads the image; the last
    (the classifier) targets the concatenated teacher logits. Afterwards ``A_l`` is folded into
    ``W_l`` (:func:`fold_auxiliary`): ``W' = A·W``, ``b' = A·b + b_A``, exact because nothing
    non-linear lies between them. Where ``W_l`` has no bias, ``b'`` is absorbed into the following
@@ -24,13 +24,16 @@ Three stages, each run with :func:`kaviz.train.fit`:
 3. **Joint fine-tuning** (:class:`LogitMatching`): the whole student, MSE to the concatenated
    teacher logits.
 
-Where ``A`` sits. SPEC §4.1 describes ``A`` on the *input* of layer l (before its ReLU/pooling)
-and also asks that it be folded into a layer with no non-linearity in between. Both cannot hold:
-a ReLU lies between such an ``A`` and ``W_l``, and folding it backwards into layer l−1 would cross
-that layer's batch-norm, which is exact only in eval mode (in training mode the norm re-standardises
-the mixed channels). kaviz puts ``A`` right after ``W_l`` (before the norm), where the fold is exact
-in both modes; ``A`` then re-parametrises the layer's linear map rather than widening its function
-class (it is initialised to the identity, so training starts from the plain layer).
+Where ``A`` sits (``placement``). The paper (SPEC §4.1) puts ``A_l`` on the *input* of layer l,
+the pre-activation ``F_a^{l−1}``, before the ReLU/pooling, and after stage 2 folds it *backwards*
+into layer l−1, whose output it consumed before any non-linearity: ``placement="input"``. That fold
+is exact only if layer l−1 ends at its conv (no batch-norm, which in training mode re-standardises
+the mixed channels) and has a bias, so it needs a BN-free student such as
+``kaviz.models.build("vgg8_small", k, norm=False)`` (the paper's students are AlexNet-style, without
+BN); :func:`check_placement` refuses anything else with a ValueError. kaviz's default,
+``placement="output"``, puts ``A_l`` right after ``W_l`` (before the norm) and folds it into ``W_l``,
+exactly in both modes and for students with batch-norm; there ``A`` only re-parametrises the
+layer's linear map rather than widening its function class. Both start from the identity.
 
 The one-stage variant (:class:`OneStageAmalgamation`) trains everything at once: per hooked layer an
 encoder of the concatenated teacher features, a decoder back, and a 1×1 map of the student feature
@@ -64,6 +67,7 @@ from .method import (
     LayerwiseLearning,
     LogitMatching,
     OneStageAmalgamation,
+    check_placement,
     fold_auxiliary,
     fold_check,
 )
@@ -91,6 +95,7 @@ __all__ = [
     "FeatureAmalgamation",
     "LayerwiseLearning",
     "fold_auxiliary",
+    "check_placement",
     "LogitMatching",
     "OneStageAmalgamation",
     "LayerwiseResult",

@@ -186,6 +186,11 @@ def layer_errors(result: LayerwiseResult, data, students: Mapping[str, nn.Module
       to end, its own layer-l feature against ``F_a^l`` — how the layers' errors compound, and how
       far fine-tuning moves the features away from the amalgamated ones.
 
+    With the paper's placement (``placement="input"``) each auxiliary map ``A_{l+1}`` is folded
+    backwards into layer l, so a folded student's own layer-l feature stands for ``A_{l+1}(F_a^l)``;
+    the end-to-end columns compare it with that (the ``layer-wise`` column and the logits are as
+    above).
+
     The networks are moved to ``device`` (default: CUDA when available, else CPU).
     """
     import pandas as pd
@@ -208,6 +213,8 @@ def layer_errors(result: LayerwiseResult, data, students: Mapping[str, nn.Module
             inputs = [x] + targets[:-1]
             for l in range(L):
                 own.add(l, method.run_layer(l, inputs[l]), targets[l])
+            if getattr(method, "placement", "output") == "input":
+                targets = [a(t) for a, t in zip(method.aux, targets[:-1])] + targets[-1:]
             for k, s in students.items():
                 with eval_mode(s), FeatureTap(s, names[:-1]) as tap:
                     out = s(x)
@@ -230,7 +237,9 @@ def feature_maps(result: LayerwiseResult, data, index: int, layer: int, channels
     :func:`kaviz.plots.feature_grid`: one row per student channel c with the image (first row only), each teacher's
     channel with the largest encoder weight |E[c, ·]| into code channel c, the amalgamated map
     ``F_a[c]`` and each student's own map c (end to end). Channels are taken modulo the layer's
-    width. Returns ``(rows, titles)`` (NumPy arrays); the networks are moved to ``device``."""
+    width. Returns ``(rows, titles)`` (NumPy arrays); the networks are moved to ``device``.
+    With ``placement="input"`` a folded student's layer-l map carries the next layer's auxiliary
+    map (it stands for ``A_{l+1}(F_a^l)``), so its channel c mixes the amalgamated channels."""
     plan = result.plan
     if not 1 <= layer <= plan.depth - 1 or not plan.sizes[layer - 1]:
         convs = [l + 1 for l in range(plan.depth - 1) if plan.sizes[l]]

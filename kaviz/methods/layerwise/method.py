@@ -1,4 +1,4 @@
-"""Layer-wise amalgamation (SPEC §3): feature amalgamation (stage 1), layer-wise parameter learning with
+"""Layer-wise amalgamation (SPEC §4.1): feature amalgamation (stage 1), layer-wise parameter learning with
 folding (stage 2), logit matching (stage 3) and the one-stage variant."""
 from __future__ import annotations
 
@@ -108,7 +108,8 @@ def fold_auxiliary(linear: nn.Module, aux: ChannelLinear, norm: nn.Module | None
     """Fold ``aux`` (applied right after ``linear``) into ``linear``, in place:
     ``W' = A·W`` (for a conv, ``W'[o] = Σ_c A[o, c] W[c]`` over output channels), ``b' = A·b + b_A``.
     Without a bias on ``linear`` the offset goes into the following batch-norm: ``μ' = μ − b'``
-    (exact in eval mode, and in training mode where the batch mean absorbs it)."""
+    (exact in eval mode, and in training mode where the batch mean absorbs it). The paper's backwards
+    fold (``placement="input"``) is the same operation on the previous layer, which has no norm."""
     if not isinstance(linear, LINEAR_TYPES):
         raise TypeError(f"can only fold into nn.Conv2d or nn.Linear, got {type(linear).__name__}")
     if isinstance(linear, nn.Conv2d) and linear.groups != 1:
@@ -134,21 +135,69 @@ def fold_auxiliary(linear: nn.Module, aux: ChannelLinear, norm: nn.Module | None
                 "offset b' = A·b + b_A cannot be absorbed; build the layer with bias=True.")
 
 
+PLACEMENTS = ("output", "input")
+
+
+def check_placement(plan: LayerPlan, student: nn.Module, placement: str) -> None:
+    """Raise a ValueError when the auxiliary maps cannot be placed (and later folded) as asked.
+
+    ``"output"`` (kaviz's default) works for any plan. ``"input"`` (the paper's) folds the map on the
+    input of layer l backwards into layer l−1's conv/linear, so each layer before the classifier must
+    end at that conv/linear — no batch-norm — and have a bias to take the offset ``A·b + b_A``."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be 'output' (the auxiliary map right after each layer's own conv, kaviz's "
+                         f"default) or 'input' (on the next layer's input, before its ReLU/pooling, folded backwards: "
+                         f"the paper's); got {placement!r}")
+    if placement == "output":
+        return
+    modules = dict(student.named_modules())
+    for l, seg in enumerate(plan.segments[:-1], start=1):
+        if seg.norm is not None:
+            raise ValueError(
+                f"placement='input' folds the auxiliary map on layer {l + 1}'s input backwards into layer {l} "
+                f"({seg.linear!r}), which is exact only when nothing lies between that layer's conv and the map; "
+                f"layer {l} ends with the batch-norm {seg.norm!r}. Use a BN-free student (e.g. "
+                f"kaviz.models.build('vgg8_small', k, norm=False)) or placement='output'.")
+        lin = modules.get(seg.linear)
+        if lin is not None and getattr(lin, "bias", None) is None:
+            raise ValueError(
+                f"placement='input': layer {l} ({seg.linear!r}) has no bias, so the folded offset A·b + b_A of the "
+                f"next layer's auxiliary map has nowhere to go; build it with bias=True (kaviz's small VGG does with "
+                f"norm=False) or use placement='output'.")
+
+
 class LayerwiseLearning(nn.Module):
     """Stage 2: every student layer learns, independently, to map the previous amalgamated feature
-    to the current one (the first from the image, the last to the concatenated logits):
-    ``{"mse_l<k>": MSE(norm_k(A_k(W_k(ops_k(F_a^{k−1})))), F_a^k)}``. The student's own modules are
-    trained (in place); ``A_k`` (identity at start) lives here. ``folded()`` returns a copy of the
-    student with every ``A_k`` folded in; ``evaluate`` reports that copy's union accuracy."""
+    to the current one (the first from the image, the last to the concatenated logits). The
+    student's own modules are trained (in place); the auxiliary 1×1 maps (identity at start) live
+    here. ``folded()`` returns a copy of the student with every map folded in; ``evaluate`` reports
+    that copy's union accuracy.
 
-    def __init__(self, student: nn.Module, amalgamation: FeatureAmalgamation):
+    ``placement`` says where the auxiliary maps sit:
+
+    - ``"output"`` (default): ``A_k`` right after layer k's own conv/linear, before its batch-norm,
+      ``{"mse_l<k>": MSE(norm_k(A_k(W_k(ops_k(F_a^{k−1})))), F_a^k)}``; folded into ``W_k``. This
+      only re-parametrises the layer's linear map.
+    - ``"input"`` (the paper's, SPEC §4.1): ``A_k`` on the layer's input, the pre-activation
+      ``F_a^{k−1}``, before the parameter-free ops (ReLU, pooling),
+      ``{"mse_l<k>": MSE(norm_k(W_k(ops_k(A_k(F_a^{k−1})))), F_a^k)}`` for k ≥ 2 (layer 1 reads the
+      image, which has no map); afterwards each ``A_k`` is folded *backwards* into ``W_{k−1}``, whose
+      output it consumed before any non-linearity. Exact only for layers without batch-norm and with
+      a bias (a BN-free student, e.g. ``build("vgg8_small", k, norm=False)``); anything else raises
+      a ValueError here. ``aux[k−2]`` is ``A_k`` (L−1 maps; ``aux[j]`` has layer j+1's width).
+    """
+
+    def __init__(self, student: nn.Module, amalgamation: FeatureAmalgamation, placement: str = "output"):
         super().__init__()
         if not isinstance(amalgamation, FeatureAmalgamation):
             raise TypeError("LayerwiseLearning needs the trained stage-1 FeatureAmalgamation")
         self.student = student
         self.amalgamation = freeze(amalgamation)
         self.plan = amalgamation.plan
-        self.aux = nn.ModuleList([ChannelLinear(c, c, identity=True) for c in self.plan.student_channels])
+        check_placement(self.plan, student, placement)
+        self.placement = placement
+        channels = self.plan.student_channels if placement == "output" else self.plan.student_channels[:-1]
+        self.aux = nn.ModuleList([ChannelLinear(c, c, identity=True) for c in channels])
         modules = dict(student.named_modules())
         missing = [n for s in self.plan.segments for n in [s.linear, s.norm, *[o for o in s.ops if isinstance(o, str)]]
                    if n is not None and n not in modules]
@@ -167,9 +216,13 @@ class LayerwiseLearning(nn.Module):
         """Layer ``l`` (0-based) of the student on input ``h``, with its auxiliary map (unfolded)."""
         modules = modules or self._student_modules()
         seg = self.plan.segments[l]
+        if self.placement == "input" and l > 0:
+            h = self.aux[l - 1](h)
         for op in seg.ops:
             h = modules[op](h) if isinstance(op, str) else op(h)
-        h = self.aux[l](modules[seg.linear](h))
+        h = modules[seg.linear](h)
+        if self.placement == "output":
+            h = self.aux[l](h)
         return modules[seg.norm](h) if seg.norm else h
 
     def forward(self, batch):
@@ -189,11 +242,16 @@ class LayerwiseLearning(nn.Module):
         return x
 
     def folded(self) -> nn.Module:
-        """A copy of the student with each ``A_k`` folded into its layer (same architecture)."""
+        """A copy of the student with each auxiliary map folded in (same architecture): into its own
+        layer (``placement="output"``) or backwards into the previous one (``"input"``)."""
         student = copy.deepcopy(self.student)
         modules = dict(student.named_modules())
-        for seg, aux in zip(self.plan.segments, self.aux):
-            fold_auxiliary(modules[seg.linear], aux, modules[seg.norm] if seg.norm else None)
+        if self.placement == "output":
+            for seg, aux in zip(self.plan.segments, self.aux):
+                fold_auxiliary(modules[seg.linear], aux, modules[seg.norm] if seg.norm else None)
+        else:
+            for prev, aux in zip(self.plan.segments[:-1], self.aux):
+                fold_auxiliary(modules[prev.linear], aux)
         return student
 
     def evaluate(self, data) -> dict:

@@ -14,6 +14,7 @@ from .method import (
     LayerwiseLearning,
     LogitMatching,
     OneStageAmalgamation,
+    check_placement,
 )
 
 
@@ -53,7 +54,7 @@ def _example(data, n=2):
 def run_layerwise(teachers: Sequence[nn.Module], student: nn.Module, train_data, val_data=None, *,
                   epochs=(4, 4, 4), lr=1e-3, batch_size: int = 64, seed: int = 0, plan: LayerPlan | None = None,
                   segments=None, teacher_layers=None, device=None, progress: bool | None = None,
-                  **fit_kwargs) -> LayerwiseResult:
+                  placement: str = "output", **fit_kwargs) -> LayerwiseResult:
     """The three stages of layer-wise amalgamation, each with :func:`kaviz.train.fit` on the
     images of ``train_data`` (labels are never read: the data is wrapped in ``Unlabeled``).
 
@@ -61,7 +62,9 @@ def run_layerwise(teachers: Sequence[nn.Module], student: nn.Module, train_data,
     ``val_data`` (a union split) selects each stage's epoch: stage 1 on its validation loss,
     stages 2 and 3 on the task-agnostic validation accuracy of the (folded) student. The student
     is trained in place by stage 2; ``result.students`` holds ``"layer-wise"`` (stage 2, folded)
-    and ``"fine-tuned"`` (stage 3), two separate copies.
+    and ``"fine-tuned"`` (stage 3), two separate copies. ``placement``: where stage 2's auxiliary
+    maps sit (:class:`LayerwiseLearning`): ``"output"`` (default) or ``"input"`` (the paper's, folded
+    backwards; needs a BN-free student with biases, checked before stage 1 starts).
     """
     from ... import seed_everything
     from ...data import Unlabeled
@@ -71,6 +74,7 @@ def run_layerwise(teachers: Sequence[nn.Module], student: nn.Module, train_data,
     lrs = _per_stage(lr, 3, "lr")
     if plan is None:
         plan = plan_layers(teachers, student, _example(train_data), segments=segments, teacher_layers=teacher_layers)
+    check_placement(plan, student, placement)
     seed_everything(seed)
     common = dict(batch_size=batch_size, seed=seed, device=device, progress=progress, **fit_kwargs)
     unlabeled = Unlabeled(train_data)
@@ -79,7 +83,7 @@ def run_layerwise(teachers: Sequence[nn.Module], student: nn.Module, train_data,
     amalgamation = FeatureAmalgamation(teachers, plan)
     h1 = fit(amalgamation, unlabeled, val_data, epochs=epochs[0], lr=lrs[0], **common)
     amalgamation.cpu()  # the device is fit's business; keep results on the CPU between stages
-    layerwise = LayerwiseLearning(student, amalgamation)
+    layerwise = LayerwiseLearning(student, amalgamation, placement=placement)
     h2 = fit(layerwise, unlabeled, val_data, epochs=epochs[1], lr=lrs[1], monitor=monitor, **common)
     stage2 = layerwise.folded()
     stage3 = copy.deepcopy(stage2)
