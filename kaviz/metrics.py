@@ -5,6 +5,7 @@ floats or NumPy arrays, so they work the same on live outputs and on stored feat
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -26,6 +27,12 @@ __all__ = [
     "DEPTH_METRICS_FULL",
     "depth_valid",
     "DepthMeter",
+    "NORMAL_METRICS",
+    "NORMAL_THRESHOLDS",
+    "normal_valid",
+    "angular_errors",
+    "normal_scores",
+    "NormalMeter",
     "dense_meter",
     "psnr",
     "SSIM_WINDOW",
@@ -335,15 +342,128 @@ class DepthMeter:
                 "delta1": self.sums["delta"] / n}
 
 
+#: Surface-normal metrics (the standard set of Eigen & Fergus 2015 and the NYUv2 normal tables): mean
+#: and median angular error in degrees between the predicted and the true normal, and the shares of
+#: pixels whose error is below 11.25°, 22.5° and 30° (``NORMAL_THRESHOLDS``).
+NORMAL_THRESHOLDS = (11.25, 22.5, 30.0)
+NORMAL_METRICS = ("mean_angle", "median_angle", "within_11.25", "within_22.5", "within_30")
+
+
+def _check_normal_maps(predictions: torch.Tensor, targets: torch.Tensor):
+    if targets.dim() < 2 or targets.shape[1] != 3:
+        raise ValueError(f"normal maps must be (B, 3, H, W) (x, y, z per pixel), got targets {tuple(targets.shape)}")
+    if predictions.shape != targets.shape:
+        raise ValueError(f"normal predictions {tuple(predictions.shape)} and targets {tuple(targets.shape)} differ in "
+                         "shape; both must be (B, 3, H, W)")
+
+
+def normal_valid(targets: torch.Tensor, min_norm: float = 1e-3) -> torch.Tensor:
+    """Pixels with a normal to score, (B, H, W) for targets (B, 3, H, W): all three components finite
+    and the vector longer than ``min_norm`` (datasets store (0, 0, 0) where no normal is known)."""
+    if targets.dim() < 2 or targets.shape[1] != 3:
+        raise ValueError(f"normal maps must be (B, 3, H, W), got {tuple(targets.shape)}")
+    finite = torch.isfinite(targets).all(1)
+    return finite & (torch.nan_to_num(targets).norm(dim=1) > min_norm)
+
+
+def angular_errors(predictions, targets) -> torch.Tensor:
+    """Per-pixel angle in degrees (float64, (B, H, W)) between predicted and true normals (B, 3, H, W),
+    neither of which needs to be of unit length: ``atan2(|p × t|, p · t)``, accurate also near 0°
+    (unlike ``acos`` of the cosine). A zero-length prediction has no direction and counts as 90°; a
+    non-finite one gives NaN."""
+    p = torch.as_tensor(predictions).detach().cpu().double()
+    t = torch.as_tensor(targets).detach().cpu().double()
+    _check_normal_maps(p, t)
+    cross = torch.linalg.vector_norm(torch.linalg.cross(p, t, dim=1), dim=1)
+    err = torch.rad2deg(torch.atan2(cross, (p * t).sum(1)))
+    return torch.where(p.norm(dim=1) == 0, torch.full_like(err, 90.0), err)
+
+
+def _normal_result(total: float, n: int, counts, median: float) -> dict:
+    out = {"mean_angle": total / n, "median_angle": median}
+    out.update({k: c / n for k, c in zip(NORMAL_METRICS[2:], counts)})
+    return out
+
+
+def normal_scores(predictions, targets, valid=None, min_norm: float = 1e-3) -> dict:
+    """:data:`NORMAL_METRICS` over the valid pixels (:func:`normal_valid`, and ``valid`` (B, H, W) if
+    given): mean and (exact) median angular error in degrees (:func:`angular_errors`) and the shares
+    with an error below 11.25°, 22.5° and 30°. Predictions (B, 3, H, W) need not be normalised. For
+    data that does not fit in memory use :class:`NormalMeter`."""
+    p, t = torch.as_tensor(predictions), torch.as_tensor(targets)
+    _check_normal_maps(p, t)
+    m = normal_valid(t.detach().cpu().double(), min_norm)
+    if valid is not None:
+        m &= torch.as_tensor(valid).cpu().bool().reshape(m.shape)
+    if not bool(m.any()):
+        raise ValueError("no valid normal pixels to score")
+    e = angular_errors(p, t)[m].numpy()
+    return _normal_result(float(e.sum()), e.size, [int((e < a).sum()) for a in NORMAL_THRESHOLDS],
+                          float(np.median(e)))
+
+
+class NormalMeter:
+    """Streaming :data:`NORMAL_METRICS` (see :func:`normal_scores`), batch by batch in float64: the
+    mean and the shares below 11.25°, 22.5° and 30° are exact; the median is read off a histogram of
+    the errors with bins of ``resolution`` degrees (each of the two middle errors placed linearly
+    within its bin), so it is within ``resolution`` of the exact median. Any NaN error (a non-finite
+    prediction) makes the mean and the median NaN."""
+
+    def __init__(self, min_norm: float = 1e-3, resolution: float = 0.01):
+        if not (isinstance(resolution, (int, float)) and 0 < resolution <= 1):
+            raise ValueError(f"resolution must be in (0, 1] degrees, got {resolution!r}")
+        self.min_norm = min_norm
+        self.resolution = float(resolution)
+        self.hist = np.zeros(int(math.ceil(180.0 / self.resolution)), dtype=np.int64)
+        self.sums = {"angle": 0.0, "n": 0, "nan": 0, "within": [0] * len(NORMAL_THRESHOLDS)}
+
+    def update(self, predictions: torch.Tensor, targets: torch.Tensor) -> None:
+        """``predictions`` and ``targets``: normal maps (B, 3, H, W)."""
+        p, t = predictions.detach().cpu(), targets.detach().cpu()
+        _check_normal_maps(p, t)
+        e = angular_errors(p, t)[normal_valid(t.double(), self.min_norm)].numpy()
+        bad = np.isnan(e)
+        self.sums["n"] += int(e.size)
+        self.sums["nan"] += int(bad.sum())
+        self.sums["angle"] += float(e.sum())
+        for i, a in enumerate(NORMAL_THRESHOLDS):
+            self.sums["within"][i] += int((e < a).sum())
+        e = e[~bad]
+        idx = np.minimum((e / self.resolution).astype(np.int64), len(self.hist) - 1)
+        self.hist += np.bincount(idx, minlength=len(self.hist))
+
+    def _median(self) -> float:
+        # the mean of the two middle order statistics (as np.median), each placed inside its bin
+        if self.sums["nan"]:
+            return float("nan")
+        n, cum = self.sums["n"], np.cumsum(self.hist)
+
+        def order_statistic(j):  # the j-th smallest error (0-based), to within one bin
+            b = int(np.searchsorted(cum, j, side="right"))
+            before = cum[b - 1] if b else 0
+            return (b + (j - before + 0.5) / self.hist[b]) * self.resolution
+
+        return float((order_statistic((n - 1) // 2) + order_statistic(n // 2)) / 2)
+
+    def result(self) -> dict:
+        n = self.sums["n"]
+        if n == 0:
+            raise ValueError("no valid normal pixels were scored")
+        return _normal_result(self.sums["angle"], n, self.sums["within"], self._median())
+
+
 def dense_meter(kind: str, num_classes: int | None = None, ignore_index: int = 255, min_depth: float = 1e-3,
                 full_depth: bool = False):
-    """A :class:`SegmentationMeter` (``kind="segmentation"``) or a :class:`DepthMeter` (``kind="depth"``;
-    ``full_depth``: the full metric set :data:`DEPTH_METRICS_FULL`)."""
+    """A :class:`SegmentationMeter` (``kind="segmentation"``), a :class:`DepthMeter` (``kind="depth"``;
+    ``full_depth``: the full metric set :data:`DEPTH_METRICS_FULL`) or a :class:`NormalMeter`
+    (``kind="normals"``)."""
     if kind == "segmentation":
         return SegmentationMeter(num_classes, ignore_index)
     if kind == "depth":
         return DepthMeter(min_depth, full=full_depth)
-    raise ValueError(f"dense_meter: kind must be 'segmentation' or 'depth', got {kind!r}")
+    if kind == "normals":
+        return NormalMeter()
+    raise ValueError(f"dense_meter: kind must be 'segmentation', 'depth' or 'normals', got {kind!r}")
 
 
 def psnr(images, references, data_range: float = 1.0) -> float:

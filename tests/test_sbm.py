@@ -7,43 +7,22 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from _dense_helpers import W, tiny_scene_splits
+from _dense_helpers import identity_adaptors as _identity_adaptors
+from _dense_helpers import teachers as _teachers
 from torch import nn
 
 from kaviz import metrics, models
-from kaviz.data import scenes
 from kaviz.features import OUTPUT
 from kaviz.methods import sbm
 from kaviz.train import fit, train_teacher
 
 KINDS = {"seg": "segmentation", "depth": "depth"}
-W = (4, 8, 8)
-
-
-def _teachers(skips=False, seed=0):
-    torch.manual_seed(seed)
-    seg = models.build("segnet_small", 3, widths=W, skips=skips).eval()
-    depth = models.build("segnet_small", 1, widths=W, skips=skips).eval()
-    # non-trivial batch-norm statistics, so that a tail that lost them would show
-    for m in [*seg.modules(), *depth.modules()]:
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return {"seg": seg, "depth": depth}
-
-
-def _identity_adaptors(student):
-    for per in student.branches.values():
-        for br in per.values():
-            br.adaptor = nn.Identity()
-    return student
 
 
 @pytest.fixture(scope="module")
 def tiny_scenes():
-    ds = scenes(n=24, size=16, max_objects=2, seed=3)
-    return ds.subset(range(16)), ds.subset(range(16, 24))
+    return tiny_scene_splits()
 
 
 # --------------------------------------------------------------------------------------- adaptor
@@ -292,7 +271,7 @@ def test_dense_supervised_ignores_void_pixels_and_missing_depth():
     with pytest.raises(KeyError, match="target_key"):
         sbm.DenseSupervised(seg)((x, {"labels": mask}))
     with pytest.raises(ValueError, match="task kind"):
-        sbm.DenseSupervised(seg, task="normals")
+        sbm.DenseSupervised(seg, task="edges")
 
 
 def test_dense_meters_match_the_metrics_on_the_whole_set():

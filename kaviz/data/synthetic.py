@@ -14,7 +14,9 @@ Three views are built on the renderer:
   ``len(ATTRIBUTES)`` binary attributes derived from the generation parameters as targets;
 - :func:`scenes` -- 1..``max_objects`` objects at random depths (nearer objects occlude farther
   ones), with multi-hot labels, VOC-style ``difficult`` flags, a class mask and a depth map
-  (stand-ins for VOC multi-label and NYUv2 segmentation + depth, SPEC.md §2 and §4.2).
+  (stand-ins for VOC multi-label and NYUv2 segmentation + depth, SPEC.md §2 and §4.2);
+  ``scenes(..., normals=True)`` adds a surface-normal map derived from the depth map
+  (:func:`depth_normals`; no random number is drawn for it).
 
 Colour, size, texture, position, rotation (within +-10 degrees) and background are drawn
 independently of the shape kind, so nothing but the outline tells the class. Objects are always
@@ -36,6 +38,8 @@ __all__ = [
     "ATTRIBUTES",
     "render_scenes",
     "background_depth",
+    "NORMALS_VIEW_WIDTH",
+    "depth_normals",
     "shapes",
     "shape_attributes",
     "scenes",
@@ -92,6 +96,10 @@ VISIBLE_FRACTION = 0.35
 
 BACKGROUND_DEPTH = (6.0, 10.0)  # nearest (top/bottom edge) and farthest (horizon) background depth
 OBJECT_DEPTH = (1.0, 4.0)       # objects are always nearer than any background pixel
+#: Width of the image in depth units for :func:`depth_normals` (pixels are square, the projection
+#: orthographic): the image spans as much sideways as the farthest background lies deep, so the
+#: background planes of :func:`scenes` lean by about 30-40 degrees whatever the image size.
+NORMALS_VIEW_WIDTH = BACKGROUND_DEPTH[1]
 
 # Difficulty knobs, tuned so that a 3-layer CNN (16-32-64 channels) learns `shapes` (5,000
 # images, 32x32) to roughly 80-95 % validation accuracy in 3 epochs of Adam. Each nuisance costs a
@@ -167,6 +175,66 @@ def background_depth(horizon, size):
     h = np.atleast_1d(np.asarray(horizon, dtype=np.float64))[:, None]
     y = (np.arange(size) + 0.5)[None, :] / size
     return (far - (far - near) * np.abs(y - h) / np.maximum(h, 1 - h)).astype(np.float32)
+
+
+def depth_normals(depth, surfaces=None, view_width: float = NORMALS_VIEW_WIDTH) -> np.ndarray:
+    """Unit surface normals from a depth map: float32 (n, 3, H, W) for ``depth`` (n, H, W), or
+    (3, H, W) for one map (H, W). Deterministic, no random numbers.
+
+    Convention: camera coordinates with x to the right (columns), y downwards (rows) and z towards
+    the camera, so a surface facing the camera squarely has the normal (0, 0, 1) and every normal
+    faces the camera (z > 0). The surface point of pixel (u, v) is (s·u, s·v, −d(u, v)) with the
+    pixel pitch s = ``view_width`` / W (orthographic projection); its normal is the normalised
+    ``(∂d/∂u, ∂d/∂v, s)`` (a floor, whose depth falls towards the bottom edge, points up: y < 0).
+
+    The derivatives are finite differences between a pixel and its neighbours **on the same
+    surface** (``surfaces``: an int map (n, H, W) of surface ids, e.g. the instance map of
+    :func:`render_scenes`; ``None``: one surface): the mean of the forward and the backward
+    difference where both neighbours qualify (the central difference), the one that qualifies at a
+    surface's edge or the image border, 0 where neither does. So depth jumps between surfaces never
+    tilt a normal. Pixels without a valid depth (non-finite or <= 0), and only those, get (0, 0, 0).
+    """
+    d = np.asarray(depth, dtype=np.float64)
+    one = d.ndim == 2
+    if one:
+        d = d[None]
+    if d.ndim != 3 or d.shape[1] < 1 or d.shape[2] < 1:
+        raise ValueError(f"depth must be a map (H, W) or maps (n, H, W), got shape {np.shape(depth)}")
+    if surfaces is None:
+        surf = np.zeros(d.shape, dtype=np.int8)
+    else:
+        surf = np.asarray(surfaces)
+        surf = surf[None] if one and surf.ndim == 2 else surf
+        if surf.shape != d.shape:
+            raise ValueError(f"surfaces {np.shape(surfaces)} must have the shape of depth {np.shape(depth)} (one "
+                             "surface id per pixel), or be None (one surface)")
+    if isinstance(view_width, bool) or not isinstance(view_width, (int, float)) or not (
+            math.isfinite(view_width) and view_width > 0):
+        raise ValueError(f"view_width must be a positive number (the image width in depth units), got {view_width!r}")
+    valid = np.isfinite(d) & (d > 0)
+    d0 = np.where(valid, d, 0.0)
+
+    def derivative(axis):
+        lo = [slice(None)] * 3
+        hi = [slice(None)] * 3
+        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+        lo, hi = tuple(lo), tuple(hi)
+        ok = valid[lo] & valid[hi] & (surf[lo] == surf[hi])  # pixel pairs (i, i + 1) on one surface
+        step = np.where(ok, d0[hi] - d0[lo], 0.0)
+        total = np.zeros(d.shape)
+        count = np.zeros(d.shape)
+        total[lo] += step  # forward difference of pixel i
+        count[lo] += ok
+        total[hi] += step  # backward difference of pixel i + 1
+        count[hi] += ok
+        return total / np.maximum(count, 1)
+
+    pitch = float(view_width) / d.shape[2]
+    n = np.stack([derivative(2), derivative(1), np.full(d.shape, pitch)], axis=1)
+    n /= np.linalg.norm(n, axis=1, keepdims=True)
+    n *= valid[:, None]
+    n = n.astype(np.float32)
+    return n[0] if one else n
 
 
 def hsv_to_rgb(h, s, v):
@@ -694,7 +762,8 @@ def shape_attributes(n: int = 6000, seed: int = 0, size: int = 32) -> ImageDatas
     )
 
 
-def scenes(n: int = 3000, seed: int = 0, size: int = 48, max_objects: int = 4) -> ImageDataset:
+def scenes(n: int = 3000, seed: int = 0, size: int = 48, max_objects: int = 4, *,
+           normals: bool = False) -> ImageDataset:
     """Multi-object scenes with 1..``max_objects`` objects at random depths.
 
     ``targets`` is a dict (K = ``len(SHAPES)``):
@@ -703,7 +772,13 @@ def scenes(n: int = 3000, seed: int = 0, size: int = 48, max_objects: int = 4) -
     - ``difficult`` bool (n, K): present, but every instance tiny (< ``TINY_FRACTION`` of the
       image) or mostly occluded (< ``VISIBLE_FRACTION`` visible) -- VOC's flag;
     - ``mask`` int64 (n, H, W): 0 = background, k + 1 = ``SHAPES[k]`` (``info["mask_classes"]``);
-    - ``depth`` float32 (n, H, W): objects 1..4, background 6..10 (farthest at the horizon).
+    - ``depth`` float32 (n, H, W): objects 1..4, background 6..10 (farthest at the horizon);
+    - ``normals`` float32 (n, 3, H, W), only with ``normals=True``: unit surface normals derived
+      from ``depth`` with the visible objects as separate surfaces (:func:`depth_normals`: x right,
+      y down, z towards the camera). The objects face the camera, (0, 0, 1); the background above
+      the horizon leans down and the floor below it up (no x component anywhere). Nothing else
+      changes: the images, masks and depth are the same with and without it (no extra random
+      numbers), only the fingerprint tells the two datasets apart.
 
     ``meta`` has one row per image; ``info["objects"]`` one row per object, keyed by the
     generator ``index`` (so it stays valid for subsets).
@@ -714,6 +789,8 @@ def scenes(n: int = 3000, seed: int = 0, size: int = 48, max_objects: int = 4) -
     n, seed, size = _check_n(n), check_seed(seed), _check_size(size)
     if isinstance(max_objects, bool) or not isinstance(max_objects, (int, np.integer)) or max_objects < 1:
         raise ValueError(f"max_objects must be an int >= 1, got {max_objects!r}")
+    if not isinstance(normals, (bool, np.bool_)):
+        raise ValueError(f"normals must be True or False (add the surface-normal map), got {normals!r}")
     r = render_scenes(range(n), seed, size, (1, int(max_objects)))
     K = len(SHAPES)
     labels = np.zeros((n, K), dtype=np.float32)
@@ -754,15 +831,21 @@ def scenes(n: int = 3000, seed: int = 0, size: int = 48, max_objects: int = 4) -
         "mask": torch.from_numpy(r["mask"]),
         "depth": torch.from_numpy(r["depth"]),
     }
+    key = ("scenes", GENERATOR_VERSION, n, seed, size, int(max_objects))
+    info = {}
+    if normals:
+        targets["normals"] = torch.from_numpy(depth_normals(r["depth"], r["instance"]))
+        key += ("normals", NORMALS_VIEW_WIDTH)
+        info = {"normals": "kaviz.data.synthetic.depth_normals (x right, y down, z towards the camera)"}
     return ImageDataset(
         _to_chw(r["image"]),
         targets,
         classes=list(SHAPES),
         name="scenes",
         meta=meta,
-        fingerprint=digest(("scenes", GENERATOR_VERSION, n, seed, size, int(max_objects))),
+        fingerprint=digest(key),
         info={"task": "scene", "mask_classes": ["background", *SHAPES], "objects": objects,
               "background_depth_range": BACKGROUND_DEPTH, "object_depth_range": OBJECT_DEPTH,
               "seed": seed, "size": size, "max_objects": int(max_objects),
-              "generator": "kaviz.data.synthetic.render_scenes"},
+              "generator": "kaviz.data.synthetic.render_scenes", **info},
     )

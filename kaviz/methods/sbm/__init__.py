@@ -23,14 +23,19 @@ student without labels:
 4. **Branch-out**: each task's loss is measured per branch point on the training data
    (:func:`branch_losses`); the point with the lowest loss is kept (:func:`select_branches`,
    :meth:`SBMStudent.branch_out`), and then everything — trunk, adaptors and the tails — is
-   fine-tuned (:func:`run` does all of it with :func:`kaviz.train.fit`).
+   fine-tuned (:func:`run` does all of it with :func:`kaviz.train.fit`). ``run(...,
+   schedule="blockwise")`` trains the block phase stage by stage along the trunk instead of every
+   branch at once (:data:`SCHEDULES`); teachers built with ``segnet_small(..., unpool="indices")``
+   (SegNet max-unpooling) get tails that unpool with the student trunk's pooling indices.
 
 The tails start as *copies of the teachers' decoders*: one reference implementation built them
 fresh by mistake, which costs half the mIoU on NYUv2 (0.52 → 0.28); :func:`check_tails` tells the
 two apart, and ``SBMStudent(..., tails="fresh")`` rebuilds that variant as an ablation.
 
 The teachers themselves are trained with :class:`DenseSupervised` (cross-entropy with an ignore
-index; L1 over valid depth pixels) through :func:`kaviz.train.train_teacher` (:func:`train_teachers`).
+index; L1 over valid depth pixels; ``1 − cos`` over valid normals for a third task of kind
+``"normals"`` on ``scene_splits(..., normals=True)``) through :func:`kaviz.train.train_teacher`
+(:func:`train_teachers`).
 """
 from ..dense import DenseSupervised
 from .data import (
@@ -49,6 +54,7 @@ from .method import (
     TeacherTargets,
 )
 from .runs import (
+    SCHEDULES,
     SBMResult,
     branch_losses,
     branch_summary,
@@ -66,6 +72,9 @@ from .tasks import (
     BRANCH_POINTS,
     KINDS,
     TARGET_KEYS,
+    kind_channels,
+    normals_loss,
+    normals_target,
 )
 from .tasks import (
     IGNORE_INDEX as IGNORE_INDEX,
@@ -75,6 +84,9 @@ __all__ = [
     "KINDS",
     "TARGET_KEYS",
     "BRANCH_POINTS",
+    "kind_channels",
+    "normals_target",
+    "normals_loss",
     "DenseSupervised",
     "SEAdaptor",
     "TeacherTail",
@@ -88,6 +100,7 @@ __all__ = [
     "branch_summary",
     "SBMResult",
     "run",
+    "SCHEDULES",
     "train_teachers",
     "scene_splits",
     "score",

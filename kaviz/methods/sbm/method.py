@@ -13,7 +13,7 @@ from ...features import OUTPUT
 from ...train import freeze
 from .evaluation import score
 from .student import SBMStudent
-from .tasks import TARGET_KEYS
+from .tasks import TARGET_KEYS, normals_loss, normals_target
 
 #: SBM's precomputed teacher outputs: the shared :class:`kaviz.cache.TeacherOutputs` (teachers named by task,
 #: their raw outputs under ``kaviz.features.OUTPUT``; the targets are derived from them batch by batch).
@@ -33,6 +33,10 @@ class SBM(nn.Module):
     (``y["teacher_outputs"]``, see :meth:`precompute`) or are computed on the fly. Labels are never read for
     training. ``evaluate(data)`` scores every branch against the ground truth (logging only:
     ``fit`` selects the epoch on the validation *loss*, i.e. agreement with the teachers).
+
+    While the student is in a stage of the blockwise schedule (:meth:`SBMStudent.set_stage`),
+    ``forward`` computes only the branches at that stage's point (and ``loss_weights`` names only
+    their terms).
     """
 
     def __init__(self, student: SBMStudent, teachers: Mapping[str, nn.Module], *, seg_loss: str = "ce",
@@ -63,14 +67,17 @@ class SBM(nn.Module):
 
     @property
     def loss_weights(self) -> dict:
-        return {self.term(t, p): self.task_weights[t] for t in self.student.tasks for p in self.student.branches[t]}
+        stage = self.student.stage
+        return {self.term(t, p): self.task_weights[t] for t in self.student.tasks for p in self.student.branches[t]
+                if stage is None or p == stage}
 
     def term(self, task: str, point: str) -> str:
         return task if len(self.student.branches[task]) == 1 else f"{task}@{point}"
 
     # -------------------------------------------------------------------------- teacher targets
     def teacher_target(self, task: str, x: torch.Tensor, output: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher ``task``'s target for images ``x``: argmax ids (``"ce"``), logits (``"kl"``) or depth;
+        """Teacher ``task``'s target for images ``x``: argmax ids (``"ce"``), logits (``"kl"``), depth or unit
+        normals;
         from the teacher's ``output`` when it is given (cached), else by running the teacher."""
         out = output
         if out is None:
@@ -78,6 +85,8 @@ class SBM(nn.Module):
                 out = self.teachers[task](x)
         if self.kinds[task] == "segmentation":
             return out.argmax(1) if self.seg_loss == "ce" else out
+        if self.kinds[task] == "normals":
+            return normals_target(out)
         return out[:, 0]
 
     def precompute(self, data, batch_size: int = 128) -> TeacherOutputs:
@@ -101,6 +110,8 @@ class SBM(nn.Module):
 
     # ---------------------------------------------------------------------------------- losses
     def task_loss(self, task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.kinds[task] == "normals":
+            return normals_loss(output, target)
         if self.kinds[task] == "depth":
             return (output[:, 0] - target).abs().mean()
         if self.seg_loss == "ce":
@@ -113,7 +124,8 @@ class SBM(nn.Module):
     def forward(self, batch):
         x = images_of(batch)
         targets = self._targets(batch, x)
-        outs = self.student.forward_all(x)
+        stage = self.student.stage
+        outs = self.student.forward_all(x) if stage is None else self.student.forward_all(x, points=[stage])
         return {self.term(t, p): self.task_loss(t, out, targets[t]) for t, per in outs.items() for p,
                 out in per.items()}
 

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...models.dense import SegNetSmall
-from .tasks import BRANCH_POINTS
+from .tasks import BRANCH_POINTS, check_kind, kind_channels
 
 _BLOCKS = ("enc1", "enc2", "enc3", "dec3", "dec2", "dec1")
 _DECODER = ("dec3", "dec2", "dec1")
@@ -18,6 +18,24 @@ _DECODER = ("dec3", "dec2", "dec1")
 def _kind_of(model: nn.Module) -> str:
     """A one-channel output is depth; several channels are class logits."""
     return "depth" if getattr(model, "out_channels", None) == 1 else "segmentation"
+
+
+def _task_kinds(nets: Mapping[str, nn.Module], kinds: Mapping[str, str] | None) -> dict[str, str]:
+    """Each task's kind: as ``kinds`` names it, else from the teacher's output channels (1: depth, several:
+    segmentation). A normals teacher (3 channels, like a 3-class segmenter) must be named:
+    ``kinds={"normals": "normals"}``."""
+    kinds = dict(kinds or {})
+    unknown = [t for t in kinds if t not in nets]
+    if unknown:
+        raise ValueError(f"kinds names tasks that have no teacher: {unknown}; tasks: {list(nets)}")
+    out = {}
+    for t, m in nets.items():
+        kind = check_kind(kinds[t]) if t in kinds else _kind_of(m)
+        if kind != "segmentation" and m.out_channels != kind_channels(kind):
+            raise ValueError(f"task {t!r} is named {kind!r}, which needs {kind_channels(kind)} output channel(s), "
+                             f"but its teacher has {m.out_channels}")
+        out[t] = kind
+    return out
 
 
 class SEAdaptor(nn.Module):
@@ -82,6 +100,20 @@ def _skip_for(block: str, skips):
     return {"dec3": e2, "dec2": e1}.get(block)
 
 
+def _indices_for(block: str, indices):
+    """The pooling indices a SegNetSmall decoder block max-unpools with (None without ``unpool="indices"``)."""
+    if indices is None:
+        return None
+    i1, i2, i3 = indices
+    return {"dec3": i3, "dec2": i2, "dec1": i1}[block]
+
+
+def _decode_block(block: nn.Module, name: str, d, skips, indices):
+    if indices is None:
+        return block(d, _skip_for(name, skips))
+    return block(d, _skip_for(name, skips), indices=_indices_for(name, indices))
+
+
 class TeacherTail(nn.Module):
     """A copy of a teacher's decoder blocks after ``point``, and its head: ``blocks[...]``.
 
@@ -89,6 +121,8 @@ class TeacherTail(nn.Module):
     whatever ``.train()`` says — gradients still flow *through* it to the adaptor and the trunk
     (which is why it is not a :class:`kaviz.train.Frozen`, whose forward runs under ``no_grad``).
     ``fresh=True`` re-initialises the copy (the reference-code bug, kept as an ablation).
+    A teacher built with ``unpool="indices"`` gives a tail that max-unpools with the pooling indices
+    passed to ``forward`` (in the student: those of the student's own trunk).
     """
 
     def __init__(self, teacher: SegNetSmall, point: str, fresh: bool = False):
@@ -98,10 +132,11 @@ class TeacherTail(nn.Module):
         names = [b for b in _DECODER if _BLOCKS.index(b) > _BLOCKS.index(point)] + ["head"]
         # fresh: a newly initialised network of the same configuration (what the reference did)
         source = SegNetSmall(teacher.out_channels, teacher.enc1.conv1.in_channels, teacher.widths,
-                             teacher.skips, teacher.output) if fresh else teacher
+                             teacher.skips, teacher.output, teacher.unpool) if fresh else teacher
         self.blocks = nn.ModuleDict({n: copy.deepcopy(getattr(source, n)) for n in names})
         self.skips = teacher.skips
         self.output = teacher.output
+        self.unpool = teacher.unpool
         self.out_channels = teacher.out_channels
         self.fresh = bool(fresh)
         self.frozen = False
@@ -122,10 +157,14 @@ class TeacherTail(nn.Module):
             self.blocks.eval()  # the teacher's batch-norm statistics stay the teacher's
         return self
 
-    def forward(self, f, skips=None, size=None):
+    def forward(self, f, skips=None, size=None, indices=None):
+        if self.unpool == "indices" and indices is None and len(self.names) > 1:
+            raise ValueError("this tail max-unpools (its teacher has unpool='indices'): pass the trunk's pooling "
+                             "indices (i1, i2, i3), tail(f, skips, size, indices=...)")
         d = f
         for n in self.names[:-1]:
-            d = self.blocks[n](d, _skip_for(n, skips if self.skips else None))
+            d = _decode_block(self.blocks[n], n, d, skips if self.skips else None,
+                              indices if self.unpool == "indices" else None)
         if size is not None and tuple(d.shape[-2:]) != tuple(size):
             d = F.interpolate(d, size=tuple(size), mode="bilinear", align_corners=False)
         out = self.blocks["head"](d)
@@ -140,8 +179,10 @@ class Branch(nn.Module):
         self.adaptor = adaptor
         self.tail = tail
 
-    def forward(self, f, skips=None, size=None):
-        return self.tail(self.adaptor(f), skips, size)
+    def forward(self, f, skips=None, size=None, indices=None):
+        if indices is None:
+            return self.tail(self.adaptor(f), skips, size)
+        return self.tail(self.adaptor(f), skips, size, indices=indices)
 
 
 class SBMStudent(nn.Module):
@@ -156,10 +197,17 @@ class SBMStudent(nn.Module):
 
     ``forward(x)`` → ``{task: output}`` once each task has one branch (after :meth:`branch_out`);
     ``forward_all(x)`` → ``{task: {point: output}}`` for every candidate.
+
+    Teachers built with ``segnet_small(..., unpool="indices")`` (SegNet max-unpooling) give a trunk
+    whose encoder blocks return their pooling indices; every tail then max-unpools with the indices
+    of the *student's* trunk (the teacher's decoder runs on the student's features and argmax
+    positions). :meth:`set_stage` restricts training to one stage of the blockwise schedule
+    (:func:`run` with ``schedule="blockwise"``).
     """
 
     def __init__(self, teachers: Mapping[str, nn.Module], points: Mapping[str, Sequence[str]] | None = None, *,
-                 trunk_from: str | None = None, reduction: int = 4, min_hidden: int = 16, tails: str = "teacher"):
+                 trunk_from: str | None = None, reduction: int = 4, min_hidden: int = 16, tails: str = "teacher",
+                 kinds: Mapping[str, str] | None = None):
         super().__init__()
         if not isinstance(teachers, Mapping) or not teachers:
             raise ValueError("SBMStudent needs a dict {task: teacher}, e.g. {'seg': seg_teacher, 'depth': "
@@ -167,12 +215,13 @@ class SBMStudent(nn.Module):
         nets = {t: _check_segnet(t, m) for t, m in teachers.items()}
         first = next(iter(nets.values()))
         for t, m in nets.items():
-            if (m.widths != first.widths or m.skips != first.skips
+            if (m.widths != first.widths or m.skips != first.skips or m.unpool != first.unpool
                     or m.enc1.conv1.in_channels != first.enc1.conv1.in_channels):
                 raise ValueError(
-                    f"every teacher must have the same widths, skips and input channels so that the trunk's "
-                    f"features fit every teacher's decoder; {t!r} has widths {m.widths}, skips {m.skips}, "
-                    f"but {next(iter(nets))!r} has widths {first.widths}, skips {first.skips}")
+                    f"every teacher must have the same widths, skips, unpool and input channels so that the "
+                    f"trunk's features fit every teacher's decoder; {t!r} has widths {m.widths}, skips {m.skips}, "
+                    f"unpool {m.unpool!r}, but {next(iter(nets))!r} has widths {first.widths}, skips "
+                    f"{first.skips}, unpool {first.unpool!r}")
         if tails not in ("teacher", "fresh"):
             raise ValueError(f"tails must be 'teacher' (copies of the teachers' decoders) or 'fresh', got {tails!r}")
         trunk_from = trunk_from if trunk_from is not None else next(iter(nets))
@@ -204,11 +253,13 @@ class SBMStudent(nn.Module):
         self.trunk.requires_grad_(True)
         self.branches.requires_grad_(True)
         self.tasks = list(nets)
-        self.kinds = {t: _kind_of(m) for t, m in nets.items()}
+        self.kinds = _task_kinds(nets, kinds)
         self.trunk_from = trunk_from
         self.skips = first.skips
+        self.unpool = first.unpool
         self.widths = first.widths
         self.tails = tails
+        self.stage = None
         self.reduction, self.min_hidden = reduction, min_hidden
         self.freeze_tails(True)
 
@@ -226,10 +277,72 @@ class SBMStudent(nn.Module):
                 b.tail.set_frozen(frozen and not b.tail.fresh)
         return self
 
+    # ------------------------------------------------------------------------ blockwise schedule
+    @property
+    def stage_points(self) -> list[str]:
+        """Every task's candidate branch points together, shallow to deep: the stages of the
+        blockwise schedule (:meth:`set_stage`)."""
+        return sorted({p for ps in self.points.values() for p in ps}, key=_BLOCKS.index)
+
+    def stage_blocks(self, point: str) -> list[str]:
+        """The trunk blocks the stage of ``point`` trains: those after the previous stage's point
+        up to ``point`` itself (from ``enc1`` for the first stage)."""
+        pts = self.stage_points
+        if point not in pts:
+            raise ValueError(f"no task has a candidate branch at {point!r}, so it is no stage; the stages are {pts}")
+        k = pts.index(point)
+        start = 0 if k == 0 else _BLOCKS.index(pts[k - 1]) + 1
+        return list(_BLOCKS[start:_BLOCKS.index(point) + 1])
+
+    def set_stage(self, point: str | None) -> "SBMStudent":
+        """Train one stage of the blockwise schedule (``point``) or everything again (``None``).
+
+        In the stage of ``point`` only :meth:`stage_blocks` (point) of the trunk and the adaptors of
+        the branches at ``point`` (their tails too if they are trainable, i.e. fresh) have
+        ``requires_grad``; every other block, adaptor and tail is frozen and kept in eval mode by
+        :meth:`train`, so its batch-norm statistics do not move either. The SBM method then
+        computes only the branches at ``point`` (``forward_all(x, points=[point])``).
+        ``set_stage(None)`` restores the joint setting: trunk and adaptors trainable, each tail as
+        :meth:`freeze_tails` left it."""
+        blocks = self.stage_blocks(point) if point is not None else None
+        self.stage = point
+        if point is None:
+            self.trunk.requires_grad_(True)
+            for per in self.branches.values():
+                for br in per.values():
+                    br.adaptor.requires_grad_(True)
+                    br.tail.set_frozen(br.tail.frozen)
+        else:
+            self.requires_grad_(False)
+            for b in blocks:
+                self.trunk[b].requires_grad_(True)
+            for t in self.tasks:
+                if point in self.branches[t]:
+                    br = self.branches[t][point]
+                    br.adaptor.requires_grad_(True)
+                    br.tail.blocks.requires_grad_(not br.tail.frozen)
+        return self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "stage", None) is not None:  # frozen blocks keep their batch-norm statistics
+            active = self.stage_blocks(self.stage)
+            for b, m in self.trunk.items():
+                if b not in active:
+                    m.eval()
+            for per in self.branches.values():
+                for p, br in per.items():
+                    if p != self.stage:
+                        br.eval()
+        return self
+
     def branch_out(self, points: Mapping[str, str]) -> "SBMStudent":
         """A new student keeping one branch per task (``{task: point}``), with this student's
         current weights (trunk up to the deepest kept point, adaptors, tails); tails stay frozen
         as they are here. Use :meth:`freeze_tails` (False) to fine-tune them."""
+        if self.stage is not None:
+            raise ValueError(f"this student is in the blockwise stage {self.stage!r}: call set_stage(None) before "
+                             "branch_out")
         if set(points) != set(self.tasks):
             raise ValueError(f"branch_out needs one point per task {self.tasks}, got {dict(points)}")
         for t, p in points.items():
@@ -248,28 +361,48 @@ class SBMStudent(nn.Module):
         return new
 
     # ------------------------------------------------------------------------------------ forward
-    def _features(self, x):
+    def _features(self, x, until: str | None = None):
         if x.dim() != 4 or x.shape[-1] % 8 or x.shape[-2] % 8:
             raise ValueError(f"the SBM student needs images (B, C, H, W) with H and W divisible by 8, "
                              f"got {tuple(x.shape)}")
         feats = {}
-        e1 = self.trunk["enc1"](x)
-        e2 = self.trunk["enc2"](e1)
-        d = self.trunk["enc3"](e2)
+        indices = None
+        if self.unpool == "indices":
+            e1, i1 = self.trunk["enc1"](x)
+            e2, i2 = self.trunk["enc2"](e1)
+            d, i3 = self.trunk["enc3"](e2)
+            indices = (i1, i2, i3)
+        else:
+            e1 = self.trunk["enc1"](x)
+            e2 = self.trunk["enc2"](e1)
+            d = self.trunk["enc3"](e2)
         feats["enc3"] = d
         skips = (e1, e2) if self.skips else None
         for b in _DECODER:
-            if b not in self.trunk:
+            if b not in self.trunk or until == next(reversed(feats)):
                 break
-            d = self.trunk[b](d, _skip_for(b, skips))
+            d = _decode_block(self.trunk[b], b, d, skips, indices)
             feats[b] = d
-        return feats, skips
+        return feats, skips, indices
 
-    def forward_all(self, x) -> dict[str, dict[str, torch.Tensor]]:
-        """``{task: {point: output}}`` for every candidate branch (one pass through the trunk)."""
-        feats, skips = self._features(x)
+    def forward_all(self, x, points: str | Sequence[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """``{task: {point: output}}`` for every candidate branch (one pass through the trunk);
+        ``points``: only the branches at these points (the trunk runs up to the deepest of them; a
+        task without a branch there maps to ``{}``)."""
+        wanted = None
+        if points is not None:
+            wanted = [points] if isinstance(points, str) else list(points)
+            for p in wanted:
+                if p not in self.stage_points:
+                    raise ValueError(f"no task has a candidate branch at {p!r}; the candidates are {self.stage_points}")
+        until = None if wanted is None else max(wanted, key=_BLOCKS.index)
+        feats, skips, indices = self._features(x, until)
         size = tuple(x.shape[-2:])
-        return {t: {p: br(feats[p], skips, size) for p, br in self.branches[t].items()} for t in self.tasks}
+        if indices is None:
+            return {t: {p: br(feats[p], skips, size) for p, br in self.branches[t].items()
+                        if wanted is None or p in wanted} for t in self.tasks}
+        return {t: {p: br(feats[p], skips, size, indices=indices) for p, br in self.branches[t].items()
+                    if wanted is None or p in wanted} for t in self.tasks}
 
     def forward(self, x) -> dict[str, torch.Tensor]:
         several = {t: list(self.branches[t]) for t in self.tasks if len(self.branches[t]) != 1}
@@ -283,14 +416,16 @@ def check_tails(student: SBMStudent, teachers: Mapping[str, nn.Module]):
     """Does every branch tail hold its teacher's decoder weights? A DataFrame with one row per
     (task, point): ``max_abs_diff`` over the tail's parameters and batch-norm buffers against the
     teacher's blocks of the same names, and ``equal`` (exactly equal). A student whose tails were
-    built fresh (the reference-code bug) shows large differences."""
+    built fresh (the reference-code bug) shows large differences. A tail that upsamples otherwise
+    than its teacher (``unpool`` "indices" vs "bilinear": the same weights, another function) counts
+    as ``max_abs_diff = inf``."""
     import pandas as pd
 
     rows = []
     for t in student.tasks:
         teacher = _check_segnet(t, teachers[t])
         for p, br in student.branches[t].items():
-            diff = 0.0
+            diff = 0.0 if br.tail.unpool == teacher.unpool else float("inf")
             for name in br.tail.names:
                 mine = br.tail.blocks[name].state_dict()
                 theirs = getattr(teacher, name).state_dict()
