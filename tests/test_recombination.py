@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from _dense_helpers import assert_prune_consistent, with_stats
 from torch import nn
 
 from kaviz import metrics, models
@@ -13,17 +14,7 @@ from kaviz.methods import recombination as R
 
 
 def _with_stats(model, seed=0, size=16):
-    """A teacher with non-trivial batch-norm statistics and affine parameters (not the init values)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(0.5 + torch.rand(m.num_features, generator=g))
-                m.bias.copy_(0.2 * torch.randn(m.num_features, generator=g))
-        model.train()
-        for _ in range(2):
-            model(torch.rand(4, 3, size, size, generator=g))
-    return model.eval()
+    return with_stats(model, seed, size, passes=2)
 
 
 def teachers(seed=0, ae_widths=(6, 8, 10), seg_widths=(4, 6, 8), classes=5):
@@ -153,13 +144,7 @@ def test_quantiser_rounds_forward_and_passes_gradients_straight_through():
 # pruning
 # ------------------------------------------------------------------------------------------------
 def _consistent(net):
-    """Every conv reads as many channels as its producer makes; every BN matches its conv."""
-    for u in net.prune_units():
-        conv = net.get_submodule(u.conv)
-        if u.bn is not None:
-            assert net.get_submodule(u.bn).num_features == conv.out_channels, u
-        for c in u.consumers:
-            assert net.get_submodule(c).in_channels == conv.out_channels, (u, c)
+    assert_prune_consistent(net)
 
 
 def _kept(weight, fraction):

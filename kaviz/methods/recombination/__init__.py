@@ -23,6 +23,10 @@ autoencoder (reconstruction, ``output="sigmoid"``) and a segmentation network.
    treats rounding as the identity, Bengio et al. 2013, as in Theis et al. 2017), then per task a
    1×1 adaptor (initialised to select that teacher's channels) into a copy of the teacher's own
    decoder. Before any training, with the quantiser off, every task output equals its teacher's.
+   ``combine(bottleneck="reference")`` (``bottleneck=16, bottleneck_norm=True``) builds the
+   reference code's instead: 1×1 conv → BN → LeakyReLU → 1×1 conv down to 16 channels, the
+   quantiser, and per task 1×1 conv → BN → LeakyReLU → 1×1 conv up to the teacher's width
+   (:class:`Conv1x1Block`, randomly initialised; pruned like the rest).
 3. **Prune and retrain** (:func:`prune`, :func:`recombine`). Each round removes from every
    prunable conv (by default those of the combined encoder and the shared bottleneck; the task
    decoders can be included) the ``fraction`` of filters with the **smallest** L1 norm
@@ -39,6 +43,7 @@ segmentation mIoU and pixel accuracy against the ground-truth masks, the number 
 the code width and an empirical rate (bits per pixel, zeroth-order entropy of the quantised code).
 """
 from .combine import (
+    bottleneck_spec,
     combine,
     reproduction_check,
 )
@@ -58,7 +63,10 @@ from .method import (
 from .network import (
     CRITERIA,
     DEFAULT_GROUPS,
+    LEAKY_SLOPE,
     PRUNE_GROUPS,
+    REFERENCE_BOTTLENECK,
+    Conv1x1Block,
     PruneUnit,
     Quantiser,
     RecombinedNet,
@@ -102,7 +110,11 @@ __all__ = [
     "Quantiser",
     "TaskDecoder",
     "RecombinedNet",
+    "Conv1x1Block",
+    "REFERENCE_BOTTLENECK",
+    "LEAKY_SLOPE",
     "combine",
+    "bottleneck_spec",
     "reproduction_check",
     "PruneUnit",
     "filter_l1",

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import numbers
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .network import ENCODER_BLOCKS, Quantiser, RecombinedNet, TaskDecoder
+from .network import ENCODER_BLOCKS, REFERENCE_BOTTLENECK, Conv1x1Block, Quantiser, RecombinedNet, TaskDecoder
 from .tasks import check_segnet_teachers, task_kinds
 
 
@@ -68,9 +69,29 @@ def _concat_bn(bns: Sequence[nn.BatchNorm2d]) -> nn.BatchNorm2d:
     return new
 
 
+def bottleneck_spec(bottleneck, bottleneck_norm) -> tuple[int | None, bool]:
+    """Validate the bottleneck options of :func:`combine` / ``recombine``: ``(channels or None,
+    norm)``; ``"reference"`` is ``(REFERENCE_BOTTLENECK, True)``."""
+    if not isinstance(bottleneck_norm, bool):
+        raise ValueError(f"bottleneck_norm must be True or False, got {bottleneck_norm!r}")
+    if isinstance(bottleneck, str):
+        if bottleneck != "reference":
+            raise ValueError(f"bottleneck must be None (full width), a positive number of channels or 'reference' "
+                             f"({REFERENCE_BOTTLENECK} channels with BN and LeakyReLU), got {bottleneck!r}")
+        return REFERENCE_BOTTLENECK, True
+    if bottleneck is None:
+        return None, bottleneck_norm
+    if isinstance(bottleneck, float) and bottleneck.is_integer():
+        bottleneck = int(bottleneck)
+    if isinstance(bottleneck, bool) or not isinstance(bottleneck, numbers.Integral) or bottleneck < 1:
+        raise ValueError(f"bottleneck must be a positive number of channels (an int; None for the full width, "
+                         f"'reference' for {REFERENCE_BOTTLENECK} channels with BN and LeakyReLU), got {bottleneck!r}")
+    return int(bottleneck), bottleneck_norm
+
+
 def combine(teachers: Mapping[str, nn.Module], *, kinds: Mapping[str, str] | None = None,
-            bottleneck: int | None = None, quant_step: float | None = 0.05,
-            offset_bug: bool = False) -> RecombinedNet:
+            bottleneck: int | str | None = None, quant_step: float | None = 0.05,
+            offset_bug: bool = False, bottleneck_norm: bool = False, seed: int | None = None) -> RecombinedNet:
     """Combine SegNet-like teachers ``{task: teacher}`` into one :class:`RecombinedNet` (SPEC §4.3).
 
     The encoders are combined block-diagonally at each teacher's output and input offsets (BN
@@ -82,7 +103,23 @@ def combine(teachers: Mapping[str, nn.Module], *, kinds: Mapping[str, str] | Non
     (``output="sigmoid"`` → reconstruction, else segmentation). The teachers are not modified.
     ``offset_bug=True`` reproduces the reference's input-offset bug (every teacher at input offset
     0), for the reproduction check only.
+
+    ``bottleneck_norm=True`` builds the reference code's bottleneck instead of one 1×1 conv: a
+    :class:`Conv1x1Block` ``ΣC → code → code`` (1×1 conv, BN, LeakyReLU, 1×1 conv; the quantiser
+    follows), and as each task's adaptor a block ``code → C_t → C_t`` (C_t: the teacher's last
+    encoder width), all randomly initialised (PyTorch's defaults) — nothing reproduces the teachers
+    until trained. ``bottleneck="reference"`` is ``bottleneck=16, bottleneck_norm=True``.
+    ``seed``: build the network under this seed (the global RNG is restored afterwards); None draws
+    from the global RNG, as before.
     """
+    code_opt, norm = bottleneck_spec(bottleneck, bottleneck_norm)
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int (or None for the global RNG), got {seed!r}")
+        with torch.random.fork_rng():  # CPU and every visible CUDA device
+            torch.manual_seed(seed)
+            return combine(teachers, kinds=kinds, bottleneck=bottleneck, quant_step=quant_step, offset_bug=offset_bug,
+                           bottleneck_norm=bottleneck_norm)
     teachers = check_segnet_teachers(teachers)
     kinds = task_kinds(teachers, kinds)
     models = list(teachers.values())
@@ -109,11 +146,24 @@ def combine(teachers: Mapping[str, nn.Module], *, kinds: Mapping[str, str] | Non
             o += s.conv2.out_channels
         offsets[b] = rng
     width = blocks["enc3"].conv2.out_channels
-    code = width if bottleneck is None else int(bottleneck)
-    if code < 1:
-        raise ValueError(f"bottleneck must be a positive number of channels, got {bottleneck!r}")
-    identity = code == width
+    code = width if code_opt is None else code_opt
+    identity = code == width and not norm
     ref = models[0].enc1.conv1.weight
+    if norm:
+        f = {"device": ref.device, "dtype": ref.dtype}
+        neck = Conv1x1Block(width, code, code, **f)
+        adaptors = {task: Conv1x1Block(code, hi - lo, hi - lo, **f)
+                    for task, (lo, hi) in zip(teachers, offsets["enc3"])}
+    else:
+        neck, adaptors = _plain_neck(teachers, offsets["enc3"], width, code, identity, ref)
+    decoders = {task: TaskDecoder(t) for task, t in teachers.items()}
+    net = RecombinedNet(blocks, neck, Quantiser(quant_step), adaptors, decoders, kinds, cins.pop(), offsets, identity)
+    return net.train(any(t.training for t in models))
+
+
+def _plain_neck(teachers, ranges, width, code, identity, ref):
+    """kaviz's default bottleneck (one 1×1 conv with bias) and adaptors (one 1×1 conv per task),
+    identity / channel-selecting when the code keeps the full width."""
     neck = nn.Conv2d(width, code, 1, bias=True, device=ref.device, dtype=ref.dtype)
     adaptors = {}
     with torch.no_grad():
@@ -121,16 +171,14 @@ def combine(teachers: Mapping[str, nn.Module], *, kinds: Mapping[str, str] | Non
             neck.weight.zero_()
             neck.weight[:, :, 0, 0] = torch.eye(width, dtype=ref.dtype)
             neck.bias.zero_()
-        for task, (lo, hi) in zip(teachers, offsets["enc3"]):
+        for task, (lo, hi) in zip(teachers, ranges):
             a = nn.Conv2d(code, hi - lo, 1, bias=True, device=ref.device, dtype=ref.dtype)
             if identity:
                 a.weight.zero_()
                 a.weight[:, lo:hi, 0, 0] = torch.eye(hi - lo, dtype=ref.dtype)
                 a.bias.zero_()
             adaptors[task] = a
-    decoders = {task: TaskDecoder(t) for task, t in teachers.items()}
-    net = RecombinedNet(blocks, neck, Quantiser(quant_step), adaptors, decoders, kinds, cins.pop(), offsets, identity)
-    return net.train(any(t.training for t in models))
+    return neck, adaptors
 
 
 def reproduction_check(net: RecombinedNet, teachers: Mapping[str, nn.Module], images: torch.Tensor):

@@ -1,4 +1,4 @@
-"""The recombination loss (SPEC §7): each task's output against its teacher and the ground truth, plus
+"""The recombination loss (SPEC §4.3): each task's output against its teacher and the ground truth, plus
 the code-size term."""
 from __future__ import annotations
 

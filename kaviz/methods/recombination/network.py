@@ -1,4 +1,4 @@
-"""The recombined network (SPEC §7): a shared encoder, a quantised bottleneck and per-task decoders."""
+"""The recombined network (SPEC §4.3): a shared encoder, a quantised bottleneck and per-task decoders."""
 from __future__ import annotations
 
 import contextlib
@@ -84,6 +84,57 @@ class TaskDecoder(nn.Module):
         return torch.sigmoid(out) if self.output == "sigmoid" else out
 
 
+#: Code width of the reference bottleneck (``combine(bottleneck="reference")``).
+REFERENCE_BOTTLENECK = 16
+#: Negative slope of the LeakyReLU in :class:`Conv1x1Block` (PyTorch's default, as the reference code).
+LEAKY_SLOPE = 0.01
+
+
+class Conv1x1Block(nn.Module):
+    """``1×1 conv → BN → LeakyReLU → 1×1 conv`` (both convs without bias): the reference code's shared
+    bottleneck (``in_channels → width → out_channels``, ``width = out_channels = 16``) and its
+    per-task adaptors (``16 → C_t → C_t``), selected by ``combine(bottleneck_norm=True)``.
+    ``in_channels``/``out_channels`` are those of ``conv1``'s input and ``conv2``'s output, so the
+    block stands wherever a plain 1×1 conv stood; :func:`prune` thins ``conv1`` (with ``bn``) and
+    ``conv2`` like any other conv."""
+
+    def __init__(self, in_channels: int, width: int, out_channels: int, *, negative_slope: float = LEAKY_SLOPE,
+                 device=None, dtype=None):
+        super().__init__()
+        for name, v in (("in_channels", in_channels), ("width", width), ("out_channels", out_channels)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        f = {"device": device, "dtype": dtype}
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False, **f)
+        self.bn = nn.BatchNorm2d(width, **f)
+        self.act = nn.LeakyReLU(negative_slope)
+        self.conv2 = nn.Conv2d(width, out_channels, 1, bias=False, **f)
+
+    @property
+    def in_channels(self) -> int:
+        return self.conv1.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.conv2.out_channels
+
+    def forward(self, x):
+        return self.conv2(self.act(self.bn(self.conv1(x))))
+
+
+def _first_conv(name: str, module: nn.Module) -> str:
+    """Dotted name of the conv that reads ``module``'s input (``module`` itself or its ``conv1``)."""
+    return f"{name}.conv1" if isinstance(module, Conv1x1Block) else name
+
+
+def _block_units(name: str, module: nn.Module, consumers: tuple, group: str) -> list:
+    """Prune units of a plain 1×1 conv or of a :class:`Conv1x1Block` whose output feeds ``consumers``."""
+    if isinstance(module, Conv1x1Block):
+        return [PruneUnit(f"{name}.conv1", f"{name}.bn", (f"{name}.conv2",), group),
+                PruneUnit(f"{name}.conv2", None, consumers, group)]
+    return [PruneUnit(name, None, consumers, group)]
+
+
 ENCODER_BLOCKS = ("enc1", "enc2", "enc3")
 DECODER_BLOCKS = ("dec3", "dec2", "dec1")
 
@@ -105,10 +156,14 @@ class RecombinedNet(nn.Module):
 
     ``offsets[block][t]`` is teacher t's channel range in a combined encoder block (valid until
     the first pruning round); ``kinds`` maps each task to ``"reconstruction"``/``"segmentation"``.
+    The bottleneck and the adaptors are plain 1×1 convs (kaviz's default) or, with
+    ``combine(bottleneck_norm=True)``, :class:`Conv1x1Block` s (conv → BN → LeakyReLU → conv, the
+    reference code's); ``bottleneck_norm`` says which.
     """
 
-    def __init__(self, blocks: Mapping[str, EncoderBlock], bottleneck: nn.Conv2d, quantiser: Quantiser,
-                 adaptors: Mapping[str, nn.Conv2d], decoders: Mapping[str, TaskDecoder], kinds: Mapping[str, str],
+    def __init__(self, blocks: Mapping[str, EncoderBlock], bottleneck: nn.Conv2d | Conv1x1Block,
+                 quantiser: Quantiser, adaptors: Mapping[str, nn.Conv2d | Conv1x1Block],
+                 decoders: Mapping[str, TaskDecoder], kinds: Mapping[str, str],
                  in_channels: int, offsets: Mapping[str, list], identity_bottleneck: bool):
         super().__init__()
         for name in ENCODER_BLOCKS:
@@ -171,14 +226,16 @@ class RecombinedNet(nn.Module):
         units = []
         if "encoder" in groups:
             for i, b in enumerate(ENCODER_BLOCKS):
-                nxt = f"{ENCODER_BLOCKS[i + 1]}.conv1" if i + 1 < len(ENCODER_BLOCKS) else "bottleneck"
+                nxt = (f"{ENCODER_BLOCKS[i + 1]}.conv1" if i + 1 < len(ENCODER_BLOCKS)
+                       else _first_conv("bottleneck", self.bottleneck))
                 units.append(PruneUnit(f"{b}.conv1", f"{b}.bn1", (f"{b}.conv2",), "encoder"))
                 units.append(PruneUnit(f"{b}.conv2", f"{b}.bn2", (nxt,), "encoder"))
         if "bottleneck" in groups:
-            units.append(PruneUnit("bottleneck", None, tuple(f"adaptors.{t}" for t in self.tasks), "bottleneck"))
+            readers = tuple(_first_conv(f"adaptors.{t}", self.adaptors[t]) for t in self.tasks)
+            units += _block_units("bottleneck", self.bottleneck, readers, "bottleneck")
         if "adaptors" in groups:
             for t in self.tasks:
-                units.append(PruneUnit(f"adaptors.{t}", None, (f"decoders.{t}.dec3.conv1",), "adaptors"))
+                units += _block_units(f"adaptors.{t}", self.adaptors[t], (f"decoders.{t}.dec3.conv1",), "adaptors")
         if "decoders" in groups:
             for t in self.tasks:
                 for i, d in enumerate(DECODER_BLOCKS):
@@ -195,3 +252,8 @@ class RecombinedNet(nn.Module):
 
     def code_channels(self) -> int:
         return self.bottleneck.out_channels
+
+    @property
+    def bottleneck_norm(self) -> bool:
+        """Whether the bottleneck (and the adaptors) are :class:`Conv1x1Block` s (BN and LeakyReLU)."""
+        return isinstance(self.bottleneck, Conv1x1Block)

@@ -58,7 +58,11 @@ def prune(net: RecombinedNet, fraction: float, *, groups: Sequence[str] = DEFAUL
     norm folded in, ``‖W_o‖₁·|γ_o|/√(σ²_o+ε)``: a batch norm after the conv undoes any scale of
     ``W_o``, so the raw norm says little about what the channel contributes) — together with the
     dependent batch-norm channels and the input channels of the convs that read them. All norms
-    are measured before anything is removed.
+    are measured before anything is removed. With the reference bottleneck
+    (``combine(bottleneck="reference")``) the ``"bottleneck"`` group is its two convs —
+    ``bottleneck.conv1`` with ``bottleneck.bn`` (read by ``bottleneck.conv2``) and
+    ``bottleneck.conv2``, the code itself (read by every ``adaptors.<task>.conv1``) — and the
+    ``"adaptors"`` group likewise each adaptor's ``conv1`` (with its BN) and ``conv2``.
 
     Returns a DataFrame, one row per conv: ``layer, group, before, after, max_removed_l1,
     min_kept_l1`` (for ``"smallest"``: ``max_removed_l1 <= min_kept_l1``) and, for the combined

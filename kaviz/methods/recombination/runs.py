@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ...models import param_count
-from .combine import combine
+from .combine import bottleneck_spec, combine
 from .evaluation import evaluate_dense, teacher_scores
 from .method import RecombinationLoss
 from .network import CRITERIA, DEFAULT_GROUPS, RecombinedNet
@@ -109,11 +109,11 @@ def recombine(teachers: Mapping[str, nn.Module], train_data, val_data, test_data
               net: RecombinedNet | None = None,
               rounds: int = 3, fraction: float = 0.3, epochs: int = 2, finetune_epochs: int | None = None,
               groups: Sequence[str] = DEFAULT_GROUPS, criterion: str = "smallest", min_channels: int = 2,
-              quant_step: float | None = 0.05, bottleneck: int | None = None, T: float = 1.0,
+              quant_step: float | None = 0.05, bottleneck: int | str | None = None, T: float = 1.0,
               weights: Mapping[str, float] | None = None, lr: float = 1e-3, batch_size: int = 32,
               num_classes: int | None = None, ignore_index: int = IGNORE_INDEX, seed: int = 0, device=None,
               progress: bool | None = None, eval_batch_size: int = 128, reconstruction: str = "l1+ssim",
-              ms_ssim_weights=None) -> RecombinationResult:
+              ms_ssim_weights=None, bottleneck_norm: bool = False) -> RecombinationResult:
     """Combine the teachers, fine-tune, then ``rounds`` times prune ``fraction`` of the filters and
     retrain ``epochs`` epochs (SPEC §4.3). Returns a :class:`RecombinationResult`.
 
@@ -124,6 +124,8 @@ def recombine(teachers: Mapping[str, nn.Module], train_data, val_data, test_data
     validation loss (no labels); every stage is scored on ``val_data`` and ``test_data``.
     ``reconstruction`` / ``ms_ssim_weights``: the reconstruction loss (:class:`RecombinationLoss`;
     ``"ms_ssim"`` is the paper's MS-SSIM).
+    ``bottleneck_norm=True`` / ``bottleneck="reference"``: the reference code's bottleneck and
+    adaptors (:func:`combine`), their random initialisation drawn from ``seed``.
     """
     import pandas as pd
 
@@ -137,7 +139,10 @@ def recombine(teachers: Mapping[str, nn.Module], train_data, val_data, test_data
     for t in teachers.values():
         t.eval()
     if net is None:
-        net = combine(teachers, quant_step=quant_step, bottleneck=bottleneck)
+        _, norm = bottleneck_spec(bottleneck, bottleneck_norm)
+        # the default path draws nothing from ``seed`` (its numbers are stored in the notebook)
+        net = combine(teachers, quant_step=quant_step, bottleneck=bottleneck, bottleneck_norm=bottleneck_norm,
+                      **({"seed": seed} if norm else {}))
     elif list(net.kinds) != list(teachers):
         raise ValueError(f"net was combined from tasks {list(net.kinds)} but the teachers are {list(teachers)}")
     seg = [t for t, k in net.kinds.items() if k == "segmentation"]
