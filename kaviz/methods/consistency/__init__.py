@@ -95,3 +95,20 @@ __all__ = [
     "load_data",
     "halves",
 ]
+
+# compression (magnitude pruning of a net vs the original; SPEC §3)
+from .compression import (  # noqa: E402
+    compression_consistency,
+    magnitude_prune,
+    prunable_modules,
+    prune_masks,
+    weight_sparsity,
+)
+
+__all__ += [
+    "magnitude_prune",
+    "prune_masks",
+    "prunable_modules",
+    "weight_sparsity",
+    "compression_consistency",
+]
