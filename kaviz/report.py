@@ -51,6 +51,7 @@ __all__ = [
     "measured",
     "prose",
     "claims",
+    "read_claims",
     "VERDICTS",
 ]
 
@@ -305,7 +306,9 @@ def prose(text: str):
 def claims(comparisons: Sequence[Comparison], *, headline: Iterable[str] = (), paper_values: dict | None = None,
            caption: str = "claims"):
     """The claims table a paper notebook ends with (DESIGN.md §4): one row per claim — headline or not,
-    the paper's number where it reports one, this run's means ± sample std, the margin in std and the
+    a number reported elsewhere (``paper_values``: a string that names its source — "the paper: …",
+    "reference code run: …" — shown as "reported (source)", so a rerun of the authors' code is never
+    called the paper's), this run's means ± sample std, the margin in std and the
     verdict — shown as a measured table, and printed as one line ``CLAIMS <json>`` (a list of objects
     with ``claim``, ``headline``, ``verdict``, ``margin_std``) for tools. notebooks/sanitize.cfg masks
     the JSON for nbval: the verdicts are checked by ``compare(..., expect=...)``, not by bytes."""
@@ -318,7 +321,8 @@ def claims(comparisons: Sequence[Comparison], *, headline: Iterable[str] = (), p
     paper_values = paper_values or {}
     rows, line = [], []
     for c in comparisons:
-        rows.append({"claim": c.claim, "headline": c.claim in headline, "paper": paper_values.get(c.claim, "—"),
+        rows.append({"claim": c.claim, "headline": c.claim in headline,
+                     "reported (source)": paper_values.get(c.claim, "—"),
                      "this run (a)": f"{c.a_name}: {c.a.format()}",
                      "this run (b)": f"{c.b_name}: {c.b.format()}", "margin (std)": c.margin_std,
                      "verdict": c.verdict})
@@ -327,3 +331,32 @@ def claims(comparisons: Sequence[Comparison], *, headline: Iterable[str] = (), p
                      "margin_std": None if math.isnan(m) else (m if math.isfinite(m) else math.copysign(1e9, m))})
     print("CLAIMS " + json.dumps(line, ensure_ascii=False))
     return measured(pd.DataFrame(rows).set_index("claim"), caption=caption, digits=2)
+
+
+def read_claims(notebook) -> list[dict]:
+    """The claims an executed notebook printed (its ``CLAIMS <json>`` lines, in the order printed), each
+    with the notebook's file name added under ``notebook``. ``notebook``: a path to an ``.ipynb`` (the
+    stored outputs, or an executed copy from ``python -m kaviz run --out``). A notebook that printed no
+    claims (never executed, or it stopped before its claims cell) gives an empty list; a line that is not
+    valid JSON raises ValueError naming the notebook."""
+    from pathlib import Path
+
+    path = Path(notebook)
+    try:
+        nb = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not a notebook (invalid JSON: {exc})") from exc
+    found = []
+    for cell in nb.get("cells", []):
+        for out in cell.get("outputs", []) if cell.get("cell_type") == "code" else []:
+            text = out.get("text", "")
+            text = "".join(text) if isinstance(text, list) else text
+            for line in text.splitlines():
+                if not line.startswith("CLAIMS "):
+                    continue
+                try:
+                    rows = json.loads(line[len("CLAIMS "):])
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}: a CLAIMS line that is not JSON ({exc}): {line[:120]}") from exc
+                found += [{"notebook": path.name, **row} for row in rows]
+    return found

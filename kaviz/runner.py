@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["parse_assignments", "inject_parameters", "resolve_parameters", "plan", "execute", "main"]
+__all__ = ["parse_assignments", "inject_parameters", "resolve_parameters", "plan", "execute", "claims_command", "main"]
 
 PARAMETERS_TAG = "parameters"
 INJECTED_TAG = "injected-parameters"
@@ -207,6 +207,50 @@ def execute(path, params: dict | None = None, out=None, inplace: bool = False, t
     return ok, seconds, note
 
 
+def claims_command(notebooks, headline_only: bool = False, as_json: bool = False, file=None) -> int:
+    """``python -m kaviz claims``: print the claims of executed notebooks. Returns 2 when a file is missing or
+    is not a notebook, 1 when none of them printed claims, else 0 (a notebook without claims, such as
+    getting_started, is named on stderr)."""
+    import json
+
+    from .report import read_claims
+
+    file = file or sys.stdout
+    rows, missing = [], []
+    for path in notebooks:
+        path = Path(path)
+        if not path.is_file():
+            print(f"error: {path}: no such notebook", file=sys.stderr)
+            return 2
+        try:
+            found = read_claims(path)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if not found:
+            missing.append(path.name)
+        rows += found
+    shown = [r for r in rows if r.get("headline")] if headline_only else rows
+    if as_json:
+        print(json.dumps(shown, ensure_ascii=False), file=file)
+    else:
+        for r in shown:
+            m = r.get("margin_std")
+            margin = "n/a" if m is None else (f"{m:+.1f}" if abs(m) < 1e8 else ("+inf" if m > 0 else "-inf"))
+            print(f"{r['notebook'][:34]:34s} {'H' if r.get('headline') else ' '} {r['verdict']:15s} {margin:>7s}  "
+                  f"{r['claim']}", file=file)
+        by_nb = {}
+        for r in rows:
+            if r.get("headline"):
+                by_nb.setdefault(r["notebook"], []).append(r["verdict"] == "reproduced")
+        held = sum(all(v) for v in by_nb.values())
+        print(f"headline claims reproduced in {held} of {len(by_nb)} notebooks (H: headline; margin in std)", file=file)
+    for name in missing:
+        print(f"note: {name} printed no CLAIMS line (not a paper notebook, not executed, or it stopped before "
+              "its claims cell)", file=sys.stderr)
+    return 0 if rows else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m kaviz", description="kaviz command line")
     sub = p.add_subparsers(dest="command", required=True)
@@ -219,7 +263,16 @@ def main(argv=None) -> int:
     r.add_argument("--inplace", action="store_true", help="store the outputs in the notebook itself (developers)")
     r.add_argument("--dry-run", action="store_true", help="print the resolved parameters and the plan; run nothing")
     r.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    c = sub.add_parser("claims", help="the claims tables executed notebooks printed (their CLAIMS lines)",
+                       description="Read the CLAIMS line(s) of executed notebooks (stored outputs, or the copies "
+                                   "`run --out` wrote) and print one row per claim; the last line counts the "
+                                   "notebooks whose headline claims are all reproduced.")
+    c.add_argument("notebooks", nargs="+", type=Path)
+    c.add_argument("--headline", action="store_true", help="only the papers' headline claims")
+    c.add_argument("--json", action="store_true", help="one JSON list instead of the table")
     args = p.parse_args(argv)
+    if args.command == "claims":
+        return claims_command(args.notebooks, headline_only=args.headline, as_json=args.json)
     try:
         params = parse_assignments(args.param)
         if args.inplace and params:

@@ -133,7 +133,8 @@ def test_claims_line_and_table(capsys):
     assert parsed[0] == {"claim": "student beats KD", "headline": True, "verdict": "reproduced",
                          "margin_std": pytest.approx(10.0)}
     assert parsed[1]["headline"] is False and parsed[1]["verdict"] == "not reproduced"
-    assert "0.7997" in shown._repr_mimebundle_()["text/html"]
+    table = shown._repr_mimebundle_()["text/html"]
+    assert "0.7997" in table and "reported (source)" in table and ">paper<" not in table  # never called the paper's
     with pytest.raises(ValueError, match="not among"):
         report.claims([a], headline={"something else"})
 

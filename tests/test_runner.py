@@ -80,3 +80,51 @@ def test_headless_run_with_parameters_writes_notebook_and_html(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kaviz", "run", str(bad), "--out", str(out)], capture_output=True,
                        text=True, timeout=110)
     assert r.returncode == 1 and "FAIL" in r.stdout and "boom" in r.stdout
+
+
+def _notebook_with(tmp_path, name, texts):
+    import json as _json
+    cells = [{"cell_type": "code", "metadata": {}, "source": "", "execution_count": 1,
+              "outputs": [{"output_type": "stream", "name": "stdout", "text": t}]} for t in texts]
+    path = tmp_path / name
+    path.write_text(_json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    return path
+
+
+def test_claims_command_reads_the_claims_lines(tmp_path, capsys):
+    import json as _json
+
+    from kaviz.report import read_claims
+    from kaviz.runner import main
+    held = [{"claim": "a beats b", "headline": True, "verdict": "reproduced", "margin_std": 3.1},
+            {"claim": "c", "headline": False, "verdict": "cannot tell", "margin_std": None}]
+    moved = [{"claim": "x beats y", "headline": True, "verdict": "not reproduced", "margin_std": -2.5}]
+    one = _notebook_with(tmp_path, "one.ipynb", ["before\nCLAIMS " + _json.dumps(held) + "\n"])
+    two = _notebook_with(tmp_path, "two.ipynb", [["CLAIMS ", _json.dumps(moved), "\n"]])  # text as a list
+    assert [r["claim"] for r in read_claims(one)] == ["a beats b", "c"]
+    assert read_claims(two)[0] == {"notebook": "two.ipynb", **moved[0]}
+    assert main(["claims", str(one), str(two)]) == 0
+    out = capsys.readouterr().out
+    assert "headline claims reproduced in 1 of 2 notebooks" in out  # control: two.ipynb's headline did not hold
+    assert "n/a" in out and "+3.1" in out
+    assert main(["claims", "--headline", "--json", str(one), str(two)]) == 0
+    assert [r["claim"] for r in _json.loads(capsys.readouterr().out)] == ["a beats b", "x beats y"]
+
+
+def test_claims_command_bad_inputs(tmp_path, capsys):
+    from kaviz.report import read_claims
+    from kaviz.runner import main
+    silent = _notebook_with(tmp_path, "silent.ipynb", ["no claims here\n"])
+    assert read_claims(silent) == [] and main(["claims", str(silent)]) == 1  # nothing printed claims
+    assert "printed no CLAIMS line" in capsys.readouterr().err
+    one = _notebook_with(tmp_path, "one.ipynb", ['CLAIMS [{"claim": "c", "headline": true, "verdict": "reproduced", '
+                                                 '"margin_std": 2.5}]\n'])
+    assert main(["claims", str(silent), str(one)]) == 0  # control: one of them did
+    assert "silent.ipynb printed no CLAIMS line" in capsys.readouterr().err
+    assert main(["claims", str(tmp_path / "absent.ipynb")]) == 2
+    broken = _notebook_with(tmp_path, "broken.ipynb", ["CLAIMS [{not json\n"])
+    with pytest.raises(ValueError, match="broken.ipynb"):
+        read_claims(broken)
+    assert main(["claims", str(broken)]) == 2
+    (tmp_path / "text.ipynb").write_text("not a notebook")
+    assert main(["claims", str(tmp_path / "text.ipynb")]) == 2 and "not a notebook" in capsys.readouterr().err
