@@ -21,6 +21,23 @@ Three views are built on the renderer:
 Colour, size, texture, position, rotation (within +-10 degrees) and background are drawn
 independently of the shape kind, so nothing but the outline tells the class. Objects are always
 lighter than the background behind them (see the difficulty knobs below for why).
+
+A *pretraining world*, disjoint from the notebooks' tasks, is rendered by the same code over a
+second vocabulary of outlines, ``PRETRAIN_SHAPES`` (30 kinds: polygons, stars, letters, arcs, dot
+groups, ...; none of them is one of ``SHAPES`` or a near-copy), selected by
+``render_scenes(..., vocabulary="pretrain")``. It is the analogue of ImageNet for the zoo of
+pretrained CPU backbones:
+
+- :func:`pretraining` -- one object per image, label = index into ``PRETRAIN_SHAPES`` (as
+  :func:`shapes`, with colours, textures, backgrounds and positions drawn the same way);
+- :func:`pretraining_scenes` -- the multi-object scenes of :func:`scenes` over ``PRETRAIN_SHAPES``
+  (multi-hot labels, class mask, depth), for pretraining dense encoder-decoders.
+
+The pretraining vocabulary also draws its uniforms from its own stream (the per-image key mixes in
+a vocabulary tag), so its backgrounds, colours and positions are not those of the notebook images
+of the same seed and index either; and whatever the seed, no pretraining image can show a
+notebook class, since the two vocabularies share no outline. The default vocabulary
+(``"notebook"`` = ``SHAPES``) draws exactly the uniforms and pixels it always did.
 """
 from __future__ import annotations
 
@@ -43,6 +60,10 @@ __all__ = [
     "shapes",
     "shape_attributes",
     "scenes",
+    "PRETRAIN_SHAPES",
+    "VOCABULARIES",
+    "pretraining",
+    "pretraining_scenes",
 ]
 
 # Bump when a change to the renderer changes any pixel: it is part of every fingerprint, so caches
@@ -61,6 +82,50 @@ SHAPES = [
     "ellipse",
     "crescent",
 ]
+# The pretraining world's outlines (:func:`pretraining`, :func:`pretraining_scenes`): disjoint from
+# SHAPES, each told apart from the others by its outline at 32x32 (tests/test_pretraining_world.py).
+PRETRAIN_SHAPES = [
+    "pentagon",
+    "star4",
+    "star6",
+    "star8",
+    "heart",
+    "arrow",
+    "chevron",
+    "l_shape",
+    "t_shape",
+    "h_shape",
+    "u_shape",
+    "z_shape",
+    "y_shape",
+    "semicircle",
+    "quarter_disc",
+    "pacman",
+    "half_ring",
+    "square_ring",
+    "triangle_ring",
+    "pill",
+    "bar",
+    "trapezoid",
+    "parallelogram",
+    "keyhole",
+    "teardrop",
+    "hourglass",
+    "trefoil",
+    "two_dots",
+    "three_dots",
+    "four_dots",
+]
+#: The kind vocabularies of :func:`render_scenes`: ``"notebook"`` (the default, the notebooks'
+#: tasks) and ``"pretrain"`` (the pretraining world).
+VOCABULARIES = {"notebook": SHAPES, "pretrain": PRETRAIN_SHAPES}
+# Per-vocabulary stream tag mixed into the per-image key of :func:`_draw_uniforms` (0: none, so the
+# notebook images keep their uniforms); "pretrain" in ASCII.
+_STREAMS = {"notebook": 0, "pretrain": 0x707265747261696E}
+# Bump when an outline of PRETRAIN_SHAPES changes: it is part of the pretraining fingerprints only,
+# so the notebooks' caches survive such a change.
+_PRETRAIN_VERSION = 1
+_PRETRAIN_TAG = ("vocabulary", "pretrain", _PRETRAIN_VERSION)  # in the pretraining fingerprints
 TEXTURES = ["solid", "stripes", "checker", "dots"]
 BACKGROUNDS = ["plain", "gradient", "noise", "stripes"]
 # Palette hues (HSV hue in [0, 1)); each object gets one with a little jitter. Half are warm.
@@ -134,6 +199,14 @@ def _check_size(size, minimum=16):
             f"{size!r}; shapes are unrecognisable below that"
         )
     return int(size)
+
+
+def _vocabulary(vocabulary):
+    """``(kinds, stream)`` of a vocabulary name (``VOCABULARIES``)."""
+    if not isinstance(vocabulary, str) or vocabulary not in VOCABULARIES:
+        raise ValueError(f"vocabulary must be one of {sorted(VOCABULARIES)} (\"notebook\": SHAPES, the notebooks' "
+                         f"tasks; \"pretrain\": PRETRAIN_SHAPES, the pretraining world), got {vocabulary!r}")
+    return VOCABULARIES[vocabulary], _STREAMS[vocabulary]
 
 
 def _check_n(n):
@@ -272,8 +345,10 @@ def _box(u, v, a, b):
     return np.maximum(np.abs(u) - a, np.abs(v) - b)
 
 
-def _sdf(kind, u, v):
-    name = SHAPES[kind]
+def _sdf(kind, u, v, kinds=SHAPES):
+    name = kinds[kind]
+    if name in _PRETRAIN_SDF:  # the vocabularies share no name
+        return _PRETRAIN_SDF[name](u, v)
     if name == "circle":
         return np.hypot(u, v) - 1.0
     if name == "square":
@@ -299,6 +374,139 @@ def _sdf(kind, u, v):
     raise AssertionError(name)  # SHAPES and _sdf must list the same kinds
 
 
+# --- the pretraining outlines (PRETRAIN_SHAPES), same units: about 1 radius, within ~1.25 per axis --
+
+def _rotate(u, v, degrees):
+    """The coordinates in which a shape drawn with them appears turned by ``degrees``."""
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    return u * c + v * s, v * c - u * s
+
+
+def _disc(u, v, cx, cy, r):
+    return np.hypot(u - cx, v - cy) - r
+
+
+def _rect(u, v, x0, y0, x1, y1):
+    """Axis-aligned box between the corners (x0, y0) and (x1, y1)."""
+    return _box(u - (x0 + x1) / 2, v - (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2)
+
+
+def _convex(u, v, pts):
+    """Convex polygon through ``pts`` (either orientation): the largest signed distance to its edge lines."""
+    gx = sum(p[0] for p in pts) / len(pts)
+    gy = sum(p[1] for p in pts) / len(pts)
+    d = None
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:] + pts[:1]):
+        nx, ny = y1 - y0, x0 - x1
+        norm = math.hypot(nx, ny)
+        nx, ny = nx / norm, ny / norm
+        if (gx - x0) * nx + (gy - y0) * ny > 0:  # make the normal point away from the inside
+            nx, ny = -nx, -ny
+        e = (u - x0) * nx + (v - y0) * ny
+        d = e if d is None else np.maximum(d, e)
+    return d
+
+
+def _stroke(u, v, x0, y0, x1, y1, w):
+    """A straight stroke of half-width ``w`` from (x0, y0) to (x1, y1), square ends."""
+    dx, dy = x1 - x0, y1 - y0
+    length = math.hypot(dx, dy)
+    t = ((u - x0) * dx + (v - y0) * dy) / length - length / 2
+    n = ((v - y0) * dx - (u - x0) * dy) / length
+    return np.maximum(np.abs(t) - length / 2, np.abs(n) - w)
+
+
+def _capsule(u, v, x0, y0, x1, y1, w):
+    """A stroke of half-width ``w`` from (x0, y0) to (x1, y1), round ends."""
+    dx, dy = x1 - x0, y1 - y0
+    t = np.clip(((u - x0) * dx + (v - y0) * dy) / (dx * dx + dy * dy), 0, 1)
+    return np.hypot(u - x0 - t * dx, v - y0 - t * dy) - w
+
+
+def _union(*ds):
+    out = ds[0]
+    for d in ds[1:]:
+        out = np.minimum(out, d)
+    return out
+
+
+def _dots(u, v, centres, r):
+    return _union(*(_disc(u, v, x, y, r) for x, y in centres))
+
+
+def _around(k, radius, start, dy=0.0):
+    """``k`` points evenly around a circle, the first at ``start`` degrees (0 = right, 90 = down)."""
+    return [(radius * math.cos(math.radians(start + 360 * i / k)),
+             dy + radius * math.sin(math.radians(start + 360 * i / k))) for i in range(k)]
+
+
+def _teardrop(u, v):
+    # a disc and the triangle from the tip to the disc's tangent points
+    px, py, cx, cy, r = 0.0, -1.12, 0.0, 0.3, 0.72
+    dist = math.hypot(cx - px, cy - py)
+    tangent, half = math.sqrt(dist * dist - r * r), math.asin(r / dist)
+    axis = math.atan2(cy - py, cx - px)
+    t1 = (px + tangent * math.cos(axis + half), py + tangent * math.sin(axis + half))
+    t2 = (px + tangent * math.cos(axis - half), py + tangent * math.sin(axis - half))
+    return np.minimum(_disc(u, v, cx, cy, r), _convex(u, v, [(px, py), t1, t2]))
+
+
+def _pacman(u, v, mouth=38.0):
+    c, s = math.cos(math.radians(mouth)), math.sin(math.radians(mouth))
+    wedge = np.maximum(v * c - u * s, -v * c - u * s)  # the mouth, opening to the right
+    return np.maximum(np.hypot(u, v) - 1.05, -wedge)
+
+
+def _triangle_ring(u, v):
+    a, b = _rotate(u, v - 0.34, -90)  # apex up, centred
+    return np.maximum(_polygon(a, b, 3, 0.68), -_polygon(a, b, 3, 0.3))
+
+
+# u to the right, v downwards (image rows), so "up" is v < 0.
+_PRETRAIN_SDF = {
+    "pentagon": lambda u, v: _polygon(*_rotate(u, v - 0.1, -90), 5, 0.84),
+    "star4": lambda u, v: _star(u, v, 4, 1.25, 0.42),
+    "star6": lambda u, v: _star(*_rotate(u, v, -90), 6, 1.2, 0.62),
+    "star8": lambda u, v: _star(u, v, 8, 1.2, 0.68),
+    "heart": lambda u, v: _union(_disc(u, v, -0.47, -0.38, 0.55), _disc(u, v, 0.47, -0.38, 0.55),
+                                 _convex(u, v, [(-0.98, -0.22), (0.98, -0.22), (0.0, 1.05)])),
+    "arrow": lambda u, v: np.minimum(_rect(u, v, -1.15, -0.22, 0.1, 0.22),
+                                     _convex(u, v, [(0.0, -0.8), (1.2, 0.0), (0.0, 0.8)])),
+    "chevron": lambda u, v: np.maximum(_convex(u, v, [(0.0, -0.95), (1.15, 0.95), (-1.15, 0.95)]),
+                                       -_convex(u, v, [(0.0, -0.1), (1.15, 1.8), (-1.15, 1.8)])),
+    "l_shape": lambda u, v: np.minimum(_rect(u, v, -0.85, -1.05, -0.25, 1.05), _rect(u, v, -0.85, 0.45, 0.85, 1.05)),
+    "t_shape": lambda u, v: np.minimum(_rect(u, v, -1.05, -1.0, 1.05, -0.4), _rect(u, v, -0.3, -1.0, 0.3, 1.05)),
+    "h_shape": lambda u, v: _union(_rect(u, v, -0.95, -1.05, -0.37, 1.05), _rect(u, v, 0.37, -1.05, 0.95, 1.05),
+                                   _rect(u, v, -0.95, -0.27, 0.95, 0.27)),
+    "u_shape": lambda u, v: _union(_rect(u, v, -0.95, -1.0, -0.37, 1.0), _rect(u, v, 0.37, -1.0, 0.95, 1.0),
+                                   _rect(u, v, -0.95, 0.42, 0.95, 1.0)),
+    "z_shape": lambda u, v: _union(_rect(u, v, -0.95, -1.0, 0.95, -0.45), _rect(u, v, -0.95, 0.45, 0.95, 1.0),
+                                   _convex(u, v, [(0.35, -0.46), (0.95, -0.46), (-0.35, 0.46), (-0.95, 0.46)])),
+    "y_shape": lambda u, v: _union(_disc(u, v, 0.0, 0.05, 0.25),
+                                   *(_stroke(u, v, 0.0, 0.05, x, y, 0.25) for x, y in _around(3, 1.05, 90, 0.05))),
+    "semicircle": lambda u, v: np.maximum(_disc(u, v, 0.0, 0.55, 1.15), v - 0.55),
+    "quarter_disc": lambda u, v: np.maximum(np.maximum(_disc(u, v, -0.8, 0.8, 1.65), -0.8 - u), v - 0.8),
+    "pacman": _pacman,
+    "half_ring": lambda u, v: np.maximum(np.abs(np.hypot(u, v - 0.55) - 0.8) - 0.3, v - 0.55),
+    "square_ring": lambda u, v: np.maximum(_box(u, v, 0.95, 0.95), -_box(u, v, 0.5, 0.5)),
+    "triangle_ring": _triangle_ring,
+    "pill": lambda u, v: _capsule(u, v, -0.72, 0.0, 0.72, 0.0, 0.43),
+    "bar": lambda u, v: _box(u, v, 1.15, 0.2),
+    "trapezoid": lambda u, v: _convex(u, v, [(-1.1, 0.7), (1.1, 0.7), (0.5, -0.7), (-0.5, -0.7)]),
+    "parallelogram": lambda u, v: _convex(u, v, [(-1.15, 0.62), (0.4, 0.62), (1.15, -0.62), (-0.4, -0.62)]),
+    "keyhole": lambda u, v: np.minimum(_disc(u, v, 0.0, -0.42, 0.58),
+                                       _convex(u, v, [(-0.22, -0.3), (0.22, -0.3), (0.55, 1.1), (-0.55, 1.1)])),
+    "teardrop": _teardrop,
+    "hourglass": lambda u, v: np.minimum(_convex(u, v, [(-0.85, -1.05), (0.85, -1.05), (0.0, 0.12)]),
+                                         _convex(u, v, [(0.0, -0.12), (0.85, 1.05), (-0.85, 1.05)])),
+    "trefoil": lambda u, v: _dots(u, v, _around(3, 0.5, -90, 0.12), 0.52),
+    "two_dots": lambda u, v: _dots(u, v, [(-0.62, 0.0), (0.62, 0.0)], 0.42),
+    "three_dots": lambda u, v: _dots(u, v, _around(3, 0.7, -90, 0.17), 0.4),
+    "four_dots": lambda u, v: _dots(u, v, [(x, y) for x in (-0.58, 0.58) for y in (-0.58, 0.58)], 0.36),
+}
+assert list(_PRETRAIN_SDF) == PRETRAIN_SHAPES and not set(PRETRAIN_SHAPES) & set(SHAPES)
+
+
 def _bilinear_weights(size, cells):
     """(size, cells) weights that upsample a ``cells``-point grid bilinearly to ``size`` pixels."""
     pos = (np.arange(size) + 0.5) / size * (cells - 1)
@@ -321,13 +529,17 @@ def _mix64(x):
     return x ^ (x >> np.uint64(31))
 
 
-def _draw_uniforms(indices, seed, lo, hi):
+def _draw_uniforms(indices, seed, lo, hi, stream=0):
     """Uniforms in [0, 1), shape (len(indices), width): row r depends on (seed, indices[r], lo, hi)
     only. A counter-based hash (SplitMix64 over a per-image key and the column number) does in one
-    vectorised pass what a per-image ``default_rng`` would do in a Python loop."""
+    vectorised pass what a per-image ``default_rng`` would do in a Python loop. A non-zero ``stream``
+    (``_STREAMS``) is mixed into the key: another sequence of images for every seed; 0 leaves the key
+    as it always was."""
     width = _NB + hi * _NO
     with np.errstate(over="ignore"):
         key = _mix64(np.array([seed & _M64], dtype=np.uint64) * _GOLDEN + np.uint64(0x6B617669))
+        if stream:
+            key = _mix64(key ^ np.uint64(stream))
         key = _mix64(key ^ (np.asarray(indices, dtype=np.uint64) * _GOLDEN))
         key = _mix64(key ^ np.uint64(((lo & 0xFFFFFFFF) << 32) | (hi & 0xFFFFFFFF)))
         cols = (np.arange(1, width + 1, dtype=np.uint64) * _GOLDEN)[None, :]
@@ -400,12 +612,14 @@ def _paint_background(B, S, X, Y):
     return img, wall, floor, horizon, style, dark
 
 
-def _object_params(B, O, S, lo, hi, wall, floor) -> dict:
-    """Every object slot's parameters (n, hi): presence, kind, colours, depth, size, place, rotation, texture."""
+def _object_params(B, O, S, lo, hi, wall, floor, n_kinds=None) -> dict:
+    """Every object slot's parameters (n, hi): presence, kind (index into a vocabulary of ``n_kinds``),
+    colours, depth, size, place, rotation, texture."""
     M = hi
     n_obj = lo + np.minimum((B[:, B_N_OBJECTS] * (hi - lo + 1)).astype(np.int64), hi - lo)
     present = np.arange(M)[None, :] < n_obj[:, None]
-    kind = np.minimum((O[..., O_KIND] * len(SHAPES)).astype(np.int64), len(SHAPES) - 1)
+    n_kinds = len(SHAPES) if n_kinds is None else n_kinds
+    kind = np.minimum((O[..., O_KIND] * n_kinds).astype(np.int64), n_kinds - 1)
     colour = np.minimum((O[..., O_COLOUR] * len(COLOURS)).astype(np.int64), len(COLOURS) - 1)
     hue = np.array(list(COLOURS.values()))[colour] + (O[..., O_HUE_JITTER] - 0.5) * 0.05
     rgb = hsv_to_rgb(hue, 0.55 + 0.45 * O[..., O_SATURATION], 0.62 + 0.38 * O[..., O_VALUE])
@@ -441,9 +655,9 @@ def _object_params(B, O, S, lo, hi, wall, floor) -> dict:
                 cx=cx, cy=cy, rot=rot, texture=texture, t_angle=t_angle, t_period=t_period, t_phase=t_phase)
 
 
-def _paint_objects(img, ob: dict, bg_depth, S, X, Y, antialias, return_footprints):
+def _paint_objects(img, ob: dict, bg_depth, S, X, Y, antialias, return_footprints, kinds=SHAPES):
     """Paint the objects far to near into ``img`` (in place); the per-pixel labels
-    ``(mask, instance, depth, footprint, footprints, order)``."""
+    ``(mask, instance, depth, footprint, footprints, order)``. ``ob["kind"]`` indexes ``kinds``."""
     n, M = ob["present"].shape
     f32 = np.float32
     present, kind, rgb, shade, z, radius = ob["present"], ob["kind"], ob["rgb"], ob["shade"], ob["z"], ob["radius"]
@@ -478,7 +692,7 @@ def _paint_objects(img, ob: dict, bg_depth, S, X, Y, antialias, return_footprint
         k_sel = kind[r_sel, j]
         for k in np.unique(k_sel):
             m = k_sel == k
-            d[m] = _sdf(int(k), u[m], v[m])
+            d[m] = _sdf(int(k), u[m], v[m], kinds)
         d *= r  # signed distance in pixels
         hard = d <= 0
         alpha = np.clip(f32(0.5) - d, 0, 1) if antialias else hard.astype(f32)
@@ -534,7 +748,7 @@ def _paint_objects(img, ob: dict, bg_depth, S, X, Y, antialias, return_footprint
     return mask, instance, depth, footprint, footprints, order
 
 
-def _render_chunk(U, size, lo, hi, noise, antialias, return_footprints):
+def _render_chunk(U, size, lo, hi, noise, antialias, return_footprints, kinds=SHAPES):
     n, S, M = U.shape[0], size, hi
     f32 = np.float32
     B = U[:, :_NB]
@@ -544,9 +758,9 @@ def _render_chunk(U, size, lo, hi, noise, antialias, return_footprints):
 
     img, wall, floor, horizon, style, dark = _paint_background(B, S, X, Y)
     bg_depth = background_depth(horizon, S)[:, :, None]  # (n, S, 1): constant along rows
-    ob = _object_params(B, O, S, lo, hi, wall, floor)
+    ob = _object_params(B, O, S, lo, hi, wall, floor, len(kinds))
     mask, instance, depth, footprint, footprints, order = _paint_objects(img, ob, bg_depth, S, X, Y, antialias,
-                                                                          return_footprints)
+                                                                          return_footprints, kinds)
     present, kind, colour, texture, z = ob["present"], ob["kind"], ob["colour"], ob["texture"], ob["z"]
 
     if noise > 0:
@@ -600,6 +814,7 @@ def render_scenes(
     noise: float = 0.025,
     antialias: bool = True,
     return_footprints: bool = False,
+    vocabulary: str = "notebook",
 ) -> dict:
     """Render images ``indices`` of generator ``seed``; every array's first axis follows ``indices``.
 
@@ -610,13 +825,18 @@ def render_scenes(
     noise : standard deviation of the additive pixel noise, in [0, 1] intensity units.
     return_footprints : also return ``footprints`` (n, hi, H, W) bool, every object's full
         (unoccluded) coverage -- for tests and occlusion figures.
+    vocabulary : the kinds the objects are drawn from (``VOCABULARIES``): ``"notebook"`` =
+        ``SHAPES`` (the default; the notebooks' tasks) or ``"pretrain"`` = ``PRETRAIN_SHAPES`` (the
+        pretraining world, which also draws its uniforms from its own stream: other backgrounds,
+        colours and places for the same seed and index). ``kind`` and ``mask`` index it.
 
     Returns a dict of NumPy arrays (n images, M = ``hi`` object slots, absent slots marked):
 
     - ``image`` uint8 (n, H, W, 3); ``mask`` int16 (n, H, W), 0 = background, k + 1 = ``SHAPES[k]``
-      (:func:`scenes` stores it as int64); ``depth`` float32 (n, H, W): the background's depth
-      (:func:`background_depth`: 6 at the top/bottom edge to 10 at the horizon) or the depth of the
-      nearest object (1..4); ``instance`` int16 (n, H, W), the visible object slot or -1.
+      (``PRETRAIN_SHAPES[k]`` with ``vocabulary="pretrain"``; :func:`scenes` stores it as int64);
+      ``depth`` float32 (n, H, W): the background's depth (:func:`background_depth`: 6 at the
+      top/bottom edge to 10 at the horizon) or the depth of the nearest object (1..4); ``instance``
+      int16 (n, H, W), the visible object slot or -1.
     - per object (n, M): ``present``, ``kind`` (-1 if absent), ``colour`` (index into
       ``COLOURS``), ``rgb`` (n, M, 3), ``x``, ``y``, ``radius`` (pixels), ``rotation`` (degrees),
       ``texture`` (index into ``TEXTURES``), ``z`` (depth, inf if absent), ``footprint`` and
@@ -632,6 +852,7 @@ def render_scenes(
     """
     seed = check_seed(seed)
     size = _check_size(size)
+    kinds, stream = _vocabulary(vocabulary)
     if isinstance(indices, (int, np.integer)) and not isinstance(indices, bool):
         indices = range(_check_n(indices))
     idx = np.asarray(list(indices) if not isinstance(indices, np.ndarray) else indices)
@@ -653,8 +874,8 @@ def render_scenes(
     out = None
     for start in range(0, max(len(idx), 1), chunk):
         part_idx = idx[start:start + chunk]
-        U = _draw_uniforms(part_idx, seed, lo, hi)
-        part = _render_chunk(U, size, lo, hi, float(noise), antialias, return_footprints)
+        U = _draw_uniforms(part_idx, seed, lo, hi, stream)
+        part = _render_chunk(U, size, lo, hi, float(noise), antialias, return_footprints, kinds)
         if out is None:  # allocate once: concatenating chunk results costs as much as rendering
             out = {k: np.empty((len(idx),) + v.shape[1:], dtype=v.dtype) for k, v in part.items()}
         for k, v in part.items():
@@ -666,14 +887,14 @@ def render_scenes(
 
 # --- dataset views -------------------------------------------------------------------------------
 
-def _object_meta(r, slot=0):
+def _object_meta(r, slot=0, kinds_of=SHAPES):
     import pandas as pd
 
     names = list(COLOURS)
     kinds = r["kind"][:, slot]
     return pd.DataFrame({
         "index": r["index"],
-        "shape": [SHAPES[k] for k in kinds],
+        "shape": [kinds_of[k] for k in kinds],
         "label": kinds,
         "colour": [names[c] for c in r["colour"][:, slot]],
         "texture": [TEXTURES[t] for t in r["texture"][:, slot]],
@@ -687,9 +908,9 @@ def _object_meta(r, slot=0):
     })
 
 
-def _single(n, seed, size):
+def _single(n, seed, size, vocabulary="notebook"):
     n, seed, size = _check_n(n), check_seed(seed), _check_size(size)
-    return render_scenes(range(n), seed, size, (1, 1))
+    return render_scenes(range(n), seed, size, (1, 1), vocabulary=vocabulary)
 
 
 def _to_chw(image):
@@ -716,6 +937,29 @@ def shapes(n: int = 6000, seed: int = 0, size: int = 32) -> ImageDataset:
         fingerprint=digest(("shapes", GENERATOR_VERSION, n, seed, size)),
         info={"task": "classification", "generator": "kaviz.data.synthetic.render_scenes",
               "seed": seed, "size": size},
+    )
+
+
+def pretraining(n: int = 20000, seed: int = 0, size: int = 32) -> ImageDataset:
+    """The pretraining world's classification task: ``n`` RGB images ``size``x``size`` with one
+    object each, label = index into ``PRETRAIN_SHAPES`` (``classes``; 30 kinds, none of them in
+    ``SHAPES``). Colours, textures, backgrounds, sizes, places and rotations are drawn as for
+    :func:`shapes`, from the pretraining vocabulary's own stream of uniforms (so ``pretraining(seed=s)``
+    and ``shapes(seed=s)`` share neither outlines nor draws). ``meta`` holds the generation
+    parameters of every image, as for :func:`shapes`. For pretraining the zoo's CPU backbones.
+    """
+    import torch
+
+    r = _single(n, seed, size, "pretrain")
+    return ImageDataset(
+        _to_chw(r["image"]),
+        torch.from_numpy(r["kind"][:, 0].copy()),
+        classes=list(PRETRAIN_SHAPES),
+        name="pretraining",
+        meta=_object_meta(r, kinds_of=PRETRAIN_SHAPES),
+        fingerprint=digest(("pretraining", GENERATOR_VERSION, _PRETRAIN_TAG, n, seed, size)),
+        info={"task": "classification", "generator": "kaviz.data.synthetic.render_scenes",
+              "vocabulary": "pretrain", "seed": seed, "size": size},
     )
 
 
@@ -783,6 +1027,22 @@ def scenes(n: int = 3000, seed: int = 0, size: int = 48, max_objects: int = 4, *
     ``meta`` has one row per image; ``info["objects"]`` one row per object, keyed by the
     generator ``index`` (so it stays valid for subsets).
     """
+    return _scene_dataset(n, seed, size, max_objects, normals, "notebook")
+
+
+def pretraining_scenes(n: int = 3000, seed: int = 0, size: int = 48, max_objects: int = 4, *,
+                       normals: bool = False) -> ImageDataset:
+    """The multi-object scenes of :func:`scenes` over the pretraining vocabulary: the same targets
+    (``labels``/``difficult`` (n, K) with K = ``len(PRETRAIN_SHAPES)``, ``mask`` 0 = background,
+    k + 1 = ``PRETRAIN_SHAPES[k]``, ``depth``, and ``normals`` with ``normals=True``), ``meta`` and
+    ``info``, drawn from the pretraining vocabulary's own stream (:func:`render_scenes` with
+    ``vocabulary="pretrain"``). For pretraining dense (encoder-decoder) backbones.
+    """
+    return _scene_dataset(n, seed, size, max_objects, normals, "pretrain")
+
+
+def _scene_dataset(n, seed, size, max_objects, normals, vocabulary) -> ImageDataset:
+    """:func:`scenes` (``vocabulary="notebook"``) or :func:`pretraining_scenes` (``"pretrain"``)."""
     import pandas as pd
     import torch
 
@@ -791,8 +1051,9 @@ def scenes(n: int = 3000, seed: int = 0, size: int = 48, max_objects: int = 4, *
         raise ValueError(f"max_objects must be an int >= 1, got {max_objects!r}")
     if not isinstance(normals, (bool, np.bool_)):
         raise ValueError(f"normals must be True or False (add the surface-normal map), got {normals!r}")
-    r = render_scenes(range(n), seed, size, (1, int(max_objects)))
-    K = len(SHAPES)
+    kinds_of, _ = _vocabulary(vocabulary)
+    r = render_scenes(range(n), seed, size, (1, int(max_objects)), vocabulary=vocabulary)
+    K = len(kinds_of)
     labels = np.zeros((n, K), dtype=np.float32)
     easy = np.zeros((n, K), dtype=bool)
     rows, slots = np.nonzero(r["present"])
@@ -806,7 +1067,7 @@ def scenes(n: int = 3000, seed: int = 0, size: int = 48, max_objects: int = 4, *
     objects = pd.DataFrame({
         "index": r["index"][rows],
         "slot": slots,
-        "shape": [SHAPES[k] for k in kinds],
+        "shape": [kinds_of[k] for k in kinds],
         "colour": [names[c] for c in r["colour"][rows, slots]],
         "texture": [TEXTURES[t] for t in r["texture"][rows, slots]],
         "radius": r["radius"][rows, slots],
@@ -819,7 +1080,7 @@ def scenes(n: int = 3000, seed: int = 0, size: int = 48, max_objects: int = 4, *
     meta = pd.DataFrame({
         "index": r["index"],
         "n_objects": r["n_objects"],
-        "shapes": [",".join(SHAPES[k] for k in ks if k >= 0) for ks in r["kind"]],
+        "shapes": [",".join(kinds_of[k] for k in ks if k >= 0) for ks in r["kind"]],
         "n_difficult": r["difficult"].sum(axis=1),
         "background": [BACKGROUNDS[b] for b in r["background"]],
         "dark_background": r["dark_background"],
@@ -831,20 +1092,24 @@ def scenes(n: int = 3000, seed: int = 0, size: int = 48, max_objects: int = 4, *
         "mask": torch.from_numpy(r["mask"]),
         "depth": torch.from_numpy(r["depth"]),
     }
-    key = ("scenes", GENERATOR_VERSION, n, seed, size, int(max_objects))
-    info = {}
+    if vocabulary == "notebook":
+        name, key, info = "scenes", ("scenes", GENERATOR_VERSION, n, seed, size, int(max_objects)), {}
+    else:
+        name = "pretraining_scenes"
+        key = (name, GENERATOR_VERSION, _PRETRAIN_TAG, n, seed, size, int(max_objects))
+        info = {"vocabulary": vocabulary}
     if normals:
         targets["normals"] = torch.from_numpy(depth_normals(r["depth"], r["instance"]))
         key += ("normals", NORMALS_VIEW_WIDTH)
-        info = {"normals": "kaviz.data.synthetic.depth_normals (x right, y down, z towards the camera)"}
+        info["normals"] = "kaviz.data.synthetic.depth_normals (x right, y down, z towards the camera)"
     return ImageDataset(
         _to_chw(r["image"]),
         targets,
-        classes=list(SHAPES),
-        name="scenes",
+        classes=list(kinds_of),
+        name=name,
         meta=meta,
         fingerprint=digest(key),
-        info={"task": "scene", "mask_classes": ["background", *SHAPES], "objects": objects,
+        info={"task": "scene", "mask_classes": ["background", *kinds_of], "objects": objects,
               "background_depth_range": BACKGROUND_DEPTH, "object_depth_range": OBJECT_DEPTH,
               "seed": seed, "size": size, "max_objects": int(max_objects),
               "generator": "kaviz.data.synthetic.render_scenes", **info},
