@@ -31,7 +31,7 @@ NOTEBOOKS := $(FIRST_NOTEBOOKS) $(filter-out $(FIRST_NOTEBOOKS) $(LAST_NOTEBOOKS
 # are retrained on that path, not reused).
 ALT_FP ?= $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo "ATEN_CPU_CAPABILITY=avx512 ONEDNN_MAX_CPU_ISA=AVX512_CORE MKL_CBWR=AVX512" || echo "KAVIZ_THREADS=1")
 
-.PHONY: setup lab demo lint test unit notebooks portability execute bench clean browser
+.PHONY: setup lab demo lint test unit notebooks portability execute bench clean browser zoo
 
 setup: $(STAMP)
 
@@ -60,6 +60,11 @@ demo: setup
 # ruff (pinned in constraints.txt; configuration in pyproject.toml [tool.ruff]): zero findings.
 lint: setup
 	$(VENV)/bin/ruff check kaviz tests scripts bench
+
+# Rebuild the zoo of pretrained backbones (kaviz/models/pretrained/) in the pinned environment, one
+# thread per entry (scripts/build_zoo.py; ZOO_ONLY="name ..." rebuilds some entries only).
+zoo: setup
+	$(PY) scripts/build_zoo.py $(if $(ZOO_ONLY),--only $(ZOO_ONLY),)
 
 unit: setup
 	CI=1 $(PY) -m pytest -q tests

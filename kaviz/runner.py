@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["parse_assignments", "inject_parameters", "resolve_parameters", "plan", "execute", "claims_command", "main"]
+__all__ = ["parse_assignments", "inject_parameters", "resolve_parameters", "plan", "execute", "claims_command",
+           "zoo_command", "main"]
 
 PARAMETERS_TAG = "parameters"
 INJECTED_TAG = "injected-parameters"
@@ -251,6 +252,22 @@ def claims_command(notebooks, headline_only: bool = False, as_json: bool = False
     return 0 if rows else 1
 
 
+def zoo_command(zoo_dir=None, file=None) -> int:
+    """``python -m kaviz zoo``: print the zoo's entries (1 when there are none)."""
+    import pandas as pd
+
+    from .models.zoo import entries
+
+    table = entries(zoo_dir)
+    if table.empty:
+        print(f"no zoo entries in {zoo_dir or 'the shipped zoo'}; build some with scripts/build_zoo.py",
+              file=sys.stderr)
+        return 1
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(table.to_string(index=False), file=file)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m kaviz", description="kaviz command line")
     sub = p.add_subparsers(dest="command", required=True)
@@ -270,7 +287,14 @@ def main(argv=None) -> int:
     c.add_argument("notebooks", nargs="+", type=Path)
     c.add_argument("--headline", action="store_true", help="only the papers' headline claims")
     c.add_argument("--json", action="store_true", help="one JSON list instead of the table")
+    z = sub.add_parser("zoo", help="the pretrained backbones kaviz ships (kaviz.models.zoo)",
+                       description="One row per zoo entry: architecture and arguments, what it was pretrained on, "
+                                   "its validation accuracy, best epoch, epochs run, build time and size, read from "
+                                   "the manifest (or --dir's).")
+    z.add_argument("--dir", type=Path, default=None, help="a zoo folder of your own (scripts/build_zoo.py --out)")
     args = p.parse_args(argv)
+    if args.command == "zoo":
+        return zoo_command(args.dir)
     if args.command == "claims":
         return claims_command(args.notebooks, headline_only=args.headline, as_json=args.json)
     try:

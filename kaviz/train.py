@@ -402,9 +402,40 @@ def _check_fit_args(epochs, restore, train_data, val_data) -> None:
                          "validation (the monitor is then train/loss)")
 
 
+def _check_early_stopping(patience, min_delta) -> None:
+    """``patience``: None, or a positive int (epochs without improvement before stopping); ``min_delta``: a
+    finite number >= 0, used only with a patience."""
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, (int, np.integer))
+                                 or patience < 1):
+        raise ValueError(f"patience must be None (train all epochs) or a positive int (stop after that many epochs "
+                         f"without improvement), got {patience!r}")
+    if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(min_delta) or min_delta < 0:
+        raise ValueError(f"min_delta must be a finite number >= 0 (the smallest change of the monitored value that "
+                         f"counts as an improvement), got {min_delta!r}")
+    if patience is None and min_delta != 0:
+        raise ValueError(f"min_delta={min_delta!r} only applies to early stopping: pass patience=... too, or leave "
+                         "min_delta at 0")
+
+
+def _epochs_without_improvement(values, mode: str, min_delta: float) -> int:
+    """How many of the last ``values`` (the monitored value of each epoch so far) did not improve on the
+    reference by more than ``min_delta``. The reference is the first finite value, replaced by each value that
+    improves on it by more than ``min_delta`` (so a slow steady improvement still resets the count once it
+    adds up to more than ``min_delta``); NaN/inf never improve. A function of the history alone, so a resumed
+    run counts exactly as an uninterrupted one."""
+    ref, wait = None, 0
+    for v in values:
+        if math.isfinite(v) and (ref is None or ((v - ref) if mode == "max" else (ref - v)) > min_delta):
+            ref, wait = v, 0
+        else:
+            wait += 1
+    return wait
+
+
 def _run_config(core, train_data, val_data, ckpt_dir, *, epochs, batch_size, lr, optimizer, weight_decay, schedule,
                 weights, seed, n_train, grad_clip, momentum, monitor, drop_last, restore, amp=None,
-                channels_last=False) -> dict:
+                channels_last=False, patience=None, min_delta=0.0) -> dict:
     """Everything that decides the result of a run, as recorded in ``last.pt`` and compared on resume."""
     config = {
         "method": type(core).__name__, "epochs": epochs, "batch_size": batch_size, "lr": lr,
@@ -427,6 +458,9 @@ def _run_config(core, train_data, val_data, ckpt_dir, *, epochs, batch_size, lr,
         config["amp"] = str(amp).replace("torch.", "")
     if channels_last:
         config["channels_last"] = True
+    if patience is not None:  # likewise: early stopping decides the last epoch, so the weights
+        config["patience"] = int(patience)
+        config["min_delta"] = float(min_delta)
     return config
 
 
@@ -450,6 +484,8 @@ def _resume(ckpt_dir: Path, config: dict, schedule, core, opt, sched, scaler=Non
     free = {"epochs"} if schedule is None else set()
     diff = {k: (old.get(k, "<not recorded>"), v) for k, v in config.items()
             if k not in free and old.get(k, "<not recorded>") != _jsonable(v)}
+    # settings recorded only when used (amp, channels_last, patience): used by the checkpoint, not by this call
+    diff.update({k: (v, "<not used>") for k, v in old.items() if k not in config and k not in free})
     if diff:
         listed = "; ".join(f"{k}: checkpoint {a!r}, this call {b!r}" for k, (a, b) in diff.items())
         raise CheckpointMismatchError(
@@ -606,7 +642,8 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
         restore: str = "best", seed: int = 0, checkpoint_dir=None, resume: bool = False, device=None,
         progress: bool | None = None, val_losses: bool = True, drop_last: bool = True, num_workers: int = 0,
         collate_fn=None, grad_clip: float | None = None, callbacks: Iterable[Callable] = (), amp=False,
-        channels_last: bool = False, pin_memory: bool | None = None, persistent_workers: bool | None = None):
+        channels_last: bool = False, pin_memory: bool | None = None, persistent_workers: bool | None = None,
+        patience: int | None = None, min_delta: float = 0.0):
     """Train ``method`` (``forward(batch) -> {term: scalar}``) and return the history DataFrame.
 
     Loss = Σ weights[term]·term (``weights`` defaults to ``method.loss_weights`` or 1 per term).
@@ -626,7 +663,22 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
     back to the weights it had at the end of that epoch. A NaN/inf monitored value cannot make an
     epoch best; a ``RuntimeWarning`` names those epochs (and says when no epoch is best at all).
     Empty ``val_data`` is refused before training.
-    ``history.attrs``: ``best_epoch``, ``monitor``, ``best_value``.
+    ``history.attrs``: ``best_epoch``, ``monitor``, ``best_value``, ``restored``, ``patience``,
+    ``stopped_epoch``.
+
+    Early stopping: with ``patience=p`` training stops after ``p`` consecutive epochs in which the
+    monitored value did not improve by more than ``min_delta`` (in the monitor's direction: up for
+    accuracy-like values, down for losses and errors) on the reference — the first finite value, then
+    each value that improved on it by more than ``min_delta``; a NaN/inf value never improves.
+    ``epochs`` is then the maximum, and still the horizon of a schedule that depends on it (``step``,
+    ``cosine``, ``loglinear``, a callable): stopping early does not compress the schedule, so a run
+    that stops at epoch k has the learning rates of the first k epochs of the full run.
+    ``restore="best"`` still loads the best epoch (any improvement, without ``min_delta``).
+    ``history.attrs["stopped_epoch"]`` is the last epoch run when training stopped before ``epochs``,
+    else None. ``patience`` and ``min_delta`` are checkpoint settings (resuming with others is refused);
+    the count is recomputed from the history, so a resumed run stops at the same epoch as an
+    uninterrupted one (and a run that already stopped does not train further). ``patience=None``
+    (default) trains every epoch exactly as before; ``min_delta`` needs a ``patience``.
 
     For a GPU (the defaults keep today's exact numbers): ``amp=True`` runs the forward pass under
     autocast — bf16 on CPU, fp16 on CUDA with a ``torch.amp.GradScaler`` (its state is checkpointed);
@@ -647,6 +699,7 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
     from . import default_device
 
     _check_fit_args(epochs, restore, train_data, val_data)
+    _check_early_stopping(patience, min_delta)
     device = default_device(device)
     amp = amp_dtype(amp, device)  # a bad value fails before anything moves
     opts = loader_options(device, num_workers, pin_memory, persistent_workers)
@@ -674,7 +727,8 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
     config = _run_config(core, train_data, val_data, ckpt_dir, epochs=epochs, batch_size=batch_size, lr=lr,
                          optimizer=optimizer, weight_decay=weight_decay, schedule=schedule, weights=weights,
                          seed=seed, n_train=n_train, grad_clip=grad_clip, momentum=momentum, monitor=monitor,
-                         drop_last=drop_last, restore=restore, amp=amp, channels_last=channels_last)
+                         drop_last=drop_last, restore=restore, amp=amp, channels_last=channels_last,
+                         patience=patience, min_delta=min_delta)
     if ckpt_dir is not None and rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         clean_stale_tmp(ckpt_dir)  # e.g. a full-size .last.pt.<pid>.<uuid>.tmp left by a kill
@@ -690,8 +744,15 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
     show = (progress if progress is not None else not os.environ.get("CI")) and rank == 0
     bar = tqdm(total=epochs, initial=start_epoch, desc=type(core).__name__, disable=not show, leave=False)
     mon = _Monitor(monitor)
+    stopped_epoch = None
     try:
         for epoch in range(start_epoch, epochs):
+            # before each epoch, so that a resumed run that had already stopped does not train further
+            if patience is not None and history:
+                values = [mon.value(r) for r in history]  # resolves the monitor's name and direction
+                if _epochs_without_improvement(values, mon.mode, min_delta) >= patience:
+                    stopped_epoch = epoch
+                    break
             t0 = time.perf_counter()
             row = _train_epoch(method, core, loader, sampler, epoch, device=device, weights=weights, opt=opt,
                                sched=sched, sched_unit=sched_unit, grad_clip=grad_clip, world=world, ckpt_dir=ckpt_dir,
@@ -719,7 +780,9 @@ def fit(method: nn.Module, train_data, val_data=None, *, epochs: int, batch_size
         load_trainable_state(core, best["state"], source="best epoch")
     frame = pd.DataFrame(history)
     frame.attrs.update({"best_epoch": best["epoch"], "monitor": mon_name, "best_value": best["value"],
-                        "restored": restore if best["state"] is not None else "last"})
+                        "restored": restore if best["state"] is not None else "last",
+                        "patience": None if patience is None else int(patience),
+                        "stopped_epoch": stopped_epoch})
     return frame
 
 
@@ -872,7 +935,8 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
                   arch_kwargs: Mapping | None = None, cache: bool | str | os.PathLike = True, device=None,
                   progress: bool | None = None, method: Callable[[nn.Module], nn.Module] | None = None,
                   monitor: str | tuple[str, str] | None = None, amp=False, channels_last: bool = False,
-                  num_workers: int = 0, pin_memory: bool | None = None, persistent_workers: bool | None = None):
+                  num_workers: int = 0, pin_memory: bool | None = None, persistent_workers: bool | None = None,
+                  patience: int | None = None, min_delta: float = 0.0):
     """Train (or load from the cache) a teacher; returns ``(model, history)``; the model is in eval mode.
 
     The cache key covers the architecture and its arguments, the number of classes, the
@@ -891,10 +955,15 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
     ``pin_memory``, ``persistent_workers``: passed to :func:`fit` (a GPU run); amp and channels_last
     change the weights and are part of the key when used, and so are the worker settings when
     ``num_workers > 0`` (workers draw their own augmentation seeds).
+    ``patience``, ``min_delta``: early stopping (see :func:`fit`): train until the validation value has not
+    improved for ``patience`` epochs, ``epochs`` at most (still the schedule's horizon); both are part of
+    the key when ``patience`` is given, and the history's ``attrs["stopped_epoch"]`` says where it stopped.
     """
     from . import default_device, seed_everything
     from .models import build
+    from .models.zoo import key_part as zoo_key_part
 
+    _check_early_stopping(patience, min_delta)  # before the cache: a bad value fails even on a cache hit
     arch_kwargs = dict(arch_kwargs or {})
     if num_classes is None:
         num_classes = getattr(train_data, "num_classes", None)
@@ -907,8 +976,14 @@ def train_teacher(arch: str, train_data, val_data=None, *, num_classes: int | No
         settings["method"] = _callable_key(method)
     if monitor is not None:  # likewise
         settings["monitor"] = monitor
+    zoo_sha = zoo_key_part(arch, arch_kwargs)
+    if zoo_sha is not None:  # likewise; a pretrained start: the zoo entry's bits
+        settings["zoo"] = zoo_sha
+    if patience is not None:  # likewise: without early stopping the keys stay the same
+        settings["patience"] = int(patience)
+        settings["min_delta"] = float(min_delta)
     run = dict(amp=amp, channels_last=channels_last, num_workers=num_workers, pin_memory=pin_memory,
-               persistent_workers=persistent_workers)
+               persistent_workers=persistent_workers, patience=patience, min_delta=min_delta)
     dtype = amp_dtype(amp, default_device(device))
     if dtype is not None:  # likewise: the default keys stay the same
         settings["amp"] = str(dtype).replace("torch.", "")

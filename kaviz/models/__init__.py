@@ -78,8 +78,14 @@ def family(name: str) -> str:
     return "torchvision:" + "".join(c for c in name if not c.isdigit()).split("_")[0]
 
 
-def build(name: str, num_classes: int, *, weights_path: str | None = None, **kwargs) -> nn.Module:
+def build(name: str, num_classes: int, *, weights_path: str | None = None, pretrained: bool = False,
+          zoo_dir=None, **kwargs) -> nn.Module:
     """Build architecture ``name`` with a ``num_classes``-way head.
+
+    ``pretrained=True`` loads the zoo entry of ``(name, kwargs)`` (:mod:`kaviz.models.zoo`: kaviz's
+    small architectures pretrained on the synthetic pretraining world, the analogue of ImageNet
+    weights; ``zoo_dir`` a folder of your own entries); the head is freshly initialised when
+    ``num_classes`` differs from the entry's. ``kaviz.models.zoo.entries()`` lists them.
 
     ``weights_path`` loads a local state dict (``torch.load(weights_only=True)``); when its head
     has another number of classes the head is left freshly initialised (and said so in
@@ -90,6 +96,16 @@ def build(name: str, num_classes: int, *, weights_path: str | None = None, **kwa
                         f"{name!r} ({type(name).__name__}). kaviz's own: {sorted(_REGISTRY)}; "
                         "kaviz.models.available() also lists torchvision's classifiers.")
     num_classes = _positive_int(num_classes)
+    if not isinstance(pretrained, bool):
+        raise TypeError(f"pretrained must be True or False, got {pretrained!r}")
+    if pretrained and weights_path is not None:
+        raise ValueError("pass either pretrained=True (a zoo entry) or weights_path= (your own file), not both")
+    if zoo_dir is not None and not pretrained:
+        raise ValueError("zoo_dir= names where pretrained weights are found; it needs pretrained=True")
+    if pretrained and name not in _REGISTRY:
+        raise ValueError(f"pretrained=True: the zoo holds kaviz's small architectures ({sorted(_REGISTRY)}); "
+                         f"for torchvision's {name!r} pass weights_path= to a local state-dict file "
+                         "(nothing is downloaded)")
     if name in _REGISTRY:
         model = _REGISTRY[name](num_classes=num_classes, **kwargs)
     else:
@@ -105,6 +121,10 @@ def build(name: str, num_classes: int, *, weights_path: str | None = None, **kwa
     model.kaviz_spec = {"name": name, "num_classes": num_classes, **_jsonable(kwargs)}
     if weights_path is not None:
         load_weights(model, weights_path, skip_mismatched_head=True)
+    if pretrained:
+        from .zoo import load_pretrained
+
+        load_pretrained(model, name, kwargs, zoo_dir=zoo_dir)
     return model
 
 
