@@ -146,6 +146,10 @@ def expect(name: str, value, stored: float | None = None, tol: float | None = No
 
 
 # ------------------------------------------------------------------------------------- comparisons
+#: Relative size below which a difference between two spread-free quantities counts as float rounding.
+ROUNDING = 1e-6
+
+
 def verdict(margin_std: float, threshold: float = 2.0) -> str:
     """``reproduced`` when the claim holds by at least ``threshold`` std, ``not reproduced`` when its
     opposite does, ``cannot tell`` in between (or with too few seeds)."""
@@ -165,6 +169,8 @@ class Comparison:
     ``margin_std``: for ``>``, (mean_a − mean_b) / pooled std; for ``<`` the negative of that; for
     ``≈`` (a matches b within ``band``), (band − |mean_a − mean_b|) / pooled std. The pooled std is
     sqrt((s_a² + s_b²) / 2) with sample stds; a quantity measured once (no std) counts as exact.
+    When the pooled std is 0 the margin is ±∞, unless the gap is within float rounding (``ROUNDING``
+    relative), which gives no margin (``cannot tell``).
     """
 
     claim: str
@@ -218,10 +224,13 @@ def compare(claim: str, a, b, *, a_name: str = "A", b_name: str = "B", relation:
     gap = {">": diff, "<": -diff}.get(relation, None)
     if gap is None:
         gap = band - abs(diff)
+    # with no spread at all, a gap at the level of float rounding (a float32 and a float64 computation of the
+    # same number) is no evidence either way
+    negligible = abs(gap) <= ROUNDING * max(1.0, abs(sa.mean), abs(sb.mean))
     if math.isnan(pooled):
         margin = float("nan")
     elif pooled == 0:
-        margin = math.copysign(math.inf, gap) if gap != 0 else float("nan")
+        margin = math.copysign(math.inf, gap) if not negligible else float("nan")
     else:
         margin = gap / pooled
     c = Comparison(claim, a_name, b_name, sa, sb, relation, band, margin, verdict(margin, threshold))
