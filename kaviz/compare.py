@@ -468,7 +468,7 @@ def random_like(model: nn.Module, seed: int = 0) -> nn.Module:
     from . import runs, seed_everything
 
     record = getattr(model, "kaviz_run", None)
-    from .models import spec
+    from .models import PROVENANCE_KEYS, spec
 
     own = spec(model)
     if record is None and "num_classes" not in own:
@@ -478,7 +478,7 @@ def random_like(model: nn.Module, seed: int = 0) -> nn.Module:
     if record is not None:
         out = runs.build_from_record(record)
     else:
-        extra = {k: v for k, v in own.items() if k not in ("name", "num_classes", "head_reinitialised")}
+        extra = {k: v for k, v in own.items() if k not in PROVENANCE_KEYS}
         adaptations = {k: extra.pop(k) for k in list(extra) if k in runs.ADAPTERS}
         out = runs.build_from_record({"arch": own["name"], "num_classes": own["num_classes"], "arch_kwargs": extra,
                                       "adaptations": adaptations})

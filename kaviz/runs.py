@@ -187,7 +187,7 @@ def register(name: str, model: nn.Module, *, arch: str | None = None, arch_kwarg
     ``kaviz_spec``, e.g. LSHFM's adaptation layer) is recorded and re-applied on load. ``key``: what
     :func:`ensure` compares to decide whether the run is current.
     """
-    from .models import load_state, spec, weights_hash
+    from .models import PROVENANCE_KEYS, load_state, spec, weights_hash
 
     folder = _folder(name)
     if not isinstance(model, nn.Module):
@@ -205,7 +205,7 @@ def register(name: str, model: nn.Module, *, arch: str | None = None, arch_kwarg
         arch = own["name"]
         if arch_kwargs is None:
             arch_kwargs = {k: v for k, v in own.items()
-                           if k not in ("name", "num_classes", "head_reinitialised") and k not in ADAPTERS}
+                           if k not in PROVENANCE_KEYS and k not in ADAPTERS}
     adaptations = _jsonable({k: own[k] for k in ADAPTERS if k in own}, "the model's adaptations")
     if num_classes is None:
         if "num_classes" not in own:

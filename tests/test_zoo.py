@@ -212,3 +212,18 @@ def test_the_zoo_command_lists_entries(tiny_zoo, tmp_path, capsys):
     assert zoo.entry_name(*SMALL) in out and "val accuracy" in out
     assert main(["zoo", "--dir", str(tmp_path)]) == 1  # control: an empty folder lists nothing
     assert "no zoo entries" in capsys.readouterr().err
+
+
+def test_a_pretrained_network_registers_and_loads_by_name(tiny_zoo, tmp_path, monkeypatch):
+    """The run registry rebuilds a network from its spec: the zoo provenance is recorded, not passed to the builder."""
+    from kaviz import runs
+    from kaviz.compare import random_like
+
+    monkeypatch.setenv("KAVIZ_DATA", str(tmp_path))
+    folder, _ = tiny_zoo
+    model = build(SMALL[0], 10, pretrained=True, zoo_dir=folder, **SMALL[1])
+    runs.register("zoo-start", model, paper="test", method="none")
+    back = runs.load("zoo-start")
+    assert weights_hash(back) == weights_hash(model)
+    control = random_like(model, seed=0)
+    assert weights_hash(control) != weights_hash(model)

@@ -32,7 +32,12 @@ __all__ = [
     "param_count",
     "stages",
     "ArchitectureMismatchError",
+    "PROVENANCE_KEYS",
 ]
+
+#: Keys of ``kaviz_spec`` that record where a network's weights came from, not arguments of its builder:
+#: a network is rebuilt from its spec without them (``pretrained``: the zoo entry it started from).
+PROVENANCE_KEYS = ("name", "num_classes", "head_reinitialised", "pretrained")
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _FAMILY: dict[str, str] = {}
