@@ -227,3 +227,14 @@ def test_a_pretrained_network_registers_and_loads_by_name(tiny_zoo, tmp_path, mo
     assert weights_hash(back) == weights_hash(model)
     control = random_like(model, seed=0)
     assert weights_hash(control) != weights_hash(model)
+
+
+def test_make_zoo_rebuilds_exactly_what_ships():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "build_zoo.py"
+    spec = importlib.util.spec_from_file_location("build_zoo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert sorted(zoo.entry_name(a, k) for a, k in module.ENTRIES) == sorted(SHIPPED)
