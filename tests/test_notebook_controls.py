@@ -165,6 +165,22 @@ def test_common_feature_learning_teacher_accuracy_fails_for_a_random_init_teache
     assert acc < 0.3 and not _run(check, acc)
 
 
+def test_common_feature_learning_gain_over_the_start_fails_for_a_student_that_never_saw_a_teacher():
+    """cell 13: KD and CFL "task-aware gain over the student before it saw a teacher" >= 0.1, and KD's share of the
+    teachers' task-aware accuracy >= 0.6. Control: the student's own starting point (zoo backbone, fresh head),
+    which is the notebook's control table: its gain is 0 and, at chance, its share about 0.1."""
+    from kaviz.methods.kd import union_accuracy
+
+    union = data.union([data.shapes(n=200, seed=0, size=32), data.digits(size=32, seed=0).subset(range(200))],
+                       names=["shapes", "digits"])
+    start = union_accuracy(_random_init("vgg8_small", union.num_classes, 0, width=4), union)
+    check = _check("common_feature_learning", "{}: task-aware gain over the student before it saw a teacher")
+    assert not _run(check, start["task_aware"] - start["task_aware"])  # the control: no gain at all
+    assert _run(check, 0.9 - start["task_aware"])  # a trained student (the stored run: about 0.9)
+    share = _check("common_feature_learning", "KD: share of the teachers' task-aware accuracy")
+    assert start["task_aware"] < 0.3 and not _run(share, start["task_aware"] / 0.99)
+
+
 # ------------------------------------------------------------------------------- compare_networks
 def _pair_students():
     torch.manual_seed(0)
