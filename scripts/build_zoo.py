@@ -5,7 +5,7 @@
     .venv/bin/python scripts/build_zoo.py --only vgg8_small-width=4 --out /tmp/myzoo
 
 Each entry trains one of kaviz's small architectures on the synthetic pretraining world by
-kaviz.models.zoo.default_recipe(arch) (one thread; run it in make's pinned floating-point
+kaviz.pretrain.default_recipe(arch) (one thread; run it in make's pinned floating-point
 environment so the bits match the manifest) until its validation accuracy stops improving, then
 writes ``<entry>.pt`` and its manifest row (SHA-256, recipe, result, wall time, floating-point path).
 The default list (ENTRIES) is exactly what ships: the smallest member of each family with its default
@@ -18,6 +18,7 @@ import json
 import sys
 import time
 
+from kaviz import pretrain
 from kaviz.models import zoo
 
 #: (architecture, arguments): the smallest members of each family with their defaults (and cifar_resnet14), then
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
         names = {n: names[n] for n in args.only}
     t0 = time.perf_counter()
     for name, (arch, kwargs) in names.items():
-        e = zoo.build_entry(arch, kwargs, out_dir=args.out)
+        e = pretrain.build_entry(arch, kwargs, out_dir=args.out)
         r = e["result"]
         print(f"{name}: {r['monitor']} {r['val_accuracy']:.4f} at epoch {r['best_epoch']} of {r['epochs_run']} "
               f"({r['seconds']:.0f} s, {e['bytes'] / 1024:.0f} kB, sha256 {e['sha256'][:12]})", flush=True)

@@ -7,7 +7,8 @@ import kaviz
 
 ROOT = Path(kaviz.__file__).parent
 RANK = {"stats": 0, "metrics": 0, "losses": 0, "data": 0, "models": 1, "features": 2, "cache": 3, "train": 3,
-        "methods": 4, "runs": 4, "analysis": 5, "embed": 5, "report": 6, "plots": 7, "widgets": 8, "notebook": 8,
+        "methods": 4, "runs": 4, "pretrain": 4,  # pretrain builds the zoo (models.zoo) with train and methods.dense
+        "analysis": 5, "embed": 5, "report": 6, "plots": 7, "widgets": 8, "notebook": 8,
         "runner": 9, "__main__": 9}
 # documented in docs/decisions.md (Layering): the one upward call, lazy, inside cfl.Spaces.embed
 ALLOWED_UP = {("kaviz.methods.cfl.spaces", "kaviz.embed")}

@@ -24,6 +24,7 @@ from torch import nn
 __all__ = [
     "build",
     "register",
+    "builder",
     "available",
     "spec",
     "load_weights",
@@ -66,6 +67,14 @@ def _torchvision_names() -> list[str]:
     import torchvision
 
     return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def builder(name: str) -> Callable[..., nn.Module]:
+    """The registered builder ``fn(num_classes, **kwargs)`` of a kaviz (or your own) architecture."""
+    if name not in _REGISTRY:
+        raise KeyError(f"{name!r} is not a registered architecture; kaviz.models.available(torchvision=False) "
+                       "lists them")
+    return _REGISTRY[name]
 
 
 def available(torchvision: bool = True) -> list[str]:

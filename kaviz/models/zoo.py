@@ -16,7 +16,7 @@ epoch, validation accuracy), the wall time and the floating-point path it was bu
 the file's (checked before loading: integrity); ``weights_sha256`` is
 :func:`kaviz.models.weights_hash` of the weights themselves (the file's bytes also hold a random
 serialization id, so two saves of the same weights differ; reproducibility compares this one).
-``scripts/build_zoo.py`` (re)builds entries with :func:`build_entry`; the same recipe on the same
+``scripts/build_zoo.py`` (re)builds entries with :func:`kaviz.pretrain.build_entry`; the same recipe on the same
 floating-point path (``make``'s pinned AVX2 path, one thread) gives the same weights
 (``tests/test_zoo.py`` rebuilds the smallest entry and compares ``weights_sha256``).
 """
@@ -25,8 +25,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
-import time
 from pathlib import Path
 
 import torch
@@ -39,8 +37,9 @@ __all__ = [
     "find_entry",
     "entry_name",
     "load_pretrained",
-    "default_recipe",
-    "build_entry",
+    "full_kwargs",
+    "head_name",
+    "MANIFEST",
     "file_sha256",
     "key_part",
 ]
@@ -93,14 +92,15 @@ def entries(zoo_dir=None):
     return pd.DataFrame(rows)
 
 
-def _full_kwargs(arch: str, kwargs: dict) -> dict:
+def full_kwargs(arch: str, kwargs: dict) -> dict:
     """``kwargs`` with the builder's defaults filled in, JSON-normalised (tuples become lists)."""
-    from . import _REGISTRY
+    from . import available, builder
 
-    if arch not in _REGISTRY:
+    if arch not in available(torchvision=False):
         raise ZooError(f"the zoo holds kaviz's small architectures only; {arch!r} is not one "
-                       f"({sorted(_REGISTRY)}). For a torchvision network pass weights_path= to a local state dict.")
-    sig = inspect.signature(_REGISTRY[arch])
+                       f"({available(torchvision=False)}). For a torchvision network pass weights_path= to a local "
+                       "state dict.")
+    sig = inspect.signature(builder(arch))
     try:
         bound = sig.bind_partial(**kwargs)
     except TypeError as e:
@@ -118,8 +118,8 @@ def _full_kwargs(arch: str, kwargs: dict) -> dict:
 
 def entry_name(arch: str, kwargs: dict) -> str:
     """The entry name of ``(arch, kwargs)``: the architecture, then the arguments that differ from its defaults."""
-    full = _full_kwargs(arch, kwargs)
-    default = _full_kwargs(arch, {})
+    full = full_kwargs(arch, kwargs)
+    default = full_kwargs(arch, {})
     parts = [arch]
     for k in sorted(full):
         if full[k] != default[k]:
@@ -133,7 +133,7 @@ def find_entry(arch: str, kwargs: dict | None = None, zoo_dir=None) -> tuple[str
     """The entry for ``arch`` built with ``kwargs`` (defaults filled in); :class:`ZooError` naming the
     entries that exist for ``arch`` and how to build the missing one when there is none."""
     kwargs = dict(kwargs or {})
-    full = _full_kwargs(arch, kwargs)
+    full = full_kwargs(arch, kwargs)
     man = manifest(zoo_dir)["entries"]
     for name, e in man.items():
         if e["arch"] == arch and e["kwargs"] == full:
@@ -166,7 +166,7 @@ def load_pretrained(model: torch.nn.Module, arch: str, kwargs: dict | None = Non
                        f"{e['sha256'][:16]}...; the file is corrupt or was replaced. Reinstall kaviz or rebuild "
                        "the entry with scripts/build_zoo.py")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    head = _head_name(model)
+    head = head_name(model)
     own = model.state_dict()
     reinit = [k for k in state if head and k.startswith(head + ".") and k in own and own[k].shape != state[k].shape]
     for k in reinit:  # another number of classes: keep the freshly built head, as after ImageNet weights
@@ -178,7 +178,7 @@ def load_pretrained(model: torch.nn.Module, arch: str, kwargs: dict | None = Non
     return model
 
 
-def _head_name(model) -> str | None:
+def head_name(model) -> str | None:
     """The layer whose shape depends on the number of classes: the classifier, or a dense net's 1x1 head."""
     from . import classifier_name
 
@@ -197,108 +197,3 @@ def key_part(arch: str, build_kwargs: dict) -> str | None:
         return None
     kwargs = {k: v for k, v in build_kwargs.items() if k not in ("pretrained", "zoo_dir")}
     return find_entry(arch, kwargs, build_kwargs.get("zoo_dir"))[1]["sha256"]
-
-
-# --- building -------------------------------------------------------------------------------------
-
-def _is_dense(arch: str) -> bool:
-    from . import family
-
-    return family(arch) == "segnet"
-
-
-def default_recipe(arch: str) -> dict:
-    """The recipe every shipped entry of ``arch`` was built with (scripts/build_zoo.py's default)."""
-    common = dict(optimizer="adam", weight_decay=5e-4, seed=0, threads=1, patience=2, min_delta=0.002)
-    if _is_dense(arch):
-        return dict(data="kaviz.data.synthetic.pretraining_scenes", task="segmentation", n_train=2000, n_val=400,
-                    data_seed=9001, size=48, max_objects=4, epochs=40, batch_size=32, lr=2e-3, monitor="val/mIoU",
-                    **common)
-    return dict(data="kaviz.data.synthetic.pretraining", task="classification", n_train=12000, n_val=2000,
-                data_seed=9001, size=32, epochs=15, batch_size=128, lr=2e-3, monitor="val/accuracy", **common)
-
-
-def _data(recipe: dict):
-    from ..data import synthetic
-
-    fn = getattr(synthetic, recipe["data"].rsplit(".", 1)[-1])
-    extra = {"max_objects": recipe["max_objects"]} if "max_objects" in recipe else {}
-    train = fn(recipe["n_train"], seed=recipe["data_seed"], size=recipe["size"], **extra)
-    val = fn(recipe["n_val"], seed=recipe["data_seed"] + 1, size=recipe["size"], **extra)
-    return train, val
-
-
-def _fp_path() -> dict:
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY"),
-            "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA"), "MKL_CBWR": os.environ.get("MKL_CBWR"),
-            "threads": torch.get_num_threads()}
-
-
-def build_entry(arch: str, kwargs: dict | None = None, recipe: dict | None = None, *, out_dir,
-                progress: bool = False) -> dict:
-    """Train ``arch(**kwargs)`` by ``recipe`` (default :func:`default_recipe`) and write its weights and
-    manifest entry into ``out_dir`` (the manifest there is updated atomically). Returns the entry."""
-    from ..train import Supervised, fit
-    from . import build, param_count, weights_hash
-
-    kwargs = dict(kwargs or {})
-    recipe = dict(default_recipe(arch) if recipe is None else recipe)
-    missing = set(default_recipe(arch)) - set(recipe)
-    if missing:
-        raise ZooError(f"recipe lacks {sorted(missing)}; start from kaviz.models.zoo.default_recipe({arch!r})")
-    name = entry_name(arch, kwargs)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(int(recipe["threads"]))
-    t0 = time.perf_counter()
-    try:
-        train, val = _data(recipe)
-        k = (len(train.classes) + 1) if recipe["task"] == "segmentation" else len(train.classes)
-        torch.manual_seed(recipe["seed"])
-        model = build(arch, k, **kwargs)
-        if recipe["task"] == "segmentation":
-            from ..methods.dense import DenseSupervised
-
-            method = DenseSupervised(model, task="segmentation")
-        else:
-            method = Supervised(model)
-        monitor = recipe["monitor"]
-        hist = fit(method, train, val, epochs=recipe["epochs"], batch_size=recipe["batch_size"], lr=recipe["lr"],
-                   optimizer=recipe["optimizer"], weight_decay=recipe["weight_decay"], seed=recipe["seed"],
-                   monitor=monitor, patience=recipe["patience"], min_delta=recipe["min_delta"], progress=progress)
-        fp = _fp_path()
-    finally:
-        torch.set_num_threads(threads)
-    seconds = time.perf_counter() - t0
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    path = out_dir / f"{name}.pt"
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    best = int(hist.attrs["best_epoch"])
-    entry = {
-        "arch": arch, "kwargs": _full_kwargs(arch, kwargs), "num_classes": k, "classes": list(train.classes),
-        "file": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size,
-        "weights_sha256": weights_hash(model),
-        "parameters": param_count(model),
-        "recipe": recipe,
-        "result": {"monitor": monitor, "best_epoch": best, "val_accuracy": float(hist.attrs["best_value"]),
-                   "epochs_run": len(hist), "stopped_epoch": hist.attrs.get("stopped_epoch"),
-                   "seconds": round(seconds, 1),
-                   "val_curve": [round(float(v), 4) for v in hist[monitor]]},
-        "built": {**fp, "date": time.strftime("%Y-%m-%d")},
-    }
-    _update_manifest(out_dir, name, entry)
-    return entry
-
-
-def _update_manifest(out_dir: Path, name: str, entry: dict) -> None:
-    man = manifest(out_dir)
-    man["entries"][name] = entry
-    man["entries"] = dict(sorted(man["entries"].items()))
-    path = out_dir / MANIFEST
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(man, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
