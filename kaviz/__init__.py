@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 __all__ = ["seed_everything", "default_device", "expect", "__version__"]
 
 _SUBMODULES = ("data", "models", "features", "train", "losses", "metrics", "methods", "embed", "plots",
-               "widgets", "notebook", "report", "analysis", "runs", "cache", "runner")
+               "widgets", "notebook", "report", "analysis", "runs", "cache", "runner", "compare", "stats", "pretrain")
 
 
 def __getattr__(name):

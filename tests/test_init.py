@@ -32,6 +32,19 @@ def test_import_is_light_and_submodules_are_lazy():
         _ = kaviz.not_a_module
 
 
+def test_every_public_module_is_an_attribute_of_kaviz():
+    # a notebook writes `kaviz.compare.random_like(...)` after `import kaviz`: every public module of the package
+    # must be reachable that way, not only after an explicit `import kaviz.compare` (a notebook once failed on it)
+    import pathlib
+
+    root = pathlib.Path(kaviz.__file__).parent
+    public = sorted({p.stem for p in root.glob("*.py") if not p.stem.startswith("_")}
+                    | {p.name for p in root.iterdir() if (p / "__init__.py").exists() and not p.name.startswith("_")})
+    missing = [m for m in public if m not in kaviz._SUBMODULES]
+    assert not missing, f"kaviz.__getattr__ does not know {missing}: add them to kaviz._SUBMODULES"
+    assert kaviz.compare.random_like.__module__ == "kaviz.compare"
+
+
 def test_notebook_setup_returns_device_and_sets_renderer():
     import plotly.io as pio
 

@@ -469,3 +469,37 @@ def test_label_and_scalar_images_and_dense_figure():
     assert sum(t.type == "image" for t in fig.data) == 5  # input + 2 masks + 2 depth maps
     with pytest.raises(ValueError, match="kinds"):
         plots.dense_predictions(np.zeros((4, 4, 3)), {"x": {"a": np.zeros((4, 4))}}, kinds={})
+
+
+def test_choice_shares_put_the_chosen_point_against_a_random_pick_and_the_worst():
+    summary = pd.DataFrame({"task": ["seg", "seg", "depth", "depth", "depth"], "point": ["a", "b", "a", "b", "c"],
+                            "chosen": [False, True, True, False, False],
+                            "val mIoU": [0.5, 0.4, np.nan, np.nan, np.nan],
+                            "val rmse": [np.nan, np.nan, 2.0, 1.0, 4.0]})
+    out = sbm.choice_shares(summary, KINDS)
+    assert list(out.index) == ["seg", "depth"]
+    seg, depth = out.loc["seg"], out.loc["depth"]
+    assert (seg["chosen"], seg["best candidate"], seg["chosen ÷ best"]) == ("b", "a", pytest.approx(0.8))
+    assert seg["random pick ÷ best (control)"] == pytest.approx(0.9)
+    assert seg["worst ÷ best (control)"] == pytest.approx(0.8)
+    # lower is better for depth: best ÷ chosen
+    assert depth["best candidate"] == "b" and depth["chosen ÷ best"] == pytest.approx(0.5)
+    assert depth["random pick ÷ best (control)"] == pytest.approx((0.5 + 1 + 0.25) / 3)
+    assert depth["worst ÷ best (control)"] == pytest.approx(0.25) and depth["candidates"] == 3
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"chosen": [True, True, True, False, False]}, "exactly one is chosen"),
+    ({"val rmse": [np.nan, np.nan, 2.0, np.nan, 4.0]}, "needs a 'val rmse' value"),
+])
+def test_choice_shares_say_what_is_wrong_with_a_table(bad, match):
+    summary = pd.DataFrame({"task": ["seg", "seg", "depth", "depth", "depth"], "point": ["a", "b", "a", "b", "c"],
+                            "chosen": [False, True, True, False, False],
+                            "val mIoU": [0.5, 0.4, np.nan, np.nan, np.nan],
+                            "val rmse": [np.nan, np.nan, 2.0, 1.0, 4.0]})
+    with pytest.raises(ValueError, match=match):
+        sbm.choice_shares(summary.assign(**bad), KINDS)
+    with pytest.raises(ValueError, match="lacks"):
+        sbm.choice_shares(summary.drop(columns=["chosen"]), KINDS)
+    with pytest.raises(ValueError, match="kinds must give"):
+        sbm.choice_shares(summary, {"seg": "segmentation"})

@@ -58,6 +58,7 @@ from .runs import (
     SBMResult,
     branch_losses,
     branch_summary,
+    choice_shares,
     run,
     select_branches,
 )
@@ -98,6 +99,7 @@ __all__ = [
     "branch_losses",
     "select_branches",
     "branch_summary",
+    "choice_shares",
     "SBMResult",
     "run",
     "SCHEDULES",

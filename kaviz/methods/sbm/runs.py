@@ -83,6 +83,40 @@ def branch_summary(result: "SBMResult"):
     return df
 
 
+#: Per task kind: the ground-truth column of :func:`branch_summary` and whether higher is better.
+CHOICE_METRICS = {"segmentation": ("val mIoU", True), "depth": ("val rmse", False),
+                  "normals": ("val mean_angle", False)}
+
+
+def choice_shares(summary, kinds: Mapping[str, str]):
+    """How good branch-out's choice is on the validation ground truth, against its controls: per task
+    (one row), the chosen point's score as a share of the best candidate's (``chosen ÷ best`` when higher
+    is better, ``best ÷ chosen`` when lower is), the same share for a point **picked at random** (its
+    expectation: the mean share over the candidates) and for the **worst** candidate. ``summary`` is
+    :func:`branch_summary`'s table, ``kinds`` ``task -> "segmentation" | "depth" | "normals"``."""
+    import pandas as pd
+
+    missing = {"task", "point", "chosen"} - set(summary.columns)
+    if missing:
+        raise ValueError(f"summary must be branch_summary's table; it lacks {sorted(missing)}")
+    rows = []
+    for task, part in summary.groupby("task", sort=False):
+        if kinds.get(task) not in CHOICE_METRICS:
+            raise ValueError(f"task {task!r}: kinds must give one of {sorted(CHOICE_METRICS)}, got {kinds.get(task)!r}")
+        metric, higher = CHOICE_METRICS[kinds[task]]
+        values = part[metric].astype(float)
+        if values.isna().any() or int(part["chosen"].sum()) != 1:
+            raise ValueError(f"task {task!r}: every candidate needs a {metric!r} value and exactly one is chosen")
+        best = values.max() if higher else values.min()
+        shares = values / best if higher else best / values
+        rows.append({"task": task, "metric": metric[4:], "chosen": str(part.loc[part["chosen"], "point"].item()),
+                     "best candidate": str(part.loc[values.idxmax() if higher else values.idxmin(), "point"]),
+                     "chosen ÷ best": float(shares[part["chosen"]].item()),
+                     "random pick ÷ best (control)": float(shares.mean()),
+                     "worst ÷ best (control)": float(shares.min()), "candidates": len(part)})
+    return pd.DataFrame(rows).set_index("task")
+
+
 #: The training schedules of the SBM block phase (:func:`run`): every candidate branch at once on
 #: the summed loss (``"joint"``, the default), or stage by stage along the trunk (``"blockwise"``).
 SCHEDULES = ("joint", "blockwise")
