@@ -1,5 +1,7 @@
 """Knowledge Consistency (SPEC §3): Trans-Net identities, variance formula, trans-classification,
 Born-Again chains and the notebook's data helpers."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -474,3 +476,50 @@ def test_fit_transnet_passes_init_and_trans_classification_weight_decay(tiny_pai
     kc.trans_classification(res, masks=[(1, 0, 0)], epochs=1, batch_size=16, control=False, max_train=8,
                             weight_decay=1e-4)
     assert seen == [1e-4]
+
+
+def test_derangement_and_reordered_rows():
+    order = kc.derangement(50, seed=3)
+    assert sorted(order) == list(range(50)) and not np.any(order == np.arange(50))
+    np.testing.assert_array_equal(order, kc.derangement(50, seed=3))
+    assert not np.array_equal(order, kc.derangement(50, seed=4))
+    with pytest.raises(ValueError, match="at least 2"):
+        kc.derangement(1)
+    rows = np.arange(50 * 3).reshape(50, 3).astype(np.float32)
+    view = kc.Reordered(rows, order)
+    assert len(view) == 50 and view.shape == (50, 3)
+    np.testing.assert_array_equal(view[7], rows[order[7]])
+    np.testing.assert_array_equal(view[5:20], rows[order[5:20]])
+    np.testing.assert_array_equal(view[np.array([9, 2, 2])], rows[order[[9, 2, 2]]])
+    torch.testing.assert_close(kc.Reordered(torch.from_numpy(rows), order)[3:9], torch.from_numpy(rows[order[3:9]]))
+    with pytest.raises(ValueError, match="entries"):
+        kc.Reordered(rows, order[:10])
+
+
+def test_fit_transnet_controls_untrained_and_shuffled(tiny_pair):
+    """The controls: an untrained Trans-Net (no history, the init of the same seed) and one trained on A's
+    features of other images (every split's A rows deranged, B's untouched). B's feature is a fixed
+    convolution of A's here, so the fitted Trans-Net explains it and both controls do not."""
+    a, _, sp = tiny_pair
+    b = copy.deepcopy(a)
+    kw = dict(layer_a="layer3.0.merge", epochs=6, lr=3e-2, batch_size=16, seed=0)
+    fitted = kc.fit_transnet(a, b, sp.train, sp.val, **kw)
+    untrained = kc.fit_transnet(a, b, sp.train, sp.val, control="untrained", **kw)
+    shuffled = kc.fit_transnet(a, b, sp.train, sp.val, control="shuffled", **kw)
+    assert untrained.history is None and len(shuffled.history) == 6 and untrained.control == "untrained"
+    torch.manual_seed(0)
+    fresh = kc.TransNet(16, 3)
+    torch.testing.assert_close(untrained.transnet.state_dict(), fresh.state_dict())
+    (fa, fb), (sa, sb) = fitted.pair_arrays("val"), shuffled.pair_arrays("val")
+    np.testing.assert_array_equal(np.asarray(sb), np.asarray(fb))  # B unchanged
+    order = shuffled.pairing["val"]
+    assert not np.any(order == np.arange(len(order)))
+    np.testing.assert_array_equal(sa[0:len(order)], np.asarray(fa)[order])
+    share = {name: r.variance().set_index("kind")["share"] for name, r in
+             (("fitted", fitted), ("untrained", untrained), ("shuffled", shuffled))}
+    lead = {name: s["consistent, all orders"] - s["inconsistent"] for name, s in share.items()}
+    assert lead["fitted"] > 0 > max(lead["untrained"], lead["shuffled"]), lead
+    test_split = shuffled.pair_arrays("train")  # every split gets its own derangement
+    assert len(shuffled.pairing["train"]) == len(test_split[1])
+    with pytest.raises(ValueError, match="control must be None or one of"):
+        kc.fit_transnet(a, b, sp.train, sp.val, control="random", **kw)

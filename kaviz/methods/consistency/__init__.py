@@ -20,8 +20,11 @@ What is here:
   notebook runs on (:func:`load_data`, :func:`coarse_task`).
 """
 from .analysis import (
+    CONTROLS,
     Consistency,
+    Reordered,
     compare,
+    derangement,
     fit_transnet,
 )
 from .born_again import (
@@ -77,6 +80,9 @@ __all__ = [
     "check_pair",
     "fit_transnet",
     "Consistency",
+    "CONTROLS",
+    "derangement",
+    "Reordered",
     "component_variance",
     "component_correlation",
     "variance_table",

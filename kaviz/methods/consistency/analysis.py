@@ -12,6 +12,48 @@ from .features import PairedFeatures, cached_features, check_pair
 from .transnet import TransNet, TransNetLoss
 from .variances import component_correlation, variance_table
 
+CONTROLS = ("untrained", "shuffled")
+"""The controls :func:`fit_transnet` can build instead of a fit: ``"untrained"`` (the Trans-Net as
+initialised, never trained) and ``"shuffled"`` (trained and evaluated on A's features of *other* images:
+the pairing is broken, so nothing A holds about an image can explain B's feature of it)."""
+
+
+def derangement(n: int, seed: int = 0) -> np.ndarray:
+    """A seeded permutation of ``range(n)`` with no fixed point (one cycle through a random order):
+    row ``i`` of B is paired with row ``order[i] != i`` of A. ``n`` must be ≥ 2."""
+    if n < 2:
+        raise ValueError(f"a shuffled pairing needs at least 2 samples, got {n}")
+    cycle = np.random.default_rng(seed).permutation(n)
+    order = np.empty(n, dtype=np.int64)
+    order[cycle] = np.roll(cycle, 1)
+    return order
+
+
+class Reordered:
+    """Rows of ``rows`` (an array, tensor or memory-mapped store array) read in the order ``order``:
+    ``Reordered(a, order)[i] == a[order[i]]``, for ints, slices and index arrays, read lazily."""
+
+    def __init__(self, rows, order):
+        if len(order) != len(rows):
+            raise ValueError(f"order has {len(order)} entries for {len(rows)} rows")
+        self.rows, self.order = rows, np.asarray(order, dtype=np.int64)
+
+    def __len__(self):
+        return len(self.order)
+
+    @property
+    def shape(self):
+        return (len(self.order), *tuple(self.rows.shape[1:]))
+
+    def __getitem__(self, i):
+        if isinstance(i, (int, np.integer)):
+            return self.rows[int(self.order[i])]
+        idx = self.order[i]
+        up = np.argsort(idx, kind="stable")  # read in increasing order (memory maps), then put back
+        part = self.rows[idx[up]] if not torch.is_tensor(self.rows) else self.rows[torch.from_numpy(idx[up])]
+        back = np.argsort(up, kind="stable")
+        return part[torch.from_numpy(back)] if torch.is_tensor(part) else np.asarray(part)[back]
+
 
 @dataclass
 class Consistency:
@@ -35,6 +77,9 @@ class Consistency:
     example: torch.Tensor | None = None  # a few images, to check B's layers after the cut
     device: object = None  # where the variance pass runs (None: CPU)
     store_layers: tuple = ((), ())  # the layers held by A's and B's stores (new splits extract the same)
+    control: str | None = None  # None, or one of CONTROLS (see fit_transnet)
+    seed: int = 0  # the seed of the shuffled pairing (control="shuffled")
+    pairing: dict = field(default_factory=dict)  # control="shuffled": split → the row of A paired with each row of B
 
     @property
     def gates(self) -> np.ndarray:
@@ -52,8 +97,15 @@ class Consistency:
         return self.stores[split]
 
     def pair_arrays(self, split: str = "val"):
+        """``(x_A, x_B)`` of a split, aligned row by row (``control="shuffled"``: A's rows in the shuffled
+        pairing, a fixed derangement per split)."""
         sa, sb = self.features(split)
-        return sa[self.layer_a], sb[self.layer_b]
+        a, b = sa[self.layer_a], sb[self.layer_b]
+        if self.control == "shuffled":
+            if split not in self.pairing or len(self.pairing[split]) != len(a):
+                self.pairing[split] = derangement(len(a), seed=self.seed + sum(map(ord, split)))
+            a = Reordered(a, self.pairing[split])
+        return a, b
 
     def variance(self, split: str = "val", batch_size: int = 256):
         """:func:`variance_table` of this Trans-Net on ``split`` (default: validation)."""
@@ -82,7 +134,7 @@ def fit_transnet(model_a: nn.Module, model_b: nn.Module, train_data, val_data=No
                  layer_b: str | None = None, orders: int = 3, alpha=0.1, epochs: int = 100, lr: float = 1e-4,
                  batch_size: int = 64, weight_decay: float = 1e-4, schedule="loglinear", max_train: int | None = None,
                  seed: int = 0, names=("A", "B"), store_layers=None, device=None,
-                 progress: bool | None = None, init: str = "default") -> Consistency:
+                 progress: bool | None = None, init: str = "default", control: str | None = None) -> Consistency:
     """Explain B's ``layer_b`` feature from A's ``layer_a`` feature (SPEC §3).
 
     1. Features of both networks are extracted once (``pool="none"``) into on-disk stores for the
@@ -95,11 +147,17 @@ def fit_transnet(model_a: nn.Module, model_b: nn.Module, train_data, val_data=No
     ``init``: the Trans-Net's initialisation (:class:`TransNet`; ``"kaiming"`` as the reference code).
     ``store_layers``: the layers each network's store holds (default: just the one used), so that
     Trans-Nets at several layers share one extraction pass per network and split.
+    ``control``: build a control instead of the analysis (:data:`CONTROLS`): ``"untrained"`` returns the
+    Trans-Net as initialised with ``seed`` (``history`` is None); ``"shuffled"`` trains and evaluates it on
+    A's features of other images (each split's rows of A in a seeded :func:`derangement`). A claim about
+    consistency that also holds for these is a property of the construction, not of the two networks.
     Returns a :class:`Consistency`; ``.variance()`` is the variance table on the validation split.
     """
     from ... import seed_everything
     from ...train import fit
 
+    if control is not None and control not in CONTROLS:
+        raise ValueError(f"control must be None or one of {CONTROLS}, got {control!r}")
     layer_b = layer_a if layer_b is None else layer_b
     example = _first_images(train_data)
     shape = check_pair(model_a, model_b, layer_a, layer_b, example)
@@ -111,23 +169,25 @@ def fit_transnet(model_a: nn.Module, model_b: nn.Module, train_data, val_data=No
         if data is not None:
             stores[split] = (cached_features(model_a, data, layers_a, device=device, progress=progress),
                              cached_features(model_b, data, layers_b, device=device, progress=progress))
-    a, b = stores["train"][0][layer_a], stores["train"][1][layer_b]
+    cons = Consistency(None, None, model_a, model_b, layer_a, layer_b, stores, tuple(names), example, device,
+                       (layers_a, layers_b), control, seed)
+    a, b = cons.pair_arrays("train")
     indices = None
     if max_train is not None and max_train < len(a):
         if max_train < 1:
             raise ValueError(f"max_train must be >= 1, got {max_train}")
         indices = np.sort(np.random.default_rng(seed).choice(len(a), size=int(max_train), replace=False))
     train_pairs = PairedFeatures(a, b, indices)
-    val_pairs = PairedFeatures(stores["val"][0][layer_a], stores["val"][1][layer_b]) if "val" in stores else None
+    val_pairs = PairedFeatures(*cons.pair_arrays("val")) if "val" in stores else None
     seed_everything(seed)
     transnet = TransNet(shape[0], orders, init=init)
-    method = TransNetLoss(transnet, alpha)
-    history = fit(method, train_pairs, val_pairs, epochs=epochs, lr=lr, batch_size=batch_size, optimizer="adam",
-                  weight_decay=weight_decay, schedule=schedule, restore="last", seed=seed, device=device,
-                  progress=progress)
-    transnet.cpu().eval()
-    return Consistency(transnet, history, model_a, model_b, layer_a, layer_b, stores, tuple(names), example, device,
-                       (layers_a, layers_b))
+    if control != "untrained":
+        method = TransNetLoss(transnet, alpha)
+        cons.history = fit(method, train_pairs, val_pairs, epochs=epochs, lr=lr, batch_size=batch_size,
+                           optimizer="adam", weight_decay=weight_decay, schedule=schedule, restore="last", seed=seed,
+                           device=device, progress=progress)
+    cons.transnet = transnet.cpu().eval()
+    return cons
 
 
 def _first_images(data, n: int = 2) -> torch.Tensor:
