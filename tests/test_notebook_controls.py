@@ -741,6 +741,11 @@ def test_student_becoming_the_master_choice_check_fails_for_a_random_pick_and_th
     # teacher − the input-blind network (mean training image, majority class): the control scores 0
     ("recombination", "autoencoder teacher: test PSNR − the mean training image's", 0.0),
     ("recombination", "segmentation teacher: test mIoU − the majority class's", 0.0),
+    # |offset-bug combination − teachers| − |combined − teachers|: the offset-bug combination in place of the
+    # combination scores 0
+    ("recombination", "|offset-bug combination − teachers| minus |combined − teachers|: test mIoU", 0.0),
+    # retrained − right after pruning: the network right after pruning, in place of the retrained one, gains 0
+    ("recombination", "smallest PSNR gain of a retraining over the rounds", 0.0),
     # CFL teacher − its random-init control; the start's output-space ratio − KD's: the control scores 0
     ("common_feature_learning", "task-aware test accuracy minus its random-init control's", 0.0),
     ("common_feature_learning", "output-space ratio of the student before it saw a teacher minus this one's", 0.0),
