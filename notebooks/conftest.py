@@ -49,3 +49,22 @@ def _compare_without_widgets(self, test, ref, skip_compare=None):
 
 nbval.plugin.IPyNbFile.__init__ = _init_with_skips
 nbval.plugin.IPyNbCell.compare_outputs = _compare_without_widgets
+
+
+# Each notebook's wall time under nbval (all its cells, the kernel start included), printed at the end of the
+# run: on an empty cache it is the notebook's cold time, the figure the README's per-notebook table quotes.
+_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    path = report.nodeid.split("::")[0]
+    if path.endswith(".ipynb"):
+        _seconds[path] = _seconds.get(path, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _seconds:
+        terminalreporter.write_sep("-", "wall time per notebook (every cell, kernel start included)")
+        for path, seconds in _seconds.items():
+            terminalreporter.write_line(f"{seconds:8.1f} s  {path}")
+        terminalreporter.write_line(f"{sum(_seconds.values()):8.1f} s  in all")

@@ -63,7 +63,8 @@ def main(seeds):
                 epochs=STAGE_EPOCHS, lr=STAGE_LR, batch_size=BATCH_SIZE, seed=seed, device="cpu", progress=False,
                 placement=placement)
             x = torch.stack([union["test"].get_image(i) for i in range(64)])
-            fold[(name, seed)] = max(v for key, v in layerwise.fold_check(res.layerwise, x).items() if "rel" in key)
+            check = layerwise.fold_check(res.layerwise, x)
+            fold[(name, seed)] = max(v for key, v in check.items() if key.startswith("max_rel"))
             tab = layerwise.accuracy_table({stage: res.students[s] for stage, s in STAGES.items()}, union["test"],
                                            device="cpu").set_index("model")
             for stage in STAGES:

@@ -496,6 +496,30 @@ def test_selection_table_counts_against_the_labels():
     assert titles[1].endswith(f"y={int(y[1])}")
 
 
+def test_selection_controls_set_the_choice_against_an_anti_selector_and_random_picks():
+    ds = tiny_attributes(n=40)
+    y = ds.targets[:, 0].numpy()  # "red"
+    rng = np.random.default_rng(1)
+    right = np.stack([rng.random(len(y)) < 0.7, rng.random(len(y)) < 0.7], 1)
+    pred = np.where(right, y[:, None], 1 - y[:, None])
+    z = np.zeros((len(y), 2, 2))
+    z[np.arange(len(y))[:, None], [[0, 1]], pred] = np.where(right, 3.0, 0.3)  # confident where right
+    idx, H = cz.select_from_logits(z)
+    assignments = {"red": cz.Assignment("red", ["a", "b"], idx, H, z)}
+    c = cz.selection_controls(assignments, ds, draws=8, seed=0)
+    t = cz.selection_table(assignments, ds)
+    mean = t.loc["red", ["a", "b"]].mean()
+    assert c.loc["red", "selected"] == pytest.approx(t.loc["red", "selected"] - mean) and c.loc["red", "selected"] > 0.1
+    # two covering sources: the anti-selector takes the other source everywhere, so its gain is minus the choice's
+    assert c.loc["red", "least confident (control)"] == pytest.approx(-c.loc["red", "selected"])
+    assert abs(c.loc["red", "random pick (control)"]) < c.loc["red", "selected"] and c.loc["red", "random pick std"] > 0
+    z_score = (c.loc["red", "selected"] - c.loc["red", "random pick (control)"]) / c.loc["red", "random pick std"]
+    assert c.loc["red", "selected in random-pick std"] == pytest.approx(z_score)
+    assert cz.selection_controls(assignments, ds, draws=8, seed=0).equals(c)  # seeded
+    with pytest.raises(ValueError, match="draws"):
+        cz.selection_controls(assignments, ds, draws=1)
+
+
 def test_coverage_and_majority():
     cov = cz.coverage_table(SOURCES, ["bright"])
     assert list(cov.columns)[:1] == ["bright"] and cov.loc["A", "red"] == "✓" and cov.loc["C", "red"] == ""

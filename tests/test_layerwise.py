@@ -281,6 +281,11 @@ def test_folding_leaves_the_whole_student_unchanged(family):
     x = example(u, 8)
     check = lw.fold_check(method, x)
     assert check["max_rel_diff_eval"] < 1e-5 and check["max_rel_diff_train"] < 1e-5
+    # the control fold_check reports: the student with its maps left out is far from the chain
+    assert check["dropped_maps_rel_diff_eval"] > 1e-3 and check["dropped_maps_rel_diff_train"] > 1e-3
+    with torch.no_grad():
+        dropped = (method.eval().chain(x) - copy.deepcopy(student).eval()(x)).abs().max()
+    assert check["dropped_maps_rel_diff_eval"] == pytest.approx(float(dropped / method.eval().chain(x).abs().max()))
     folded = method.folded()
     assert set(folded.state_dict()) == set(student.state_dict())  # the same architecture
     fresh = build(u.num_classes)
@@ -531,6 +536,11 @@ def test_input_placement_folds_backwards_exactly_and_forwards_does_not(family):
     x = example(u, 8)
     check = lw.fold_check(method, x)
     assert check["max_rel_diff_eval"] < 1e-5 and check["max_rel_diff_train"] < 1e-5
+    # the control fold_check reports: the student with its maps left out is far from the chain
+    assert check["dropped_maps_rel_diff_eval"] > 1e-3 and check["dropped_maps_rel_diff_train"] > 1e-3
+    with torch.no_grad():
+        dropped = (method.eval().chain(x) - copy.deepcopy(student).eval()(x)).abs().max()
+    assert check["dropped_maps_rel_diff_eval"] == pytest.approx(float(dropped / method.eval().chain(x).abs().max()))
     folded = method.folded()
     assert set(folded.state_dict()) == set(student.state_dict())  # the same architecture
     with torch.no_grad():

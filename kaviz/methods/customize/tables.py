@@ -141,8 +141,43 @@ def selection_table(assignments: Mapping[str, Assignment], data):
         row["any source right"] = float(correct.any(1).mean())
         rows.append(row)
     df = pd.DataFrame(rows).set_index("attribute")
-    fixed = ["best single", "selected", "any source right"]
-    return df[[c for c in df.columns if c not in fixed] + fixed]
+    return df[[c for c in df.columns if c not in _FIXED] + list(_FIXED)]
+
+
+_FIXED = ("best single", "selected", "any source right")
+
+
+def selection_controls(assignments: Mapping[str, Assignment], data, *, draws: int = 20, seed: int = 0):
+    """The entropy-based choice against two controls, per attribute (labels of ``data`` read for analysis
+    only), each as a gain over the mean accuracy of the covering sources (what picking one of them at random
+    scores on average): ``selected`` (the lowest-entropy source for every image, as :func:`select_sources`),
+    ``least confident (control)`` (the highest-entropy source for every image: an anti-selector, which a
+    real selection signal must beat; with two covering sources its gain is exactly minus the selected one's),
+    and ``random pick (control)`` / ``random pick std`` (a uniformly random covering source for every image,
+    mean and sample std of the gain over ``draws`` seeded draws: how far chance alone moves the gain), and
+    ``selected in random-pick std`` (the selected gain in units of that std)."""
+    import pandas as pd
+
+    if draws < 2:
+        raise ValueError(f"draws must be at least 2 (a sample std), got {draws}")
+    rng = np.random.default_rng(seed)
+    table = selection_table(assignments, data)
+
+    def gain(index_of):
+        picked = {a: Assignment(a, asg.sources, index_of(asg), asg.entropy, asg.logits)
+                  for a, asg in assignments.items()}
+        t = selection_table(picked, data)
+        return t["selected"] - t[[c for c in t.columns if c not in _FIXED]].mean(axis=1)
+
+    selected = gain(lambda asg: asg.index)
+    least = gain(lambda asg: np.asarray(asg.entropy).argmax(1).astype(np.int64))
+    random = pd.DataFrame([gain(lambda asg: rng.integers(0, len(asg.sources), len(asg.index)))
+                           for _ in range(draws)])
+    out = pd.DataFrame({"selected": selected, "least confident (control)": least,
+                        "random pick (control)": random.mean(), "random pick std": random.std(ddof=1)})
+    out["selected in random-pick std"] = (out["selected"] - out["random pick (control)"]) / out["random pick std"]
+    out.index.name = table.index.name
+    return out
 
 
 def coverage_table(sources: Mapping[str, Sequence[str]], group: Sequence[str] | None = None):

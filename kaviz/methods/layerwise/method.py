@@ -261,17 +261,24 @@ class LayerwiseLearning(nn.Module):
 def fold_check(method: LayerwiseLearning, x: torch.Tensor) -> dict:
     """Largest absolute and relative difference between the unfolded chain and the folded student
     on ``x``, in eval and in training mode (the training-mode check leaves batch-norm statistics as
-    they were). Both should be at float round-off."""
+    they were): ``max_abs_diff_<mode>``, ``max_rel_diff_<mode>``. Both should be at float round-off.
+
+    The control, ``dropped_maps_rel_diff_<mode>``: the same relative difference for the student with
+    its auxiliary maps left out (not folded), which a check of the folding must tell apart from the
+    folded one — it is large unless the maps stayed at the identity."""
     folded = method.folded()
     out = {}
     for mode in ("eval", "train"):
         a_model, b_model = copy.deepcopy(method).to(x.device), copy.deepcopy(folded).to(x.device)
-        a_model.train(mode == "train")
-        b_model.train(mode == "train")
+        dropped = copy.deepcopy(method.student).to(x.device)
+        for m in (a_model, b_model, dropped):
+            m.train(mode == "train")
         with torch.no_grad():
-            a, b = a_model.chain(x), b_model(x)
+            a, b, c = a_model.chain(x), b_model(x), dropped(x)
+        scale = a.abs().max().clamp_min(1e-30)
         out[f"max_abs_diff_{mode}"] = float((a - b).abs().max())
-        out[f"max_rel_diff_{mode}"] = float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
+        out[f"max_rel_diff_{mode}"] = float((a - b).abs().max() / scale)
+        out[f"dropped_maps_rel_diff_{mode}"] = float((a - c).abs().max() / scale)
     return out
 
 
