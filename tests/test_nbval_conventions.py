@@ -53,6 +53,9 @@ def test_saved_widget_views_and_measured_numbers_do_not_break_nbval(tmp_path):
     # measured table with another number than the re-run's
     r = _nbval(tmp_path, _notebook("train images: 3\n", stored_measured=0.43))
     assert r.returncode == 0, r.stdout[-3000:]
+    # the summary nbval prints at the end of a run: each notebook's wall time (the README's cold-time table)
+    line = next(x for x in r.stdout.splitlines() if x.strip().endswith("conventions.ipynb"))
+    assert "wall time per notebook" in r.stdout and float(line.split()[0]) > 0, r.stdout[-3000:]
 
 
 @pytest.mark.timeout(150)
